@@ -1,0 +1,434 @@
+"""The injection engine: golden pass once, then one faulty forward per image batch.
+
+Neuron faults: a forward hook on the site's module flips one element of its output per
+image (all images of a batch in one vectorized gather/XOR/scatter). Weight faults: one
+weight element per group of ``images_per_weight_fault`` consecutive images is flipped in
+place, the group's images run, and the same XOR restores it bit for bit. No model copies.
+
+Usable without Ray::
+
+    bench = prepare(model, images, labels, mode="fp32", batch_size=256)
+    site = select_sites(bench.sites, "neuron", indices=[3])[0]
+    outcome = run_faults(bench, site, "neuron", bit="random", seed=1)
+    outcome.counts.misclassification_rate
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainables.bitflip import INT_VIEW, bit_masks, check_bit, dtype_width
+from trainables.faults import BitSpec, FaultList, sample_faults
+from trainables.sites import Site, check_logits, enumerate_sites, find_module
+from trainables.stats import wilson_interval
+
+MATH_MODES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,  # strict FP32: TF32 disabled for convolutions and matmuls
+    "tf32": torch.float32,  # FP32 storage, TF32 arithmetic on GPUs that have it
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+RECORD_LEVELS = ("none", "changed", "all")
+COUNT_FIELDS = ("images", "golden_correct", "mismatches", "changed", "nonfinite")
+DEFAULT_IMAGES_PER_WEIGHT_FAULT = 256  # the seed study's batch size
+
+
+def check_mode(mode: str) -> torch.dtype:
+    """The storage dtype of a math mode; ValueError naming the modes otherwise."""
+    if mode not in MATH_MODES:
+        raise ValueError(f"unknown math mode {mode!r}: use one of {', '.join(MATH_MODES)}")
+    return MATH_MODES[mode]
+
+
+@contextlib.contextmanager
+def math_mode(mode: str) -> Iterator[None]:
+    """Set PyTorch's TF32 switches for ``mode`` and restore them afterwards."""
+    check_mode(mode)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    allow = mode == "tf32"
+    torch.backends.cudnn.allow_tf32 = allow
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@dataclass
+class Workbench:
+    """A model, its data on one device and its cached golden predictions: built once per
+    worker and reused by every trial on it."""
+
+    model: nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    golden: torch.Tensor
+    golden_correct: torch.Tensor
+    sites: list[Site]
+    mode: str
+    batch_size: int
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return MATH_MODES[self.mode]
+
+    @property
+    def width(self) -> int:
+        return dtype_width(self.dtype)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.golden_correct.float().mean())
+
+
+def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    if isinstance(data, torch.utils.data.DataLoader):
+        xs, ys = zip(*[(x, y) for x, y in data])
+        return torch.cat(xs), torch.cat(ys)
+    raise TypeError("data must be (images, labels) tensors or a DataLoader yielding (images, labels)")
+
+
+def prepare(
+    model: nn.Module,
+    data,
+    mode: str = "fp32",
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> Workbench:
+    """Move ``model`` and ``data`` to ``device`` in ``mode``'s dtype, list the sites and run
+    the golden pass. ``data`` is (images, labels) tensors or a DataLoader."""
+    dtype = check_mode(mode)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, labels = _as_tensors(data)
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"need as many labels as images (>0): {images.shape[0]} images, {labels.shape[0]} labels")
+    model = model.eval().to(device=device, dtype=dtype)
+    images = images.to(device=device, dtype=dtype)
+    labels = labels.to(device=device, dtype=torch.int64)
+    with math_mode(mode):
+        sites = enumerate_sites(model, images.shape[1:], dtype)
+        golden = torch.empty_like(labels)
+        with torch.inference_mode():
+            for lo in range(0, images.shape[0], batch_size):
+                logits = model(images[lo : lo + batch_size])
+                check_logits(logits, batch=min(batch_size, images.shape[0] - lo))
+                golden[lo : lo + batch_size] = logits.argmax(dim=1)
+    return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Per-bit outcome counts of a trial: ``by_bit[f, b]`` for field f of COUNT_FIELDS, bit b."""
+
+    by_bit: np.ndarray  # int64, shape (len(COUNT_FIELDS), width)
+
+    def total(self, name: str) -> int:
+        return int(self.by_bit[COUNT_FIELDS.index(name)].sum())
+
+    @property
+    def images(self) -> int:
+        return self.total("images")
+
+    @property
+    def golden_correct(self) -> int:
+        return self.total("golden_correct")
+
+    @property
+    def mismatches(self) -> int:
+        return self.total("mismatches")
+
+    @property
+    def misclassification_rate(self) -> float:
+        """The seed's metric: golden-correct images whose top-1 changed / golden-correct images."""
+        n = self.golden_correct
+        return self.mismatches / n if n else float("nan")
+
+    @property
+    def sdc_rate(self) -> float:
+        return self.total("changed") / self.images if self.images else float("nan")
+
+    @property
+    def nonfinite_rate(self) -> float:
+        return self.total("nonfinite") / self.images if self.images else float("nan")
+
+    def wilson(self) -> tuple[float, float]:
+        """Wilson 95% interval of misclassification_rate."""
+        return wilson_interval(self.mismatches, self.golden_correct)
+
+    def __add__(self, other: "Counts") -> "Counts":
+        return Counts(self.by_bit + other.by_bit)
+
+    @staticmethod
+    def zeros(width: int) -> "Counts":
+        return Counts(np.zeros((len(COUNT_FIELDS), width), dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class FaultRecords:
+    """One row per fault (per image); arrays of equal length."""
+
+    image: np.ndarray
+    label: np.ndarray
+    golden: np.ndarray
+    faulty: np.ndarray
+    golden_correct: np.ndarray
+    changed: np.ndarray
+    nonfinite: np.ndarray
+    position: np.ndarray
+    fault_group: np.ndarray  # image // images_per_weight_fault for weight faults, -1 for neuron
+    bit: np.ndarray
+    raw_before: np.ndarray  # the element's bits before the flip, as a signed integer
+    value_before: np.ndarray
+    value_after: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    counts: Counts
+    records: FaultRecords | None
+
+
+class _BatchFaults:
+    """The faults of the batch in flight, read by the neuron hook."""
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None
+        self.masks: torch.Tensor | None = None
+        self.raw_before: torch.Tensor | None = None
+        self.calls = 0
+        self.fired = 0
+
+
+def _flip_elements(t: torch.Tensor, faults: _BatchFaults) -> torch.Tensor:
+    """A copy of ``t`` with element ``positions[i]`` of image i XORed by ``masks[i]``.
+
+    Out of place: a module's output may alias its input (Identity, eval Dropout), and the
+    data set tensor must never change.
+    """
+    flat = t.reshape(t.shape[0], -1).clone()
+    as_int = flat.view(INT_VIEW[t.dtype])
+    index = faults.positions[:, None]
+    raw = as_int.gather(1, index)
+    as_int.scatter_(1, index, raw ^ faults.masks[:, None])
+    faults.raw_before = raw[:, 0]
+    return flat.view(t.shape)
+
+
+@contextlib.contextmanager
+def neuron_hook(model: nn.Module, site: Site, faults: _BatchFaults) -> Iterator[None]:
+    """Hook the site's module so that its ``site.call``-th call per forward gets ``faults``.
+    Site 0 (the input) needs no hook: the caller flips the images."""
+    if site.index == 0:
+        yield
+        return
+    module = find_module(model, site)
+
+    def hook(_module, _inputs, output):
+        call = faults.calls
+        faults.calls += 1
+        if call == site.call:
+            faults.fired += 1
+            return _flip_elements(output, faults)
+        return None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _faulty_logits(model: nn.Module, images: torch.Tensor, site: Site, faults: _BatchFaults) -> torch.Tensor:
+    """The seam that runs one faulty forward (a future prefix-reuse engine replaces this)."""
+    faults.calls = faults.fired = 0
+    if site.index == 0:
+        images = _flip_elements(images, faults)
+        faults.fired = 1
+    logits = model(images)
+    if faults.fired != 1:
+        raise RuntimeError(
+            f"site {site.index} ({site.name}, call {site.call}) fired {faults.fired} times in a forward pass; expected once"
+        )
+    return logits
+
+
+def check_range(bench: Workbench, start: int, stop: int | None) -> int:
+    stop = bench.num_images if stop is None else stop
+    if not 0 <= start < stop <= bench.num_images:
+        raise ValueError(f"image range {start}..{stop} is outside 0..{bench.num_images}")
+    return stop
+
+
+def run_faults(
+    bench: Workbench,
+    site: Site,
+    kind: Literal["neuron", "weight"],
+    bit: BitSpec,
+    seed: int,
+    start: int = 0,
+    stop: int | None = None,
+    images_per_weight_fault: int = DEFAULT_IMAGES_PER_WEIGHT_FAULT,
+    record: str = "none",
+) -> Outcome:
+    """Inject one fault per image (neuron) or per image group (weight) into images
+    ``start..stop-1`` and count the outcomes. Same arguments, same faults, any batch size."""
+    stop = check_range(bench, start, stop)
+    if bit != "random":
+        check_bit(bit, bench.dtype)
+    if record not in RECORD_LEVELS:
+        raise ValueError(f"unknown record level {record!r}: use one of {', '.join(RECORD_LEVELS)}")
+    if kind == "neuron":
+        plan = _neuron_plan(bench, site, bit, seed, start, stop)
+    elif kind == "weight":
+        if not site.is_weight_site:
+            raise ValueError(f"site {site.index} ({site.name}, {site.module_type}) is not a weight site")
+        if not isinstance(images_per_weight_fault, int) or images_per_weight_fault < 1:
+            raise ValueError(f"images_per_weight_fault must be a positive integer, got {images_per_weight_fault!r}")
+        plan = _weight_plan(bench, site, bit, seed, start, stop, images_per_weight_fault)
+    else:
+        raise ValueError(f"unknown site kind {kind!r}: use neuron or weight")
+    return _execute(bench, site, plan, start, stop, record)
+
+
+@dataclass
+class _Plan:
+    """Per-image fault coordinates on the device plus the batching to run them with."""
+
+    kind: str
+    positions: torch.Tensor  # per image
+    bits: torch.Tensor  # per image
+    groups: torch.Tensor  # per image; -1 for neuron faults
+    batches: list[tuple[int, int, int]]  # (lo, hi, weight fault index or -1), image offsets from start
+    weight_faults: FaultList | None = None
+
+
+def _neuron_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: int, stop: int) -> _Plan:
+    faults = sample_faults(seed, "neuron", site.index, bit, bench.width, site.output_numel, start, stop)
+    n = stop - start
+    batches = [(lo, min(lo + bench.batch_size, n), -1) for lo in range(0, n, bench.batch_size)]
+    to_dev = lambda a: torch.from_numpy(a).to(bench.device)  # noqa: E731
+    return _Plan("neuron", to_dev(faults.positions), to_dev(faults.bits), torch.full((n,), -1, device=bench.device), batches)
+
+
+def _weight_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: int, stop: int, per_fault: int) -> _Plan:
+    first_group, last_group = start // per_fault, (stop - 1) // per_fault
+    faults = sample_faults(seed, "weight", site.index, bit, bench.width, site.weight_numel, first_group, last_group + 1)
+    batches = []
+    for g in range(first_group, last_group + 1):
+        lo, hi = max(g * per_fault, start), min((g + 1) * per_fault, stop)
+        batches += [(b - start, min(b + bench.batch_size, hi) - start, g - first_group) for b in range(lo, hi, bench.batch_size)]
+    group_of_image = torch.arange(start, stop, device=bench.device) // per_fault
+    local = group_of_image - first_group
+    positions = torch.from_numpy(faults.positions).to(bench.device)[local]
+    bits = torch.from_numpy(faults.bits).to(bench.device)[local]
+    return _Plan("weight", positions, bits, group_of_image, batches, faults)
+
+
+def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, record: str) -> Outcome:
+    n = stop - start
+    dev = bench.device
+    int_dtype = INT_VIEW[bench.dtype]
+    acc = torch.zeros((len(COUNT_FIELDS), bench.width), dtype=torch.int64, device=dev)
+    faulty_all = torch.empty(n, dtype=torch.int64, device=dev)
+    nonfinite_all = torch.empty(n, dtype=torch.bool, device=dev)
+    raw_all = torch.empty(n, dtype=int_dtype, device=dev)
+    masks = bit_masks(plan.bits, bench.dtype)
+    golden = bench.golden[start:stop]
+    golden_correct = bench.golden_correct[start:stop]
+    batch = _BatchFaults()
+    module = find_module(bench.model, site) if plan.kind == "weight" else None
+    weight_int = module.weight.detach().view(-1).view(int_dtype) if module is not None else None
+    flipped: tuple[int, int] | None = None  # (position, mask) currently applied to the weight
+
+    def set_weight_fault(index: int) -> None:
+        nonlocal flipped
+        if flipped is not None:
+            weight_int[flipped[0]] ^= flipped[1]  # restore
+            flipped = None
+        if index >= 0:
+            pos = int(plan.weight_faults.positions[index])
+            mask = int(bit_masks(torch.tensor(int(plan.weight_faults.bits[index])), bench.dtype))
+            weight_int[pos] ^= mask
+            flipped = (pos, mask)
+
+    with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if plan.kind == "neuron" else contextlib.nullcontext():
+        try:
+            current = None
+            for lo, hi, weight_index in plan.batches:
+                if plan.kind == "weight":
+                    if weight_index != current:
+                        with torch.no_grad():
+                            set_weight_fault(weight_index)
+                        raw_group = weight_int[flipped[0]] ^ flipped[1]
+                        current = weight_index
+                    raw_all[lo:hi] = raw_group
+                    batch.calls = batch.fired = 0
+                    with torch.inference_mode():
+                        logits = bench.model(bench.images[start + lo : start + hi])
+                else:
+                    batch.positions, batch.masks = plan.positions[lo:hi], masks[lo:hi]
+                    with torch.inference_mode():
+                        logits = _faulty_logits(bench.model, bench.images[start + lo : start + hi], site, batch)
+                    raw_all[lo:hi] = batch.raw_before
+                faulty_all[lo:hi] = logits.argmax(dim=1)
+                nonfinite_all[lo:hi] = ~torch.isfinite(logits).all(dim=1)
+        finally:
+            if plan.kind == "weight":
+                with torch.no_grad():
+                    set_weight_fault(-1)
+    changed = faulty_all != golden
+    values = torch.stack(
+        [torch.ones_like(changed), golden_correct, changed & golden_correct, changed, nonfinite_all]
+    ).to(torch.int64)
+    acc.index_add_(1, plan.bits.to(torch.int64), values)
+    counts = Counts(acc.cpu().numpy())
+    records = None
+    if record != "none":
+        keep = torch.ones_like(changed) if record == "all" else changed
+        records = _records(bench, plan, start, keep, faulty_all, changed, nonfinite_all, raw_all, masks)
+    return Outcome(counts, records)
+
+
+def _records(bench, plan, start, keep, faulty, changed, nonfinite, raw, masks) -> FaultRecords:
+    idx = keep.nonzero()[:, 0]
+    raw_kept = raw[idx]
+    before = raw_kept.view(bench.dtype).double()
+    after = (raw_kept ^ masks[idx]).view(bench.dtype).double()
+    host = lambda t: t.cpu().numpy()  # noqa: E731
+    return FaultRecords(
+        image=host(idx + start),
+        label=host(bench.labels[start:][idx]),
+        golden=host(bench.golden[start:][idx]),
+        faulty=host(faulty[idx]),
+        golden_correct=host(bench.golden_correct[start:][idx]),
+        changed=host(changed[idx]),
+        nonfinite=host(nonfinite[idx]),
+        position=host(plan.positions[idx]),
+        fault_group=host(plan.groups[idx]),
+        bit=host(plan.bits[idx]),
+        raw_before=host(raw_kept.to(torch.int64)),
+        value_before=host(before),
+        value_after=host(after),
+    )
