@@ -14,6 +14,7 @@ K = trial_key(kind, site, bit, seed): a re-run or retried trial replaces its own
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -100,11 +101,9 @@ FAULT_SCHEMA = pa.schema(
 
 TRIALS_FILE, BITS_FILE, FAULTS_DIR, PARTS_DIR, SPEC_FILE = "trials.parquet", "bits.parquet", "faults", "parts", "spec.json"
 
-
 def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int) -> str:
     """Stable file-name key of one trial, e.g. 'neuron-s0005-b23-seed17' or '...-brandom-...'."""
     return f"{kind}-s{int(site_index):04d}-b{bit_spec}-seed{int(seed)}"
-
 
 def atomic_write_table(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` through a temporary file and rename: readers never see
@@ -117,7 +116,6 @@ def atomic_write_table(table: pa.Table, path: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def table_from_rows(rows: Iterable[Mapping], schema: pa.Schema) -> pa.Table:
     """Build a table with exactly ``schema``'s columns from row dicts (extra keys refused)."""
     rows = list(rows)
@@ -128,13 +126,11 @@ def table_from_rows(rows: Iterable[Mapping], schema: pa.Schema) -> pa.Table:
             raise ValueError(f"row does not match schema: missing {sorted(missing)}, unexpected {sorted(extra)}")
     return pa.Table.from_pylist(rows, schema=schema)
 
-
 def table_from_columns(columns: Mapping, schema: pa.Schema) -> pa.Table:
     """Build a table from equal-length column arrays, cast to ``schema``."""
     if set(columns) != set(schema.names):
         raise ValueError(f"columns do not match schema: {sorted(set(schema.names) ^ set(columns))}")
     return pa.table({name: pa.array(columns[name], type=schema.field(name).type) for name in schema.names}, schema=schema)
-
 
 def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable[Mapping], fault_columns: Mapping | None) -> None:
     """Write one trial's results: faults, then per-bit counts, then the trial row (last,
@@ -149,18 +145,15 @@ def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable
     atomic_write_table(table_from_rows(bit_rows, BIT_SCHEMA), campaign_dir / PARTS_DIR / "bits" / f"{key}.parquet")
     atomic_write_table(table_from_rows([trial_row], TRIAL_SCHEMA), campaign_dir / PARTS_DIR / "trials" / f"{key}.parquet")
 
-
 def finished_keys(campaign_dir: str | Path) -> set[str]:
     """Keys of the trials whose files are all written."""
     folder = Path(campaign_dir) / PARTS_DIR / "trials"
     return {p.stem for p in folder.glob("*.parquet")} if folder.is_dir() else set()
 
-
 def _concat_parts(folder: Path, schema: pa.Schema, keys: set[str] | None) -> pa.Table:
     paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     tables = [pq.read_table(p, schema=schema) for p in paths if keys is None or p.stem in keys]
     return pa.concat_tables(tables).replace_schema_metadata(schema.metadata) if tables else schema.empty_table()
-
 
 def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> pa.Table:
     """Gather finished trials (optionally only ``keys``) into trials.parquet and bits.parquet,
@@ -175,3 +168,26 @@ def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> pa
     atomic_write_table(trials, campaign_dir / TRIALS_FILE)
     atomic_write_table(bits, campaign_dir / BITS_FILE)
     return trials
+
+def write_spec(campaign_dir: str | Path, spec: Mapping) -> None:
+    """Write spec.json atomically, stamped with the schema version."""
+
+    path = Path(campaign_dir) / SPEC_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps({**spec, "schema_version": SCHEMA_VERSION}, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+def read_spec(campaign_dir: str | Path) -> dict:
+    """Read spec.json; ValueError if the directory is not a campaign."""
+
+    path = Path(campaign_dir) / SPEC_FILE
+    if not path.is_file():
+        raise ValueError(f"{campaign_dir} is not a campaign directory: no {SPEC_FILE}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
