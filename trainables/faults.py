@@ -95,3 +95,9 @@ def sample_faults(
             raise ValueError(f"bit {bit} is outside a {width}-bit dtype: allowed 0..{width - 1} (LSB = 0)")
         bits = np.full(len(counters), int(bit), dtype=np.int64)
     return FaultList(first, positions, bits)
+
+
+def derive_seeds(master_seed: int, count: int) -> list[int]:
+    """``count`` trial seeds in 1..2**31-1 (the seed study's sweep range) drawn from one master seed."""
+    words = random_words(master_seed, "neuron", -1, "position", np.arange(count, dtype=np.uint64))
+    return [int(w % np.uint64(2**31 - 1)) + 1 for w in words]

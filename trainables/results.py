@@ -57,6 +57,8 @@ TRIAL_SCHEMA = pa.schema(
         ("stopped_early", pa.bool_()),
         ("wall_s", pa.float64()),
         ("device", pa.string()),
+        ("started_at", pa.float64()),
+        ("worker", pa.string()),
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )

@@ -64,6 +64,9 @@ def enumerate_sites(model: nn.Module, input_shape: Sequence[int], dtype: torch.d
     Calls whose output is not a single floating-point tensor are not injectable and are
     skipped. The model's output must be (batch, classes) logits.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError("TorchScript models take no forward hooks, so their sites cannot be injected: "
+                         "save a state_dict checkpoint with its architecture instead (file: with 'arch')")
     device, param_dtype = _model_device_dtype(model)
     dtype = dtype or param_dtype
     input_shape = tuple(int(d) for d in input_shape)

@@ -1,0 +1,167 @@
+"""One campaign trial = (seed, site, bit) over a data set: the function a Ray Tune worker
+runs, written without Ray so it can be driven directly (tests, GPU checks).
+
+Model, data and golden predictions are loaded once per worker process and reused by every
+trial that process runs (Tune's ``reuse_actors``). Images are processed in windows of
+``report_every`` (independent of batch size): after each, running counts are reported and
+an optional ``target_margin`` on the Wilson 95% half-width stops the trial early.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import numpy as np
+import torch
+
+from trainables import engine
+from trainables.bitflip import check_bit
+from trainables.data import load_dataset
+from trainables.faults import parse_bit_spec
+from trainables.models import load_model
+from trainables.results import trial_key, write_trial
+
+_WORKBENCH: dict[tuple, tuple[engine.Workbench, bool]] = {}
+
+
+@dataclass(frozen=True)
+class CampaignSettings:
+    """What every trial of a campaign shares (the resolved spec, as the trials see it)."""
+
+    name: str
+    directory: str
+    model: str
+    dataset: str
+    hub_dir: str | None = None
+    hub_ref: str | None = None
+    weights: str | None = None
+    data_root: str | None = None
+    images: int | None = None
+    mode: str = "fp32"
+    batch_size: int = 256
+    images_per_weight_fault: int = engine.DEFAULT_IMAGES_PER_WEIGHT_FAULT
+    record: str = "changed"
+    target_margin: float | None = None
+    report_every: int = 2048
+    cpus_per_trial: float = 1.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CampaignSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    kind: str
+    site: int
+    bit: int | str  # an LSB-0 bit index or "random"
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return trial_key(self.kind, self.site, self.bit, self.seed)
+
+
+def pick_device(assigned_gpus) -> tuple[torch.device, str]:
+    """The trial's device and how its row describes it; Ray's CUDA_VISIBLE_DEVICES makes
+    the assigned GPU cuda:0 in this process."""
+    if assigned_gpus and torch.cuda.is_available():
+        return torch.device("cuda", 0), f"cuda ({torch.cuda.get_device_name(0)}; Ray GPU {','.join(map(str, assigned_gpus))})"
+    if assigned_gpus:
+        return torch.device("cpu"), f"cpu (CUDA absent; Ray assigned GPU {','.join(map(str, assigned_gpus))})"
+    return torch.device("cpu"), "cpu"
+
+
+def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.Workbench, bool]:
+    """The per-process cached model + data + golden pass; (bench, synthetic)."""
+    key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
+           settings.images, settings.mode, settings.batch_size, str(device))
+    if key not in _WORKBENCH:
+        _WORKBENCH.clear()  # one model per worker: bound the memory
+        data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images)
+        model = load_model(settings.model, num_classes=data.num_classes, hub_dir=settings.hub_dir,
+                           hub_ref=settings.hub_ref, weights=settings.weights)
+        bench = engine.prepare(model, (data.images, data.labels), settings.mode, settings.batch_size, device)
+        _WORKBENCH[key] = (bench, data.synthetic)
+    return _WORKBENCH[key]
+
+
+def run_trial(
+    settings: CampaignSettings,
+    point: TrialPoint,
+    report: Callable[[dict], None] | None = None,
+    assigned_gpus=(),
+) -> dict:
+    """Run one trial, write its parquet files atomically under its key, return its row."""
+    started = time.time()
+    device, device_label = pick_device(list(assigned_gpus))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+    bench, synthetic = workbench(settings, device)
+    site = next((s for s in bench.sites if s.index == point.site), None)
+    if site is None:
+        raise ValueError(f"site {point.site} does not exist in {settings.model}")
+    bit = parse_bit_spec(point.bit)
+    if bit != "random":
+        check_bit(bit, bench.dtype)
+    counts = engine.Counts.zeros(bench.width)
+    record_parts = []
+    stopped_early = False
+    n = bench.num_images
+    t0 = time.perf_counter()
+    for start in range(0, n, settings.report_every):
+        stop = min(start + settings.report_every, n)
+        outcome = engine.run_faults(bench, site, point.kind, bit, point.seed, start, stop,
+                                    settings.images_per_weight_fault, settings.record)
+        counts = counts + outcome.counts
+        if outcome.records is not None:
+            record_parts.append(outcome.records)
+        low, high = counts.wilson()
+        if report is not None:
+            report(_metrics(point, counts, low, high, time.perf_counter() - t0))
+        if settings.target_margin and stop < n and (high - low) / 2 < settings.target_margin:
+            stopped_early = True
+            break
+    low, high = counts.wilson()
+    row = {
+        "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
+        "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
+        "site_name": site.name, "site_call": site.call, "site_type": site.module_type, "bit_spec": str(bit),
+        "bit": -1 if bit == "random" else bit, "seed": point.seed,
+        "images_per_weight_fault": settings.images_per_weight_fault if point.kind == "weight" else None,
+        "batch_size": settings.batch_size, "images": counts.images, "golden_correct": counts.golden_correct,
+        "mismatches": counts.mismatches, "changed": counts.total("changed"), "nonfinite": counts.total("nonfinite"),
+        "misclassification_rate": counts.misclassification_rate, "sdc_rate": counts.sdc_rate,
+        "nonfinite_rate": counts.nonfinite_rate, "ci_low": low, "ci_high": high, "stopped_early": stopped_early,
+        "wall_s": time.time() - started, "device": device_label,
+        "started_at": started, "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    bit_rows = [
+        {"campaign": settings.name, "trial_key": point.key, "bit": b,
+         **{name: int(counts.by_bit[i, b]) for i, name in enumerate(engine.COUNT_FIELDS)}}
+        for b in np.nonzero(counts.by_bit[0])[0].tolist()
+    ]
+    write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site.index, record_parts))
+    return row
+
+
+def _metrics(point: TrialPoint, counts: engine.Counts, low: float, high: float, seconds: float) -> dict:
+    return {
+        "trial_key": point.key, "images": counts.images, "golden_correct": counts.golden_correct,
+        "mismatches": counts.mismatches, "misclassification_rate": counts.misclassification_rate,
+        "ci_low": low, "ci_high": high, "inj_per_s": counts.images / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _fault_columns(campaign: str, point: TrialPoint, site_index: int, parts: list) -> dict | None:
+    if not parts:
+        return None
+    columns = {name: np.concatenate([getattr(p, name) for p in parts]) for name in parts[0].as_dict()}
+    n = len(columns["image"])
+    columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n,
+                   site_index=np.full(n, site_index), seed=np.full(n, point.seed))
+    return columns
