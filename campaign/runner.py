@@ -65,19 +65,24 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_directory(plan: ResolvedCampaign) -> None:
-    """Refuse a directory holding a different campaign; write spec.json for this one."""
+def check_directory(plan: ResolvedCampaign) -> None:
+    """Refuse a directory that holds a different campaign, or anything else (read only)."""
     directory = plan.directory
     if (directory / SPEC_FILE).exists():
-        stored = read_spec(directory)
-        differs = [k for k, v in plan.identity().items() if json.loads(json.dumps(stored.get("identity", {}).get(k))) != json.loads(json.dumps(v))]
+        stored = read_spec(directory).get("identity", {})
+        current = json.loads(json.dumps(plan.identity()))
+        differs = [k for k, v in current.items() if stored.get(k) != v]
         if differs:
             raise SpecError(f"{directory} holds a different campaign (differs in: {', '.join(differs)}); "
                             "choose another --name or --out, or `resume` it as it is")
     elif directory.exists() and any(directory.iterdir()):
         raise SpecError(f"{directory} exists and is not a campaign directory; choose another --name or --out")
-    write_spec(directory, {
-        "name": directory.name,
+
+
+def record_spec(plan: ResolvedCampaign) -> None:
+    """Write spec.json: the resolved spec, seeds, sites and library versions."""
+    write_spec(plan.directory, {
+        "name": plan.directory.name,
         "identity": plan.identity(),
         "spec": dataclasses.asdict(plan.spec),
         "seeds": list(plan.seeds),
@@ -127,9 +132,9 @@ def connect(spec: CampaignSpec) -> None:
 class Progress(tune.Callback):
     """One concise line every few seconds: trials done/total, injections/s, ETA."""
 
-    def __init__(self, total: int, already: int, images_per_trial: int, every_s: float = 5.0, stream=None) -> None:
+    def __init__(self, total: int, already: int, images_per_trial: int, every_s: float = 5.0) -> None:
         self.total, self.done, self.images_per_trial = total, already, images_per_trial
-        self.every_s, self.stream = every_s, stream or sys.stdout
+        self.every_s = every_s
         self.start = self.last = time.monotonic()
         self.running: dict[str, int] = {}
         self.finished_images = 0
@@ -158,20 +163,22 @@ class Progress(tune.Callback):
         remaining = (self.total - self.done) * self.images_per_trial - sum(self.running.values())
         eta = time.strftime("%H:%M:%S", time.gmtime(remaining / rate)) if rate > 0 else "?"
         errors = f", {self.errored} errored" if self.errored else ""
-        print(f"[campaign] {self.done}/{self.total} trials, {rate:,.0f} inj/s, ETA {eta}{errors}", file=self.stream, flush=True)
+        print(f"[campaign] {self.done}/{self.total} trials, {rate:,.0f} inj/s, ETA {eta}{errors}", flush=True)
 
 
 def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, progress_every_s: float = 5.0) -> CampaignOutcome:
     """Validate, run the missing trials on Ray Tune, aggregate the parquet files."""
     started = time.monotonic()
     plan = resolve(spec)
-    prepare_directory(plan)
+    check_directory(plan)
     wanted = {trial_key(t.kind, t.site, t.bit, t.seed): t for t in plan.trials}
     pending = [t for key, t in wanted.items() if key not in finished_keys(plan.directory)]
     errored = 0
     if pending:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
-        connect(plan.spec)
+        connect(plan.spec)  # the last check (cluster resources) before anything is written
+    record_spec(plan)
+    if pending:
         settings = settings_for(plan)
         if _crash_once_dir:
             settings["_crash_once_dir"] = _crash_once_dir

@@ -190,6 +190,8 @@ def parse_bits(text: str, width: int) -> list[int | str]:
                 items = list(range(a, b + 1))
             else:
                 items = [int(low)]
+        except SpecError:
+            raise
         except ValueError:
             raise SpecError(f"bits: cannot read {part!r}: use random, all, 30, 0-31, 23,30 or msb:1") from None
         for bit in items:
@@ -297,8 +299,6 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                            weights=spec.weights)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise SpecError("\n".join(problems + [str(exc)])) from None
-    if spec.images is not None and spec.images > data.images.shape[0]:
-        problems.append(f"images: {spec.images} requested, {dataset} has {data.images.shape[0]}")
     shape = tuple(data.images.shape[1:])
     if spec.channels is not None and spec.channels != shape[0]:
         problems.append(f"channels: {spec.channels} given, but {dataset} images have {shape[0]}")

@@ -1,0 +1,201 @@
+"""``python -m campaign run|resume|layers|eval|report``: the command line of the project."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from campaign.spec import MODES, RECORD_LEVELS, CampaignSpec, SpecError, spec_from_mapping, spec_from_seed_env, spec_from_yaml
+
+RUN_EPILOG = """\
+Settings are layered: defaults < the seed study's environment knobs (model_name, dataset,
+seed, batch_size, img_size, channels, bit_flip_pos, layer_type, layer_num/layer_nums) <
+the YAML file < flags. Bits are numbered LSB = 0 (FP32: 31 sign, 30-23 exponent); the
+seed's MSB-first bit_flip_pos=K is accepted as --bits msb:K (bit 31-K for FP32).
+
+With no arguments: the shipped demo (demo:vgg on the shipped Fashion-MNIST test split,
+neuron and weight sites, all layers, random bit, one seed) on this machine.
+"""
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="demo:vgg | demo:resnet | chenyaofo:cifar10_resnet20 | torchvision:<arch> | file:<path> (default demo:vgg)")
+    parser.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | synthetic:CxHxW:classes (default: the model's own)")
+    parser.add_argument("--hub-dir", help="a local clone of chenyaofo/pytorch-cifar-models (torch.hub source='local')")
+    parser.add_argument("--hub-ref", help="git ref of the zoo to load through torch.hub")
+    parser.add_argument("--weights", help="a state_dict file, or 'none' for random initialization")
+    parser.add_argument("--data-root", help="directory holding cifar-10-batches-py / cifar-100-python")
+    parser.add_argument("--download", action="store_true", default=None, help="download CIFAR if it is missing (needs network)")
+    parser.add_argument("--dtype", choices=MODES, help="math mode: fp32 (strict, TF32 off; default), tf32, fp16, bf16")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default 256)")
+    parser.add_argument("--images", help="use the first N test images, or 'all' (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m campaign", description="Bit-flip fault-injection campaigns on Ray Tune.")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run a campaign (no arguments: the shipped demo)", epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("spec", nargs="?", help="YAML campaign spec (keys = the long flag names with _)")
+    _model_flags(run)
+    run.add_argument("--sites", help="neuron, weight or neuron,weight (default both)")
+    run.add_argument("--layers", help="site indices: all (default), 3, 1,4-7")
+    run.add_argument("--layer-types", help="module class names: all (default), Conv2d,Linear")
+    run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering)")
+    run.add_argument("--seeds", help="explicit seeds, e.g. 1,2,3 (default: --num-seeds drawn from --master-seed)")
+    run.add_argument("--num-seeds", type=int, help="how many seeds to draw from --master-seed (default 1)")
+    run.add_argument("--master-seed", type=int, help="master seed (default 0; -1 = from the clock, recorded)")
+    run.add_argument("--images-per-weight-fault", type=int, help="consecutive images sharing one weight fault (default 256)")
+    run.add_argument("--record", choices=RECORD_LEVELS, help="per-fault rows: none, changed (default), all")
+    run.add_argument("--target-margin", type=float, help="stop a trial once its Wilson 95%% half-width is below this")
+    run.add_argument("--report-every", type=int, help="images between progress reports / early-stop checks (default 2048)")
+    _resource_flags(run)
+    run.add_argument("--out", help="parent directory of campaign directories (default runs)")
+    run.add_argument("--name", help="campaign directory name (default <model>-<dataset>-<dtype>)")
+
+    resume = sub.add_parser("resume", help="finish an interrupted campaign")
+    resume.add_argument("directory")
+    _resource_flags(resume)
+    resume.add_argument("--batch-size", type=int, help="images per forward pass (results do not depend on it)")
+
+    layers = sub.add_parser("layers", help="print the injection sites of a model")
+    _model_flags(layers)
+
+    evaluate = sub.add_parser("eval", help="print a model's clean accuracy")
+    _model_flags(evaluate)
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    report = sub.add_parser("report", help="tables, the seed's CSV and plots for campaign directories")
+    report.add_argument("directories", nargs="+")
+    report.add_argument("--out", help="output directory (default <first directory>/report)")
+    return parser
+
+
+def _resource_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions share a GPU (default 0)")
+    parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    parser.add_argument("--max-failures", type=int, help="retries of a trial whose worker crashed (default 2)")
+    parser.add_argument("--address", help="Ray cluster address (default: a running cluster, else a local one)")
+
+
+def _flags(args: argparse.Namespace, skip=("command", "spec", "directory", "directories", "device")) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+
+
+def spec_from_args(args: argparse.Namespace, env=os.environ) -> CampaignSpec:
+    spec = spec_from_seed_env(env)
+    if getattr(args, "spec", None):
+        spec = spec_from_yaml(args.spec, spec)
+    return spec_from_mapping(_flags(args), spec, source="flags")
+
+
+def cmd_run(args) -> int:
+    from campaign.runner import run_campaign
+
+    return _finish(run_campaign(spec_from_args(args)))
+
+
+def cmd_resume(args) -> int:
+    from campaign.runner import run_campaign, spec_from_directory
+
+    overrides = _flags(args)
+    return _finish(run_campaign(spec_from_directory(args.directory, **overrides)))
+
+
+def _finish(outcome) -> int:
+    import analysis
+
+    print()
+    if outcome.finished:
+        print("\n".join(analysis.seed_layer_lines(analysis.per_site(analysis.load(outcome.directory)))))
+    rate = outcome.injections / outcome.seconds if outcome.seconds else 0
+    print(f"\n{outcome.finished}/{outcome.total} trials in {outcome.seconds:.1f} s ({outcome.injections:,} injections, "
+          f"{rate:,.0f}/s); results in {outcome.directory}")
+    if not outcome.complete:
+        print(f"incomplete: run `python -m campaign resume {outcome.directory}` to finish it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_for_inspection(args):
+    from trainables.data import load_dataset
+    from trainables.models import default_dataset_for, load_model
+
+    spec = spec_from_mapping(_flags(args), source="flags")
+    dataset = spec.dataset or default_dataset_for(spec.model)
+    if dataset is None:
+        raise SpecError(f"{spec.model} has no default data set: pass --dataset")
+    try:
+        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
+        model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SpecError(str(exc)) from None
+    return spec, dataset, data, model
+
+
+def cmd_layers(args) -> int:
+    from trainables.engine import MATH_MODES
+    from trainables.sites import enumerate_sites, site_table
+
+    spec, dataset, data, model = _load_for_inspection(args)
+    dtype = MATH_MODES[spec.dtype]
+    try:
+        sites = enumerate_sites(model.to(dtype), data.input_shape, dtype)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    print(f"{spec.model} on {dataset} input {list(data.input_shape)}: {len(sites)} neuron sites, "
+          f"{sum(s.is_weight_site for s in sites)} weight sites (weight shape shown where the layer has one)")
+    print(site_table(sites))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from trainables.engine import prepare
+
+    spec, dataset, data, model = _load_for_inspection(args)
+    try:
+        bench = prepare(model, (data.images, data.labels), spec.dtype, spec.batch_size, args.device)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    correct = int(bench.golden_correct.sum())
+    synthetic = " (synthetic data: meaningless)" if data.synthetic else ""
+    print(f"clean accuracy of {spec.model} on {dataset} ({bench.num_images} images, {spec.dtype}, {bench.device}): "
+          f"{100 * correct / bench.num_images:.2f}% ({correct}/{bench.num_images}){synthetic}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from analysis.report import run
+
+    try:
+        print(run(args.directories, out_dir=args.out))
+    except (ValueError, FileNotFoundError) as exc:
+        raise SpecError(str(exc)) from None
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "layers": cmd_layers, "eval": cmd_eval, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv or ["run"])
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run `python -m campaign resume DIR` to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

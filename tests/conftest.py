@@ -1,0 +1,28 @@
+"""Session fixtures: one local Ray cluster on loopback for every campaign test."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """Start one local Ray cluster (2 CPUs, 2 logical GPUs, no dashboard) for the session;
+    return its GCS address so subprocess drivers can join it."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths are length-limited
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=temp_dir,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}},
+             logging_level="WARNING", configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,122 @@
+"""Campaigns on a real local Ray cluster: results equal the engine's, GPU placement,
+worker-crash retries, resume after SIGKILL / Ctrl-C of the driver."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from campaign.runner import run_campaign, spec_from_directory
+from campaign.spec import CampaignSpec
+from trainables.trial import CampaignSettings, TrialPoint, run_trial
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(model="demo:vgg", weights="none", images=600, layers="0-2,5", bits="random,30", report_every=256,
+             record="all", cpus_per_trial=1.0)
+RUN_ONLY = ["wall_s", "device", "started_at", "worker"]  # differ between runs by nature
+
+
+def result_frames(directory: Path):
+    trials = pd.read_parquet(directory / "trials.parquet").drop(columns=RUN_ONLY + ["campaign"])
+    faults = pd.read_parquet(directory / "faults").drop(columns=["campaign"])
+    faults = faults.sort_values(["trial_key", "image"]).reset_index(drop=True)
+    bits = pd.read_parquet(directory / "bits.parquet").drop(columns=["campaign"])
+    return trials.reset_index(drop=True), faults, bits.reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address, tmp_path_factory):
+    """An uninterrupted run of the SMALL campaign."""
+    out = tmp_path_factory.mktemp("ref")
+    outcome = run_campaign(CampaignSpec(**SMALL, out=str(out), name="ref"))
+    assert outcome.complete and outcome.errored == 0
+    return outcome
+
+
+def test_campaign_rows_equal_the_engine_run_directly(reference, tmp_path):
+    trials, faults, bits = result_frames(reference.directory)
+    assert len(trials) == reference.total == 2 * (4 + 3)  # bits x (neuron sites 0,1,2,5 + weight sites 1,2,5)
+    assert trials["images"].eq(600).all() and not trials["trial_key"].duplicated().any()
+    assert set(trials["kind"]) == {"neuron", "weight"} and (trials["mode"] == "fp32").all()
+    assert len(faults) == 600 * len(trials)  # record=all
+    row = trials[trials["trial_key"] == "neuron-s0005-b30-seed" + str(trials["seed"].iloc[0])].iloc[0]
+    settings = CampaignSettings(name="direct", directory=str(tmp_path), model="demo:vgg", dataset="fashion-mnist",
+                                weights="none", images=600, report_every=256, record="all")
+    direct = run_trial(settings, TrialPoint("neuron", 5, 30, int(row["seed"])))
+    for column in ("images", "golden_correct", "mismatches", "changed", "nonfinite", "misclassification_rate", "ci_low", "ci_high"):
+        assert direct[column] == row[column], column
+    per_bit = bits[bits["trial_key"] == row["trial_key"]]
+    assert per_bit["bit"].tolist() == [30] and int(per_bit["mismatches"].iloc[0]) == row["mismatches"]
+    random_bits = bits[bits["trial_key"].str.contains("brandom")].groupby("trial_key")["images"].sum()
+    assert (random_bits == 600).all()
+    spec_json = (reference.directory / "spec.json").read_text()
+    assert '"torch"' in spec_json and '"ray"' in spec_json and '"pytorchfi"' in spec_json
+
+
+def test_rerun_of_a_finished_campaign_launches_nothing_and_changes_nothing(reference):
+    before = result_frames(reference.directory)
+    outcome = run_campaign(spec_from_directory(reference.directory))
+    assert outcome.complete and outcome.finished == reference.total
+    after = result_frames(reference.directory)
+    for a, b in zip(before, after):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_different_campaign_in_same_directory_is_refused(reference):
+    from campaign.spec import SpecError
+
+    with pytest.raises(SpecError, match="holds a different campaign.*bits"):
+        run_campaign(CampaignSpec(**{**SMALL, "bits": "31"}, out=str(reference.directory.parent), name="ref"))
+
+
+def test_fractional_gpus_run_four_trials_at_a_time_on_their_assigned_devices(ray_address, tmp_path):
+    spec = CampaignSpec(model="demo:vgg", weights="none", images=4000, layers="0-7", sites=("neuron",), bits="30",
+                        record="none", cpus_per_trial=0.5, gpus_per_trial=0.5, out=str(tmp_path), name="gpus")
+    outcome = run_campaign(spec)
+    assert outcome.complete
+    trials = pd.read_parquet(outcome.directory / "trials.parquet")
+    assert trials["device"].str.fullmatch(r"cpu \(CUDA absent; Ray assigned GPU [01]\)").all()
+    assert set(trials["device"].str[-2]) == {"0", "1"}
+    spans = [(r.started_at, r.started_at + r.wall_s, r.device[-2]) for r in trials.itertuples()]
+    overlaps = [[s for s in spans if s[0] <= t < s[1]] for t, _, _ in spans]
+    assert max(len(o) for o in overlaps) == 4
+    for running in overlaps:  # never more than two trials on one (logical) GPU
+        assert all(sum(1 for s in running if s[2] == gpu) <= 2 for gpu in "01")
+
+
+def test_crashed_workers_are_retried_and_results_unchanged(reference, tmp_path):
+    crash_dir = tmp_path / "crashes"
+    crash_dir.mkdir()
+    spec = CampaignSpec(**SMALL, out=str(tmp_path), name="crashy", max_failures=2)
+    outcome = run_campaign(spec, _crash_once_dir=str(crash_dir))
+    assert outcome.complete and outcome.errored == 0
+    assert len(list(crash_dir.iterdir())) == reference.total  # every trial's first worker died
+    for a, b in zip(result_frames(reference.directory), result_frames(outcome.directory)):
+        pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_resume_after_the_driver_is_stopped_equals_an_uninterrupted_run(reference, ray_address, tmp_path, sig):
+    spec = dataclasses.replace(CampaignSpec(**SMALL), max_concurrent=1)
+    args = [sys.executable, "-m", "campaign", "run", "--model", spec.model, "--weights", "none", "--images", "600",
+            "--layers", SMALL["layers"], "--bits", SMALL["bits"], "--report-every", "256", "--record", "all",
+            "--max-concurrent", "1", "--address", ray_address, "--out", str(tmp_path), "--name", "stopped"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    parts = tmp_path / "stopped" / "parts" / "trials"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 3:
+        time.sleep(0.2)
+    driver.send_signal(sig)
+    output = driver.communicate(timeout=120)[0].decode()
+    done_when_stopped = len(list(parts.glob("*.parquet")))
+    assert 3 <= done_when_stopped < reference.total, output
+    outcome = run_campaign(spec_from_directory(tmp_path / "stopped"))
+    assert outcome.complete, outcome
+    for a, b in zip(result_frames(reference.directory), result_frames(outcome.directory)):
+        pd.testing.assert_frame_equal(a, b)
