@@ -1,0 +1,293 @@
+"""Read campaign directories (trials.parquet, bits.parquet, faults/) into pandas frames.
+
+Torch-free and Ray-free: only pandas, pyarrow and the on-disk format of ``trainables.results``.
+Frames from several campaigns are concatenated with one set of dtypes (see ``TRIAL_DTYPES``):
+low-cardinality strings become categoricals, counts int64, optional integers nullable Int64.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainables import results as R
+
+PathLike = Union[str, "os.PathLike[str]"]
+Source = Union[PathLike, Sequence[PathLike]]
+
+IDENTITY = ("model", "dataset", "mode", "kind")
+COUNTS = ("images", "golden_correct", "mismatches", "changed", "nonfinite")
+CATEGORICAL = ("campaign", "model", "dataset", "mode", "kind", "site_type", "bit_spec", "device")
+
+# Columns analysis cannot do without, per file.
+REQUIRED_TRIAL_COLUMNS = (
+    "campaign", "trial_key", "model", "dataset", "mode", "kind", "site_index", "site_name",
+    "site_type", "bit_spec", "bit", "seed", *COUNTS,
+)
+REQUIRED_BIT_COLUMNS = ("trial_key", "bit", *COUNTS)
+REQUIRED_FAULT_COLUMNS = ("trial_key", "image", "golden_correct", "changed", "bit")
+
+# Trial columns joined onto per-bit and per-fault rows.
+TRIAL_KEYS_FOR_ROWS = (
+    "campaign", "campaign_dir", "model", "dataset", "mode", "kind", "site_index", "site_name",
+    "site_type", "seed", "bit_spec",
+)
+
+_STR = pd.StringDtype(na_value=np.nan)
+TRIAL_DTYPES: dict[str, object] = {
+    "campaign": "category", "campaign_dir": _STR, "trial_key": _STR, "model": "category",
+    "dataset": "category", "synthetic": "boolean", "mode": "category", "kind": "category",
+    "site_index": "int64", "site_name": _STR, "site_call": "Int64", "site_type": "category",
+    "bit_spec": "category", "bit": "int64", "seed": "int64", "images_per_weight_fault": "Int64",
+    "batch_size": "Int64", **{c: "int64" for c in COUNTS}, "misclassification_rate": "float64",
+    "sdc_rate": "float64", "nonfinite_rate": "float64", "ci_low": "float64", "ci_high": "float64",
+    "stopped_early": "boolean", "wall_s": "float64", "device": "category",
+}
+_ARROW_TO_PANDAS = ((pa.types.is_string, _STR), (pa.types.is_integer, "Int64"), (pa.types.is_floating, "float64"),
+                    (pa.types.is_boolean, "boolean"))
+
+
+def _schema_dtypes(schema: pa.Schema, known: dict[str, object]) -> dict[str, object]:
+    """``known`` plus a nullable pandas dtype for every other column of ``schema`` (columns the
+    writer added later; older files lack them and get NA)."""
+    extra = {}
+    for field in schema:
+        if field.name not in known:
+            extra[field.name] = next((d for test, d in _ARROW_TO_PANDAS if test(field.type)), object)
+    return {**known, **extra}
+
+
+TRIAL_DTYPES = _schema_dtypes(R.TRIAL_SCHEMA, TRIAL_DTYPES)
+BIT_DTYPES: dict[str, object] = {
+    **{c: TRIAL_DTYPES[c] for c in TRIAL_KEYS_FOR_ROWS}, "trial_key": _STR, "bit": "int64",
+    **{c: "int64" for c in COUNTS},
+}
+FAULT_DTYPES: dict[str, object] = {
+    **{c: TRIAL_DTYPES[c] for c in TRIAL_KEYS_FOR_ROWS}, "trial_key": _STR, "image": "int64",
+    "label": "Int64", "golden": "Int64", "faulty": "Int64", "golden_correct": "boolean",
+    "changed": "boolean", "nonfinite": "boolean", "position": "Int64", "fault_group": "Int64",
+    "bit": "int64", "raw_before": "Int64", "value_before": "float64", "value_after": "float64",
+}
+BIT_DTYPES = _schema_dtypes(R.BIT_SCHEMA, BIT_DTYPES)
+FAULT_DTYPES = _schema_dtypes(R.FAULT_SCHEMA, FAULT_DTYPES)
+_NON_NULL = {"site_index", "bit", "seed", "image", *COUNTS}
+
+
+def campaign_dirs(source: Source) -> list[Path]:
+    """One path or a sequence of paths -> distinct campaign directories, in the order given."""
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        raise ValueError("no campaign directory given")
+    seen: dict[Path, Path] = {}
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"expected a campaign directory path, got {type(item).__name__}")
+        path = Path(item)
+        seen.setdefault(path.resolve(), path)
+    return list(seen.values())
+
+
+def _check_version(path: Path, schema: pa.Schema) -> None:
+    """Refuse a parquet file without our schema version or with a newer one than we read."""
+    raw = (schema.metadata or {}).get(R.VERSION_KEY)
+    if raw is None:
+        raise ValueError(f"{path} has no {R.VERSION_KEY.decode()} metadata: not written by this project")
+    try:
+        version = int(raw.decode())
+    except ValueError:
+        raise ValueError(f"{path}: unreadable schema version {raw!r}") from None
+    if version > R.SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} has schema version {version}, newer than the supported {R.SCHEMA_VERSION}: "
+            "update this checkout to read it"
+        )
+    if version < 1:
+        raise ValueError(f"{path}: unsupported schema version {version}")
+
+
+def _check_spec(directory: Path) -> dict:
+    """Read spec.json, refusing a missing directory/spec or a newer schema version."""
+    if not directory.is_dir():
+        why = "it is a file" if directory.exists() else "it does not exist"
+        raise ValueError(f"{directory} is not a campaign directory: {why}")
+    if not (directory / R.SPEC_FILE).is_file():
+        hint = " (it has trials.parquet but no spec.json)" if (directory / R.TRIALS_FILE).exists() else ""
+        raise ValueError(f"{directory} is not a campaign directory: no {R.SPEC_FILE}{hint}")
+    spec = R.read_spec(directory)
+    version = spec.get("schema_version")
+    if isinstance(version, int) and version > R.SCHEMA_VERSION:
+        raise ValueError(
+            f"{directory / R.SPEC_FILE} has schema version {version}, newer than the supported "
+            f"{R.SCHEMA_VERSION}: update this checkout to read it"
+        )
+    return spec
+
+
+def _read_aggregate(directory: Path, file_name: str, required: Iterable[str]) -> pa.Table:
+    """Read trials.parquet or bits.parquet of a campaign, with clear errors for partial campaigns."""
+    path = directory / file_name
+    if not path.is_file():
+        parts = R.finished_keys(directory)
+        state = f"{len(parts)} finished trial part(s) but no {file_name}" if parts else f"no {file_name} yet"
+        raise ValueError(f"campaign {directory} has {state}: run `python -m campaign resume {directory}` to aggregate it")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path} is not a readable parquet file: {exc}") from None
+    _check_version(path, schema)
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path} lacks required column(s) {missing}")
+    return pq.read_table(path)
+
+
+def _campaign_name(frame: pd.DataFrame, spec: dict, directory: Path) -> pd.Series:
+    """The trial rows' campaign name, filled from spec.json's name or the directory name."""
+    fallback = str(spec.get("name") or directory.resolve().name)
+    names = frame["campaign"].astype(_STR)
+    return names.where(names.notna() & (names != ""), fallback)
+
+
+def _unique_names(frames: list[pd.DataFrame]) -> None:
+    """Rename campaigns so two directories never share a name: later ones get ' [2]', ' [3]'."""
+    used: set[str] = set()
+    for frame in frames:
+        mapping = {}
+        for name in frame["campaign"].dropna().unique():
+            new, n = str(name), 1
+            while new in used:
+                n += 1
+                new = f"{name} [{n}]"
+            mapping[name] = new
+        used.update(mapping.values())
+        frame["campaign"] = frame["campaign"].map(mapping)
+
+
+def bit_spec_order(spec: object) -> tuple:
+    """Sort key of bit specs: 'random' first, then bit numbers ascending."""
+    text = str(spec)
+    return (0, 0, "") if text == "random" else (1, int(text), "") if text.lstrip("-").isdigit() else (2, 0, text)
+
+
+def _category_order(column: str, values: Iterable) -> list:
+    """Category order: campaigns as given, bit specs numerically with 'random' first, the rest sorted."""
+    values = [v for v in pd.unique(pd.Series(list(values), dtype=object)) if not pd.isna(v)]
+    if column == "campaign":
+        return values
+    if column == "bit_spec":
+        return sorted(values, key=bit_spec_order)
+    return sorted(values, key=str)
+
+
+def normalize(frame: pd.DataFrame, dtypes: dict[str, object]) -> pd.DataFrame:
+    """Cast to the fixed dtypes (known columns first, in order; extras kept after), so frames
+    of several campaigns concatenate cleanly."""
+    out = {}
+    for column, dtype in dtypes.items():
+        values = frame[column] if column in frame else pd.Series(pd.NA, index=frame.index, dtype=object)
+        if column in _NON_NULL and values.isna().any():
+            raise ValueError(f"column {column!r} has missing values")
+        if dtype == "category":
+            values = values.astype(_STR)
+            out[column] = pd.Categorical(values, categories=_category_order(column, values))
+        elif dtype == "boolean":
+            out[column] = values.astype(object).where(values.notna(), None).astype("boolean")
+        elif dtype in ("Int64", "float64"):
+            out[column] = pd.to_numeric(values, errors="coerce").astype(dtype)
+        else:
+            out[column] = values.astype(dtype)
+    extras = [c for c in frame.columns if c not in dtypes]
+    result = pd.DataFrame(out, index=frame.index)
+    for column in extras:
+        result[column] = frame[column]
+    return result.reset_index(drop=True)
+
+
+def _concat(frames: list[pd.DataFrame], dtypes: dict[str, object]) -> pd.DataFrame:
+    """Concatenate frames holding plain strings, then apply the fixed dtypes."""
+    frames = [f for f in frames if len(f.columns)]
+    joined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(dtypes))
+    return normalize(joined, dtypes)
+
+
+def _trials_one(directory: Path) -> pd.DataFrame:
+    """Trial rows of one campaign with strings as plain str (categoricals come after concat)."""
+    spec = _check_spec(directory)
+    table = _read_aggregate(directory, R.TRIALS_FILE, REQUIRED_TRIAL_COLUMNS)
+    if table.num_rows == 0:
+        raise ValueError(f"campaign {directory} has no trials: nothing to analyse")
+    frame = table.to_pandas()
+    frame["campaign"] = _campaign_name(frame, spec, directory)
+    frame["campaign_dir"] = str(directory)
+    return frame
+
+
+def _load_trial_frames(source: Source) -> list[pd.DataFrame]:
+    frames = [_trials_one(d) for d in campaign_dirs(source)]
+    _unique_names(frames)
+    return frames
+
+
+def load(source: Source) -> pd.DataFrame:
+    """Trial rows of one or several campaign directories, one frame with stable dtypes.
+
+    Adds ``campaign_dir``; two directories with the same campaign name get distinct names.
+    """
+    return _concat(_load_trial_frames(source), TRIAL_DTYPES)
+
+
+def _join_trials(rows: pd.DataFrame, trials: pd.DataFrame, what: str, directory: Path) -> pd.DataFrame:
+    """Attach the trial identity columns to per-bit or per-fault rows (inner join on trial_key)."""
+    keys = trials[list(TRIAL_KEYS_FOR_ROWS) + ["trial_key"]]
+    drop = [c for c in TRIAL_KEYS_FOR_ROWS if c in rows.columns]
+    joined = rows.drop(columns=drop).merge(keys, on="trial_key", how="inner", validate="many_to_one")
+    if len(joined) < len(rows) and what == "bits":
+        orphans = sorted(set(rows["trial_key"]) - set(trials["trial_key"]))[:3]
+        raise ValueError(
+            f"{directory / R.BITS_FILE} has rows of trials not in {R.TRIALS_FILE} (e.g. {orphans}): "
+            f"run `python -m campaign resume {directory}` to re-aggregate"
+        )
+    return joined
+
+
+def load_bits(source: Source) -> pd.DataFrame:
+    """Per-(trial, bit) counts joined with their trial's identity columns.
+
+    For random-bit trials these split the trial's faults by the bit actually flipped; rows
+    with no faults are dropped. Per-bit analysis must use these rows, not the trial rows.
+    """
+    frames = []
+    for trials in _load_trial_frames(source):
+        directory = Path(trials["campaign_dir"].iloc[0])
+        bits = _read_aggregate(directory, R.BITS_FILE, REQUIRED_BIT_COLUMNS).to_pandas()
+        bits = bits[bits["images"] > 0]
+        frames.append(_join_trials(bits, trials, "bits", directory))
+    return _concat(frames, BIT_DTYPES)
+
+
+def load_faults(source: Source) -> pd.DataFrame:
+    """Per-fault rows (faults/*.parquet) of the aggregated trials, joined with their trial's
+    identity columns; an empty frame with the same columns when no faults were recorded."""
+    frames = []
+    for trials in _load_trial_frames(source):
+        directory = Path(trials["campaign_dir"].iloc[0])
+        wanted = set(trials["trial_key"])
+        tables = []
+        for path in sorted((directory / R.FAULTS_DIR).glob("*.parquet")):
+            if path.stem not in wanted:
+                continue  # a trial not aggregated (yet): skip its faults like its counts
+            table = pq.read_table(path)
+            _check_version(path, table.schema)
+            missing = [c for c in REQUIRED_FAULT_COLUMNS if c not in table.column_names]
+            if missing:
+                raise ValueError(f"{path} lacks required column(s) {missing}")
+            tables.append(table.replace_schema_metadata(None))
+        if tables:
+            rows = pa.concat_tables(tables, promote_options="default").to_pandas()
+            frames.append(_join_trials(rows, trials, "faults", directory))
+    return _concat(frames, FAULT_DTYPES)

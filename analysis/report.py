@@ -1,0 +1,132 @@
+"""The campaign report: text tables, CSV tables, the seed-layout CSV and PNG plots.
+
+``run(dirs, out_dir)`` is what ``python -m campaign report DIR [DIR...] [--out OUT]`` calls;
+it returns the text and writes every file into ``out_dir`` (default ``<first dir>/report``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from analysis.compare import compare
+from analysis.load import IDENTITY, campaign_dirs, load, load_bits
+from analysis.plots import plot_bit_rates, plot_site_bit_heatmap, plot_site_rates
+from analysis.tables import (
+    FORMATS, group_title, groups, per_bit, per_bit_field, per_seed, per_site, per_type, seed_layer_lines,
+    site_by_bit, write_seed_csv,
+)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if pd.isna(x) else f"{100 * x:.4f}"
+
+
+def format_table(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """Text lines of a pooled table: per identity a title, then key columns, a / b, rate and
+    Wilson 95% interval in percent, SDC and non-finite rates in percent."""
+    lines: list[str] = []
+    for ident, rows in groups(table):
+        shown = pd.DataFrame({k: rows[k].astype(str).to_numpy() for k in keys})
+        shown["trials"] = rows["trials"].to_numpy()
+        shown["mismatches / correct"] = [f"{a} / {b}" for a, b in zip(rows["mismatches"], rows["golden_correct"])]
+        shown["rate %"] = [_pct(r) for r in rows["misclassification_rate"]]
+        shown["95% CI %"] = [f"[{_pct(lo)}, {_pct(hi)}]" for lo, hi in zip(rows["ci_low"], rows["ci_high"])]
+        shown["SDC %"] = [_pct(r) for r in rows["sdc_rate"]]
+        shown["non-finite %"] = [_pct(r) for r in rows["nonfinite_rate"]]
+        lines += ["", group_title(ident, rows), *shown.to_string(index=False).splitlines()]
+    return lines
+
+
+def format_comparison(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """Text lines of a comparison: per side 'rate% [low, high]', then the difference to the
+    baseline in percentage points and whether the intervals overlap."""
+    labels = list(table.attrs.get("sides", {}))
+    shown = pd.DataFrame({k: table[k].astype(str).to_numpy() for k in keys})
+    for i, label in enumerate(labels):
+        rate, lo, hi = (table[f"{c}[{label}]"] for c in ("rate", "ci_low", "ci_high"))
+        shown[f"{label} %"] = [f"{_pct(r)} [{_pct(a)}, {_pct(b)}]" for r, a, b in zip(rate, lo, hi)]
+        if i:
+            shown[f"diff {label} (pp)"] = [("n/a" if pd.isna(d) else f"{100 * d:+.4f}") for d in table[f"diff[{label}]"]]
+            shown[f"overlap {label}"] = ["n/a" if pd.isna(o) else ("yes" if o else "NO") for o in table[f"overlap[{label}]"]]
+    sides = [f"  {label}{' (baseline)' if i == 0 else ''}: {group_title({k: v for k, v in ident.items() if k != 'campaign'})}"
+             + (f", {ident['bit_sampling']} bit" if ident.get("bit_sampling") else "")
+             for i, (label, ident) in enumerate(table.attrs.get("sides", {}).items())]
+    return [*sides, *shown.to_string(index=False).splitlines()]
+
+
+def _summary(trials: pd.DataFrame) -> list[str]:
+    """One line per campaign: directory, identity, trials, seeds, bit specs, images."""
+    lines = []
+    for name, rows in trials.groupby("campaign", observed=True, sort=False):
+        idents = ", ".join(group_title(dict(zip(IDENTITY, map(str, key))))
+                           for key in rows[list(IDENTITY)].drop_duplicates().itertuples(index=False))
+        seeds = ",".join(str(s) for s in sorted(rows["seed"].unique()))
+        specs = ",".join(str(s) for s in rows["bit_spec"].astype(str).unique())
+        lines.append(f"  {name} ({rows['campaign_dir'].iloc[0]}): {idents}; {len(rows)} trials, "
+                     f"{int(rows['images'].sum())} faults, seeds {seeds}, bit {specs}")
+    return lines
+
+
+def _comparisons(trials: pd.DataFrame, bits: pd.DataFrame, out: Path, written: list[Path]) -> list[str]:
+    """Comparison sections (by type, field, bit, site) with their CSVs; sites only when comparable."""
+    lines: list[str] = []
+    sections = (("type", trials, ["site_type"]), ("field", bits, ["field"]), ("bit", bits, ["bit"]),
+                ("site", trials, ["site_index", "site_type"]))
+    for by, frame, keys in sections:
+        table = compare(frame, by=by)
+        idents = list(table.attrs["sides"].values())
+        lines += ["", f"Comparison by {by} (rate %, Wilson 95% interval; diff to the baseline in percentage points)"]
+        if by == "site" and len({(i.get("model"), i.get("kind")) for i in idents}) > 1:
+            lines.append("  skipped: the campaigns differ in model or fault kind, so their sites do not correspond")
+            continue
+        if by == "bit" and len({FORMATS.get(i.get("mode"), (None,))[0] for i in idents}) > 1:
+            lines.append("  note: the float formats differ, so a bit number means different things; see 'by field'")
+        path = out / f"compare_{by}.csv"
+        table.to_csv(path, index=False)
+        written.append(path)
+        lines += format_comparison(table, keys)
+    return lines
+
+
+def _plots(site_table: pd.DataFrame, site_bits: pd.DataFrame, bit_table: pd.DataFrame, out: Path) -> list[Path]:
+    written = [plot_site_rates(site_table, out / "per_site.png")]
+    if len(site_bits):
+        written.append(plot_site_bit_heatmap(site_bits, out / "site_by_bit.png"))
+        written.append(plot_bit_rates(bit_table, out / "per_bit.png"))
+    return written
+
+
+def run(dirs: list[str], out_dir: str | None = None) -> str:
+    """Build the report of one or more campaigns, write its files into ``out_dir`` (default
+    ``<first dir>/report``) and return the text. Several campaigns are reported apart, then compared."""
+    paths = campaign_dirs(dirs)
+    trials, bits = load(paths), load_bits(paths)
+    several = trials["campaign"].nunique() > 1
+    out = Path(out_dir) if out_dir is not None else paths[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    site_table, type_table = per_site(trials, several), per_type(trials, several)
+    bit_table, field_table = per_bit(bits, several), per_bit_field(bits, several)
+    seed_table, site_bits = per_seed(trials, several), site_by_bit(bits, several)
+    written: list[Path] = []
+    for name, table in (("per_site", site_table), ("per_type", type_table), ("per_bit", bit_table),
+                        ("per_bit_field", field_table), ("per_seed", seed_table), ("site_by_bit", site_bits)):
+        table.to_csv(out / f"{name}.csv", index=False)
+        written.append(out / f"{name}.csv")
+    written += write_seed_csv(trials, out / "seed_layout.csv")
+
+    lines = ["Bit-flip fault-injection report", "", "Campaigns:", *_summary(trials), "",
+             "Per-site misclassification rate (mismatches / golden-correct images):", "",
+             *seed_layer_lines(site_table), "",
+             "Per layer type:", *format_table(type_table, ["site_type"]), "",
+             "Per bit position (random-bit trials split by the bit actually flipped):",
+             *format_table(bit_table, ["bit", "field"]), "",
+             "Per bit field:", *format_table(field_table, ["field", "bit_range"]), "",
+             "Per seed:", *format_table(seed_table, ["seed"])]
+    if several:
+        lines += _comparisons(trials, bits, out, written)
+    written += _plots(site_table, site_bits, bit_table, out)
+    lines += ["", f"Files written to {out}:", *(f"  {p.name}" for p in written)]
+    return "\n".join(lines) + "\n"

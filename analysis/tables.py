@@ -1,0 +1,267 @@
+"""Pooled outcome tables: counts are SUMMED over trials (never rates averaged), then rates and
+Wilson 95% intervals are computed from the sums.
+
+Every table groups by the campaign identity (model, dataset, mode, kind) besides its own key,
+so different models, data sets, math modes or fault kinds are never merged; campaigns of the
+same identity pool unless ``by_campaign=True``. Trial-level tables (per site, type, seed) also
+keep random-bit trials apart from fixed-bit trials (column ``bit_sampling``) and pool the fixed
+bits they hold (listed in ``bit_specs``); per-bit tables pool both, split by the bit flipped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from analysis.load import COUNTS, IDENTITY, Source, bit_spec_order, load, load_bits
+from trainables.stats import wilson_interval
+
+Data = Union[pd.DataFrame, Source]
+
+SITE_KEYS = ("site_index", "site_name", "site_type")
+SAMPLING = "bit_sampling"  # 'random' (one random bit per fault) or 'fixed' (a bit number per trial)
+FIELDS = ("sign", "exponent", "mantissa")
+# mode -> (width, exponent bits); the sign is the top bit, the mantissa the rest (IEEE-754, LSB = 0)
+FORMATS: dict[str, tuple[int, int]] = {"fp32": (32, 8), "tf32": (32, 8), "fp16": (16, 5), "bf16": (16, 8)}
+RATE_COLUMNS = ("misclassification_rate", "ci_low", "ci_high", "sdc_rate", "nonfinite_rate")
+
+
+def _trials(data: Data) -> pd.DataFrame:
+    """A trials frame as given, or loaded from campaign directories."""
+    return data if isinstance(data, pd.DataFrame) else load(data)
+
+
+def _bits(data: Data) -> pd.DataFrame:
+    """Per-bit rows as given, or loaded from campaign directories; refuses unsplit random-bit trials."""
+    frame = data if isinstance(data, pd.DataFrame) else load_bits(data)
+    if "bit" not in frame:
+        raise ValueError("per-bit tables need a 'bit' column: pass analysis.load_bits(...) rows")
+    if (frame["bit"] < 0).any():
+        raise ValueError(
+            "frame holds random-bit trial rows (bit = -1): per-bit tables need them split by the bit "
+            "actually flipped; pass analysis.load_bits(...) rows or the campaign directories"
+        )
+    return frame
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks column(s) {missing}")
+
+
+def add_rates(table: pd.DataFrame) -> pd.DataFrame:
+    """Add misclassification_rate (mismatches / golden_correct), its Wilson 95% bounds, sdc_rate
+    (changed / images) and nonfinite_rate (nonfinite / images); NaN where a denominator is 0."""
+    out = table.copy()
+    k = out["mismatches"].to_numpy(dtype=np.float64)
+    n = out["golden_correct"].to_numpy(dtype=np.float64)
+    images = out["images"].to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["misclassification_rate"] = np.where(n > 0, k / n, np.nan)
+        low, high = wilson_interval(k, n)
+        out["ci_low"], out["ci_high"] = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+        out["sdc_rate"] = np.where(images > 0, out["changed"].to_numpy(dtype=np.float64) / images, np.nan)
+        out["nonfinite_rate"] = np.where(images > 0, out["nonfinite"].to_numpy(dtype=np.float64) / images, np.nan)
+    return out
+
+
+def _spec_list(specs: pd.Series) -> str:
+    """Bit specs of a group as text, e.g. 'random' or '0,1,30'."""
+    values = {str(v) for v in specs.dropna().unique()}
+    return ",".join(sorted(values, key=bit_spec_order))
+
+
+def with_sampling(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``bit_sampling`` ('random' or 'fixed', from bit_spec) when the frame has bit_spec."""
+    if "bit_spec" not in frame or SAMPLING in frame:
+        return frame
+    random = frame["bit_spec"].astype(str) == "random"
+    return frame.assign(**{SAMPLING: pd.Categorical(np.where(random, "random", "fixed"), categories=["random", "fixed"])})
+
+
+def pool(frame: pd.DataFrame, keys: Sequence[str], by_campaign: bool = False, split_sampling: bool = False) -> pd.DataFrame:
+    """Sum the counts of ``frame`` per identity (+ campaign, + bit_sampling) + ``keys``; add rates.
+
+    Columns: [campaign], model, dataset, mode, kind, [bit_sampling], keys..., [bit_specs], trials,
+    counts, rates; ``trials`` counts distinct trial keys.
+    """
+    if split_sampling:
+        frame = with_sampling(frame)
+    sampling = [SAMPLING] if split_sampling and SAMPLING in frame else []
+    group = (["campaign"] if by_campaign else []) + list(IDENTITY) + sampling + [k for k in keys if k not in IDENTITY]
+    _require(frame, [*group, *COUNTS])
+    if "trial_key" not in frame:
+        work = frame.assign(_trial=np.arange(len(frame)))  # no keys: count rows as trials
+    elif "campaign" in frame:
+        work = frame.assign(_trial=frame["campaign"].astype(str) + "/" + frame["trial_key"].astype(str))
+    else:
+        work = frame.assign(_trial=frame["trial_key"])
+    grouped = work.groupby(group, observed=True, sort=True, dropna=False)
+    table = grouped[list(COUNTS)].sum()
+    table.insert(0, "trials", grouped["_trial"].nunique())
+    if "bit_spec" in work:
+        table.insert(0, "bit_specs", grouped["bit_spec"].agg(_spec_list))
+    table = table.reset_index()
+    for column in COUNTS + ("trials",):
+        table[column] = table[column].astype("int64")
+    return add_rates(table)
+
+
+def per_site(data: Data, by_campaign: bool = False) -> pd.DataFrame:
+    """Per-site table (the seed's per-layer table): one row per identity x site."""
+    return pool(_trials(data), SITE_KEYS, by_campaign, split_sampling=True)
+
+
+def per_type(data: Data, by_campaign: bool = False) -> pd.DataFrame:
+    """Per-layer-type table (site_type, e.g. Conv2d, ReLU), pooling all sites of a type."""
+    return pool(_trials(data), ("site_type",), by_campaign, split_sampling=True)
+
+
+def per_seed(data: Data, by_campaign: bool = False) -> pd.DataFrame:
+    """Per-seed table, pooling all sites: shows the seed-to-seed spread."""
+    return pool(_trials(data), ("seed",), by_campaign, split_sampling=True)
+
+
+def bit_field(mode: str, bit: int) -> str:
+    """'sign', 'exponent' or 'mantissa' of bit ``bit`` (LSB = 0) in the storage format of ``mode``."""
+    if mode not in FORMATS:
+        raise ValueError(f"unknown math mode {mode!r}: expected one of {sorted(FORMATS)}")
+    width, exponent = FORMATS[mode]
+    if not 0 <= bit < width:
+        raise ValueError(f"bit {bit} out of range for mode {mode!r} ({width} bits)")
+    return "sign" if bit == width - 1 else "exponent" if bit >= width - 1 - exponent else "mantissa"
+
+
+def field_bits(mode: str, field: str) -> tuple[int, int]:
+    """(highest, lowest) bit of a field in the storage format of ``mode``."""
+    width, exponent = FORMATS[mode]
+    return {"sign": (width - 1, width - 1), "exponent": (width - 2, width - 1 - exponent),
+            "mantissa": (width - 2 - exponent, 0)}[field]
+
+
+def _with_field(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add a categorical 'field' column (sign/exponent/mantissa) from mode and bit."""
+    _require(frame, ["mode", "bit"])
+    pairs = frame[["mode", "bit"]].astype({"mode": str}).drop_duplicates()
+    lookup = {(m, int(b)): bit_field(m, int(b)) for m, b in pairs.itertuples(index=False)}
+    fields = [lookup[(m, int(b))] for m, b in zip(frame["mode"].astype(str), frame["bit"])]
+    return frame.assign(field=pd.Categorical(fields, categories=list(FIELDS), ordered=True))
+
+
+def per_bit(data: Data, by_campaign: bool = False) -> pd.DataFrame:
+    """Per-bit-position table from per-bit rows (random-bit trials split by the bit flipped)."""
+    table = pool(_bits(data), ("bit",), by_campaign)
+    return _with_field(table) if len(table) else table.assign(field=pd.Categorical([], categories=list(FIELDS)))
+
+
+def per_bit_field(data: Data, by_campaign: bool = False) -> pd.DataFrame:
+    """Sign / exponent / mantissa table, the field widths following each row's mode.
+
+    ``bit_range`` is 'high-low' (LSB = 0) and ``width`` the field's number of bits.
+    """
+    table = pool(_with_field(_bits(data)), ("field",), by_campaign)
+    ranges = [field_bits(str(m), str(f)) for m, f in zip(table["mode"], table["field"])]
+    table.insert(table.columns.get_loc("field") + 1, "bit_range", [f"{h}" if h == l else f"{h}-{l}" for h, l in ranges])
+    table.insert(table.columns.get_loc("bit_range") + 1, "width", [h - l + 1 for h, l in ranges])
+    return table
+
+
+def site_by_bit(data: Data, by_campaign: bool = False) -> pd.DataFrame:
+    """Site x bit table (long form, one row per identity x site x bit) from per-bit rows."""
+    return pool(_bits(data), (*SITE_KEYS, "bit"), by_campaign)
+
+
+def group_columns(table: pd.DataFrame) -> list[str]:
+    """The identity columns of a table (campaign and bit_sampling when present), to split it per group."""
+    return [c for c in ("campaign", *IDENTITY, SAMPLING) if c in table.columns]
+
+
+def groups(table: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """Split a table into (identity dict, rows) per campaign identity, in table order."""
+    columns = group_columns(table)
+    if not columns:
+        return [({}, table)]
+    out = []
+    for key, rows in table.groupby(columns, observed=True, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        out.append(({c: (None if pd.isna(v) else str(v)) for c, v in zip(columns, key)}, rows))
+    return out
+
+
+def group_title(ident: dict, rows: pd.DataFrame | None = None) -> str:
+    """'model / dataset / mode / kind faults', '[campaign] ' first when present, ' (bit: ...)'
+    after when ``rows`` list their bit specs."""
+    parts = [ident.get(c) or "?" for c in ("model", "dataset", "mode")]
+    text = " / ".join(parts) + f" / {ident.get('kind') or '?'} faults"
+    text = f"[{ident['campaign']}] {text}" if ident.get("campaign") else text
+    if rows is not None and "bit_specs" in rows:
+        specs = {s for v in rows["bit_specs"].dropna() for s in str(v).split(",")}
+        text += f" (bit: {','.join(sorted(specs, key=bit_spec_order))})" if specs else ""
+    return text
+
+
+def seed_layer_lines(site_table: pd.DataFrame) -> list[str]:
+    """The seed's per-layer text: per identity a header line, then one line per site exactly
+    ``Layer #{k}: {a} / {b} = {r:.4f}%, {Type}``; a blank line between groups."""
+    _require(site_table, [*SITE_KEYS, "mismatches", "golden_correct"])
+    lines: list[str] = []
+    for ident, rows in groups(site_table):
+        if lines:
+            lines.append("")
+        lines.append(group_title(ident, rows))
+        for row in rows.sort_values("site_index").itertuples(index=False):
+            a, b = int(row.mismatches), int(row.golden_correct)
+            r = 100.0 * a / b if b else float("nan")
+            lines.append(f"Layer #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type}")
+    return lines
+
+
+def _seed_csv_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of one identity -> one row per site, one 'seed_<N>' column per seed (a fraction)."""
+    table = pool(rows, (*SITE_KEYS, "seed"))
+    table = table.astype({k: object for k in SITE_KEYS})  # plain index levels: no category products
+    wide = table.set_index([*SITE_KEYS, "seed"])["misclassification_rate"].unstack("seed")
+    wide = wide.reindex(columns=sorted(wide.columns)).sort_index(level="site_index", sort_remaining=False)
+    wide.columns = [f"seed_{int(s)}" for s in wide.columns]
+    wide = wide.reset_index()
+    name = [f"Layer #{int(k)} {t}" for k, t in zip(wide["site_index"], wide["site_type"])]
+    wide.insert(0, "name", name)
+    return wide
+
+
+def write_seed_csv(trials: Data, path: Union[str, Path]) -> list[Path]:
+    """Write the seed-layout CSV: columns name ('Layer #{k} {Type}'), site_index, site_name,
+    site_type, then seed_<N> per seed (ascending) holding that seed's misclassification rate as
+    a fraction (empty when the seed lacks that site). One file per identity and bit sampling:
+    ``path`` itself when there is one, else ``<stem>_<values that differ, e.g. kind><suffix>``."""
+    frame = with_sampling(_trials(trials))
+    _require(frame, [*IDENTITY, *SITE_KEYS, "seed", *COUNTS])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ident, rows, target in split_paths(frame, path):
+        _seed_csv_frame(rows).to_csv(target, index=False)
+        written.append(target)
+    return written
+
+
+def split_paths(frame: pd.DataFrame, path: Path) -> list[tuple[dict, pd.DataFrame, Path]]:
+    """Split a frame per identity and name a file for each: ``path`` when there is one group,
+    else ``<stem>_<differing identity values joined by '_'><suffix>``."""
+    parts = groups(frame[[c for c in frame.columns if c != "campaign"]]) if "campaign" in frame else groups(frame)
+    if len(parts) == 1:
+        return [(parts[0][0], parts[0][1], path)]
+    varying = [c for c in (*IDENTITY, SAMPLING) if len({ident.get(c) for ident, _ in parts}) > 1]
+    out = []
+    for ident, rows in parts:
+        suffix = "_".join(_safe(ident.get(c) or "none") for c in varying)
+        out.append((ident, rows, path.with_name(f"{path.stem}_{suffix}{path.suffix}")))
+    return out
+
+
+def _safe(text: str) -> str:
+    """A file-name-safe version of an identity value."""
+    return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in text)

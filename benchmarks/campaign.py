@@ -1,0 +1,107 @@
+"""The same campaign twice on one machine: trials driven directly through the engine in one
+process, then as a Ray Tune campaign. Prints campaign_inj_s / engine_inj_s (the ``ratio``
+key of the last line's JSON); the target is >= 0.8.
+
+    python benchmarks/campaign.py                     # demo:vgg, 51 trials of 5000 images
+    python benchmarks/campaign.py --no-ray --device cuda --model torchvision:resnet18 \
+        --dataset synthetic:3x32x32:10:10000          # GPU box without Ray: trials vs clean
+
+Without Ray (or with --no-ray) only the direct trials run, and the JSON compares their
+injections/s with clean inference images/s on the same device and batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from campaign.spec import CampaignSpec, resolve  # noqa: E402
+from trainables import trial as trial_mod  # noqa: E402
+from trainables.engine import math_mode  # noqa: E402
+from trainables.trial import CampaignSettings, TrialPoint, run_trial  # noqa: E402
+
+
+def direct(spec: CampaignSpec, device: str, out: Path) -> tuple[int, float, float, int, str]:
+    """Run every trial of ``spec`` in this process: (injections, seconds, clean img/s, trials, device)."""
+    plan = resolve(spec)
+    settings = CampaignSettings(name="direct", directory=str(out), model=spec.model, dataset=plan.dataset,
+                                weights=spec.weights, images=spec.images, mode=spec.dtype, batch_size=spec.batch_size,
+                                record=spec.record, report_every=spec.report_every, cpus_per_trial=os.cpu_count() or 1)
+    gpus = [0] if device == "cuda" else []
+    start = time.perf_counter()
+    injections = sum(run_trial(settings, TrialPoint(t.kind, t.site, t.bit, t.seed), assigned_gpus=gpus)["images"]
+                     for t in plan.trials)
+    seconds = time.perf_counter() - start
+    bench, _ = next(iter(trial_mod._WORKBENCH.values()))
+    sync = torch.cuda.synchronize if bench.device.type == "cuda" else (lambda: None)
+    with math_mode(bench.mode), torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            for lo in range(0, bench.num_images, bench.batch_size):
+                bench.model(bench.images[lo : lo + bench.batch_size]).argmax(1)
+        sync()
+        clean = 3 * bench.num_images / (time.perf_counter() - t0)
+    return injections, seconds, clean, len(plan.trials), str(bench.device)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo:vgg")
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--bits", default="random,30,22", help="3 bits x the neuron sites of demo:vgg = 51 trials")
+    parser.add_argument("--sites", default="neuron")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--device", default=None, help="direct trials' device: cpu or cuda (default cuda if present)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0)
+    parser.add_argument("--no-ray", action="store_true", help="only the direct trials (e.g. a GPU box without Ray)")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = CampaignSpec(model=args.model, dataset=args.dataset, weights=args.weights, images=args.images, bits=args.bits,
+                        sites=tuple(args.sites.split(",")), batch_size=args.batch_size, dtype=args.dtype, record="none",
+                        cpus_per_trial=args.cpus_per_trial, report_every=args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        injections, engine_s, clean, trials, device_name = direct(spec, device, Path(tmp) / "direct")
+        result = {"model": args.model, "device": device_name, "trials": trials, "images_per_trial": args.images,
+                  "batch_size": args.batch_size, "mode": args.dtype, "engine_inj_s": injections / engine_s,
+                  "clean_img_s": clean, "engine_vs_clean": injections / engine_s / clean}
+        print(f"direct: {trials} trials, {injections:,} injections in {engine_s:.1f} s = {injections / engine_s:,.0f}/s "
+              f"(clean inference {clean:,.0f} img/s on {device_name})")
+        try:
+            if args.no_ray:
+                raise ImportError
+            import ray
+
+            from campaign.runner import run_campaign
+        except ImportError:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+            return result
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        t0 = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+        ray_start = time.perf_counter() - t0
+        outcome = run_campaign(dataclasses.replace(spec, out=tmp, name="campaign"), progress_every_s=30)
+        ray.shutdown()
+    result.update(campaign_inj_s=outcome.injections / outcome.seconds, campaign_s=outcome.seconds,
+                  ray_start_s=ray_start, ratio=outcome.injections / outcome.seconds / result["engine_inj_s"])
+    print(f"campaign: {outcome.finished} trials, {outcome.injections:,} injections in {outcome.seconds:.1f} s = "
+          f"{result['campaign_inj_s']:,.0f}/s (Ray start {ray_start:.1f} s, not counted)")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
