@@ -4,7 +4,7 @@ PyTorchFI + bitstring procedure (trainables.reference) injections/s.
 
     python benchmarks/engine.py --model torchvision:resnet18 --batch-size 256
 
-Random weights and random 32x32 inputs (throughput does not depend on them). Weight
+Random inputs (3x32x32 unless --input-shape) (throughput does not depend on them). Weight
 faults use images_per_weight_fault = batch size, so both run one forward per batch.
 The last line is one JSON object.
 """
@@ -55,7 +55,8 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     model = load_model(args.model, num_classes=10)
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(args.images, 3, 32, 32, generator=g)
+    shape = tuple(int(d) for d in args.input_shape.split("x"))
+    images = torch.randn(args.images, *shape, generator=g)
     labels = torch.randint(0, 10, (args.images,), generator=g)
     bench = engine.prepare(model, (images, labels), mode=args.mode, batch_size=args.batch_size, device=device)
     neuron_sites = spread(select_sites(bench.sites, "neuron"), args.sites)
@@ -98,6 +99,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="torchvision:resnet18", help="model string (random weights are fine)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--input-shape", default="3x32x32", help="CxHxW of the random inputs (demo models: 1x28x28)")
     parser.add_argument("--images", type=int, default=2048, help="images per measured pass")
     parser.add_argument("--mode", default="fp32", choices=list(engine.MATH_MODES))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -37,12 +37,12 @@ class ReferenceResult:
     faulty: np.ndarray  # faulty top-1 per image
 
 
-def _pytorchfi(model: nn.Module, batch_size: int, input_shape, layer_types) -> fault_injection:
+def _pytorchfi(model: nn.Module, batch_size: int, input_shape, layer_types, use_cuda: bool) -> fault_injection:
     """Build PyTorchFI's injector without letting it reconfigure the root logger."""
     root = logging.getLogger()
     saved = list(root.handlers)
     try:
-        return fault_injection(model, batch_size, input_shape=list(input_shape), layer_types=layer_types, use_cuda=False)
+        return fault_injection(model, batch_size, input_shape=list(input_shape), layer_types=layer_types, use_cuda=use_cuda)
     finally:
         root.handlers[:] = saved
 
@@ -66,7 +66,9 @@ def reference_run(
     """Golden and faulty top-1 per image, computed the seed's way for the engine's fault list."""
     dtype = check_mode(mode)
     model = model.eval().to(dtype=dtype)
-    images = images.to(dtype=dtype)
+    device = next(model.parameters()).device
+    images = images.to(device=device, dtype=dtype)
+    use_cuda = device.type == "cuda"
     n = images.shape[0]
     width = dtype_width(dtype)
     golden = np.empty(n, dtype=np.int64)
@@ -75,10 +77,10 @@ def reference_run(
         if kind == "neuron":
             faults = sample_faults(seed, "neuron", site.index, bit, width, site.output_numel, 0, n)
             wrapped = nn.Sequential(nn.Identity(), model)  # the seed's layer 0 = the input image
-            pfi = _pytorchfi(wrapped, batch_size, images.shape[1:], ["all"])
+            pfi = _pytorchfi(wrapped, batch_size, images.shape[1:], ["all"], use_cuda)
             for lo in range(0, n, batch_size):
                 batch = images[lo : lo + batch_size].clone()  # Identity's output aliases its input
-                golden[lo : lo + len(batch)] = model(batch).argmax(dim=1).numpy()
+                golden[lo : lo + len(batch)] = model(batch).argmax(dim=1).cpu().numpy()
                 coords = [_unravel(int(p), site.output_shape) for p in faults.positions[lo : lo + len(batch)]]
                 bits = [int(b) for b in faults.bits[lo : lo + len(batch)]]
 
@@ -98,7 +100,7 @@ def reference_run(
                     dim3=[c[2] for c in coords],
                 )
                 pfi.reset_current_layer()
-                faulty[lo : lo + len(batch)] = corrupted(batch).argmax(dim=1).numpy()
+                faulty[lo : lo + len(batch)] = corrupted(batch).argmax(dim=1).cpu().numpy()
         elif kind == "weight":
             module = find_module(model, site)
             layer_type = type(module)
@@ -106,7 +108,7 @@ def reference_run(
             layer_num = next(i for i, m in enumerate(same_type) if m is module)
             groups = -(-n // images_per_weight_fault)
             faults = sample_faults(seed, "weight", site.index, bit, width, site.weight_numel, 0, groups)
-            pfi = _pytorchfi(model, batch_size, images.shape[1:], [layer_type])
+            pfi = _pytorchfi(model, batch_size, images.shape[1:], [layer_type], use_cuda)
             for g in range(groups):
                 coords = _unravel(int(faults.positions[g]), site.weight_shape) + [None]
                 flip = int(faults.bits[g])
@@ -121,8 +123,8 @@ def reference_run(
                 hi_group = min((g + 1) * images_per_weight_fault, n)
                 for lo in range(g * images_per_weight_fault, hi_group, batch_size):
                     batch = images[lo : min(lo + batch_size, hi_group)]
-                    golden[lo : lo + len(batch)] = model(batch).argmax(dim=1).numpy()
-                    faulty[lo : lo + len(batch)] = corrupted(batch).argmax(dim=1).numpy()
+                    golden[lo : lo + len(batch)] = model(batch).argmax(dim=1).cpu().numpy()
+                    faulty[lo : lo + len(batch)] = corrupted(batch).argmax(dim=1).cpu().numpy()
         else:
             raise ValueError(f"unknown site kind {kind!r}: use neuron or weight")
     return ReferenceResult(golden, faulty)

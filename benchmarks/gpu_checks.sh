@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# All GPU checks in one run (device machine: torch, pandas, pyarrow, pytest; no Ray).
+# Wheels for pytorchfi, bitstring and tibs travel in .whl/. Writes logs to $OUT (or ./gpu-out).
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi -L 2>&1 | tee "$OUT/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_engine.py tests/test_bitflip.py tests/test_reference.py tests/test_faults.py tests/test_sites.py 2>&1 | tail -n 15 | tee "$OUT/pytest.txt"
+for args in "--model torchvision:resnet18 --batch-size 256 --images 16384" \
+            "--model torchvision:resnet18 --batch-size 4096 --images 32768" \
+            "--model torchvision:vgg11_bn --batch-size 256 --images 16384" \
+            "--model torchvision:vgg11_bn --batch-size 4096 --images 32768" \
+            "--model torchvision:mobilenet_v2 --batch-size 4096 --images 32768" \
+            "--model torchvision:resnet18 --batch-size 4096 --images 32768 --mode tf32" \
+            "--model torchvision:resnet18 --batch-size 4096 --images 32768 --mode bf16"; do
+  echo "== engine.py $args" | tee -a "$OUT/engine.txt"
+  timeout 120 python3 benchmarks/engine.py $args --reference-images 1024 2>&1 | grep -v Warning | tee -a "$OUT/engine.txt"
+done
+echo "== campaign trials (trial function driven directly, no Ray)" | tee "$OUT/campaign.txt"
+timeout 120 python3 benchmarks/campaign.py --no-ray --device cuda --model demo:vgg --images 10000 --batch-size 2048 \
+  --bits random,30 --sites neuron 2>&1 | grep -v Warning | tee -a "$OUT/campaign.txt"
+timeout 120 python3 benchmarks/campaign.py --no-ray --device cuda --model torchvision:resnet18 --weights none \
+  --dataset synthetic:3x32x32:10:10000 --images 10000 --batch-size 2048 --bits random 2>&1 | grep -v Warning | tee -a "$OUT/campaign.txt"

@@ -1,0 +1,307 @@
+"""Evaluation data sets as one normalized float32 tensor on the CPU.
+
+``load_dataset(name)`` knows ``fashion-mnist`` (the real test split, shipped in the repo
+and checksummed: runs with no network), ``cifar10`` / ``cifar100`` (torchvision's test
+splits under a data root, downloaded only when asked) and
+``synthetic:<C>x<H>x<W>:<classes>[:<N>]`` (deterministic random tensors, for benchmarks).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+DATA_ROOT_ENV = "BITFLIP_DATA_ROOT"
+DEFAULT_DATA_ROOT = "~/.cache/bitflip/data"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist"
+
+# Fashion-MNIST: SHA-256 of the shipped gzip files (Debian's dataset-fashion-mnist, the
+# upstream files) and the pixel mean/std of the 60,000 training images, pixels in [0, 1]
+# (computed by scripts/train_demo.py: 0.28604, 0.35302).
+FASHION_MNIST_SHA256 = {
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+IDX_SPLITS = ("train", "t10k")
+
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_SYNTAX = "synthetic:<C>x<H>x<W>:<classes>[:<N>] (e.g. synthetic:3x32x32:10 or synthetic:3x32x32:10:512)"
+SYNTHETIC_DEFAULT_IMAGES = 10_000
+SYNTHETIC_SEED = 20240229  # fixed: the same name always gives the same tensors
+
+
+class DatasetNotFoundError(FileNotFoundError, ValueError):
+    """A data set's files are missing; catchable as FileNotFoundError or ValueError."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole evaluation split: normalized (N, C, H, W) float32 images and int64 labels."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    synthetic: bool
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def default_data_root() -> str:
+    """Where CIFAR files live unless a root is given: $BITFLIP_DATA_ROOT or ~/.cache/bitflip/data."""
+    return os.path.expanduser(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse a gzipped IDX file of unsigned bytes (magic 0x0000 0x08 ndim) into an array."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 + 4 * ndim or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise ValueError(f"{path} is not an IDX file of {ndim}-d unsigned bytes")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes")
+    return data.reshape(dims)
+
+
+def read_idx_split(directory: str | os.PathLike, split: str = "t10k") -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``<split>-images-idx3-ubyte.gz`` and ``<split>-labels-idx1-ubyte.gz`` from
+    ``directory``: (N, 1, 28, 28) uint8 images and (N,) int64 labels."""
+    if split not in IDX_SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {', '.join(IDX_SPLITS)}")
+    directory = Path(directory)
+    image_path = directory / f"{split}-images-idx3-ubyte.gz"
+    label_path = directory / f"{split}-labels-idx1-ubyte.gz"
+    missing = [str(p) for p in (image_path, label_path) if not p.is_file()]
+    if missing:
+        raise DatasetNotFoundError(f"Fashion-MNIST files not found: {', '.join(missing)}")
+    images = _read_idx(image_path, 3)
+    labels = _read_idx(label_path, 1)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{directory}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def normalize_fashion_mnist(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 with the training split's mean and std."""
+    return (images.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+
+
+def _load_fashion_mnist(root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The shipped test split, checksummed (``root`` and ``download`` do not apply)."""
+    for filename, expected in FASHION_MNIST_SHA256.items():
+        path = SHIPPED_DIR / filename
+        if not path.is_file():
+            raise DatasetNotFoundError(f"the shipped Fashion-MNIST file {path} is missing: restore it from the repository")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ValueError(f"checksum mismatch for {path}: sha256 {actual}, expected {expected}; restore the file from the repository")
+    images, labels = read_idx_split(SHIPPED_DIR, "t10k")
+    return normalize_fashion_mnist(images), labels, 10
+
+
+# ---------------------------------------------------------------- CIFAR (torchvision's files)
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    """Where torchvision keeps a CIFAR test split and the zoo's normalization for it."""
+
+    title: str
+    torchvision_class: str
+    folder: str
+    test_file: str
+    label_key: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CIFAR_SPECS = {
+    "cifar10": CifarSpec(
+        "CIFAR-10", "CIFAR10", "cifar-10-batches-py", "test_batch", "labels", 10,
+        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+    ),
+    "cifar100": CifarSpec(
+        "CIFAR-100", "CIFAR100", "cifar-100-python", "test", "fine_labels", 100,
+        (0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761),
+    ),
+}
+
+# The globals a CIFAR batch pickle (a dict of lists, bytes and numpy arrays) may name.
+_PICKLE_ALLOWED = {
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a data file must not run code."""
+
+    def find_class(self, module: str, name: str):
+        module = re.sub(r"^numpy\.core\b", "numpy._core", module)  # pickles from numpy < 2
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
+        return getattr(importlib.import_module(module), name)
+
+
+def _read_cifar_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[spec.label_key], dtype=np.int64)
+    except Exception as e:  # any malformed file gets one clear message
+        raise ValueError(f"{path} is not a {spec.title} batch file (a pickled dict with 'data' and {spec.label_key!r}): {e}") from None
+    if data.shape[0] != labels.shape[0]:
+        raise ValueError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
+    return data, labels
+
+
+def _torchvision_download(spec: CifarSpec, root: str) -> None:
+    """Fetch and verify the archive the way torchvision does (network needed)."""
+    import torchvision.datasets
+
+    getattr(torchvision.datasets, spec.torchvision_class)(root, train=False, download=True)
+
+
+def load_cifar(spec: CifarSpec, root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The test split from ``<root>/<folder>/<test_file>`` (torchvision's layout), normalized
+    per channel; ``download=True`` fetches it with torchvision first."""
+    root = os.path.expanduser(root) if root else default_data_root()
+    path = Path(root) / spec.folder / spec.test_file
+    if download and not path.is_file():
+        _torchvision_download(spec, root)
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"{spec.title} test split not found: expected {path}. Pass download=True (CLI: --download) to fetch it "
+            f"into {root}, or point --data-root at a directory containing {spec.folder}/{spec.test_file}"
+        )
+    data, labels = _read_cifar_batch(path, spec)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    images = (torch.from_numpy(data).float() / 255.0 - mean) / std
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= spec.num_classes:
+        raise ValueError(f"{path}: labels outside 0..{spec.num_classes - 1}")
+    return images.contiguous(), torch.from_numpy(labels), spec.num_classes
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    num_images: int
+
+
+def parse_synthetic(name: str) -> SyntheticSpec:
+    """``synthetic:<C>x<H>x<W>:<classes>[:<N>]`` -> its numbers; ValueError on anything else."""
+    m = re.fullmatch(r"synthetic:(\d+)x(\d+)x(\d+):(\d+)(?::(\d+))?", name.strip())
+    if not m:
+        raise ValueError(f"bad synthetic data set {name!r}: use {SYNTHETIC_SYNTAX}")
+    c, h, w, k = (int(g) for g in m.groups()[:4])
+    n = int(m.group(5)) if m.group(5) is not None else SYNTHETIC_DEFAULT_IMAGES
+    if min(c, h, w, n) < 1 or k < 2:
+        raise ValueError(f"bad synthetic data set {name!r}: sizes and image count must be >= 1 and classes >= 2")
+    return SyntheticSpec(c, h, w, k, n)
+
+
+def make_synthetic(spec: SyntheticSpec, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard-normal images and uniform labels from a fixed seed; image i does not depend
+    on N or ``limit`` (each image has its own generator stream)."""
+    n = spec.num_images if limit is None else min(limit, spec.num_images)
+    labels = torch.randint(0, spec.num_classes, (spec.num_images,), generator=torch.Generator().manual_seed(SYNTHETIC_SEED))[:n]
+    images = torch.empty((n, spec.channels, spec.height, spec.width), dtype=torch.float32)
+    generator = torch.Generator()
+    for i in range(n):
+        generator.manual_seed(SYNTHETIC_SEED + 1 + i)
+        torch.randn(images.shape[1:], generator=generator, out=images[i])
+    return images, labels
+
+
+# ---------------------------------------------------------------- registry and entry point
+
+DatasetFactory = Callable[[str | None, bool], tuple[torch.Tensor, torch.Tensor, int]]
+
+DATASETS: dict[str, DatasetFactory] = {
+    "fashion-mnist": _load_fashion_mnist,
+    "cifar10": lambda root, download: load_cifar(CIFAR_SPECS["cifar10"], root, download),
+    "cifar100": lambda root, download: load_cifar(CIFAR_SPECS["cifar100"], root, download),
+}
+
+
+def valid_dataset_names() -> str:
+    return ", ".join([*DATASETS, SYNTHETIC_SYNTAX])
+
+
+def check_dataset_name(name: object) -> None:
+    """Raise ValueError (listing the valid names) unless ``name`` names a data set; loads nothing."""
+    if not isinstance(name, str):
+        raise ValueError(f"data set name must be a string, got {type(name).__name__}; use one of: {valid_dataset_names()}")
+    if name.startswith(SYNTHETIC_PREFIX):
+        parse_synthetic(name)
+    elif name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}: use one of: {valid_dataset_names()}")
+
+
+def _check_limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"limit must be a positive integer (or None for all images), got {limit!r}")
+    return int(limit)
+
+
+def load_dataset(name: str, *, root: str | None = None, download: bool = False, limit: int | None = None) -> Dataset:
+    """Load a data set's evaluation split by name; ``limit`` keeps its first ``limit`` images.
+    ``root`` and ``download`` apply to CIFAR; Fashion-MNIST is always the shipped copy."""
+    check_dataset_name(name)
+    limit = _check_limit(limit)
+    if name.startswith(SYNTHETIC_PREFIX):
+        spec = parse_synthetic(name)
+        if limit is not None and limit > spec.num_images:
+            raise ValueError(f"limit {limit} exceeds the {spec.num_images} images of {name}")
+        images, labels = make_synthetic(spec, limit)
+        return Dataset(name, images, labels, spec.num_classes, synthetic=True)
+    images, labels, num_classes = DATASETS[name](root, download)
+    if limit is not None:
+        if limit > images.shape[0]:
+            raise ValueError(f"limit {limit} exceeds the {images.shape[0]} images of {name}")
+        images, labels = images[:limit].clone(), labels[:limit].clone()
+    return Dataset(name, images, labels, num_classes, synthetic=False)
