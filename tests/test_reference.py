@@ -9,9 +9,10 @@ from trainables.reference import bitstring_flip, reference_run
 from trainables.sites import select_sites
 
 
-@pytest.mark.parametrize("bit", [30, "random"])
-def test_neuron_faults_agree_with_reference_at_every_site(bit):
-    model = plain_net()
+@pytest.mark.parametrize("bit,memory_format", [(30, torch.contiguous_format), ("random", torch.contiguous_format),
+                                               ("random", torch.channels_last)])
+def test_neuron_faults_agree_with_reference_at_every_site(bit, memory_format):
+    model = plain_net().to(memory_format=memory_format)  # channels_last: positions stay logical (C, H, W)
     images, labels = make_data(96)
     bench = engine.prepare(model, (images, labels), batch_size=32, device="cpu")
     changed_total = 0

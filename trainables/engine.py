@@ -224,16 +224,26 @@ class _BatchFaults:
 def _flip_elements(t: torch.Tensor, faults: _BatchFaults) -> torch.Tensor:
     """A copy of ``t`` with element ``positions[i]`` of image i XORed by ``masks[i]``.
 
+    Positions index each image's elements in logical (C, H, W) order whatever the memory
+    format; the copy keeps ``t``'s memory format (channels_last stays channels_last).
     Out of place: a module's output may alias its input (Identity, eval Dropout), and the
     data set tensor must never change.
     """
-    flat = t.reshape(t.shape[0], -1).clone()
-    as_int = flat.view(INT_VIEW[t.dtype])
-    index = faults.positions[:, None]
-    raw = as_int.gather(1, index)
-    as_int.scatter_(1, index, raw ^ faults.masks[:, None])
-    faults.raw_before = raw[:, 0]
-    return flat.view(t.shape)
+    out = t.clone()  # preserve_format: t's strides when t is dense, else contiguous
+    batch_offsets = torch.arange(t.shape[0], device=t.device) * out.stride(0)
+    memory = out.as_strided((out.numel(),), (1,))
+    if out.is_contiguous():
+        offsets = batch_offsets + faults.positions
+    else:  # dense in another dimension order: map logical positions to memory offsets
+        offsets, rest = batch_offsets, faults.positions
+        for size, stride in zip(reversed(out.shape[1:]), reversed(out.stride()[1:])):
+            offsets = offsets + (rest % size) * stride
+            rest = rest // size
+    as_int = memory.view(INT_VIEW[t.dtype])
+    raw = as_int[offsets]
+    as_int[offsets] = raw ^ faults.masks
+    faults.raw_before = raw
+    return out
 
 
 @contextlib.contextmanager
