@@ -55,13 +55,13 @@ def plot_site_rates(site_table: pd.DataFrame, path: PathArg) -> Path:
         ax.bar(x, np.nan_to_num(rate), width=0.7, color="#4c72b0", alpha=0.35)
         ax.errorbar(x, rate, yerr=[rate - low, high - rate], fmt="o", color="#1f3b73", ms=4, capsize=3,
                     elinewidth=1, label="pooled rate, Wilson 95% interval")
-        ax.set_xticks(x, _site_labels(rows), rotation=90 if len(rows) > 8 else 0, fontsize=8)
+        ax.set_xticks(x, _site_labels(rows), rotation=90 if len(rows) > 6 else 0, fontsize=8)
         ax.set_xlim(-0.6, len(rows) - 0.4)
         tallest = np.nanmax(np.concatenate([high, rate, [0.0]]))
         ax.set_ylim(0, tallest * 1.25 if tallest > 0 else 1.0)  # headroom for the legend
         ax.set_xlabel("fault site (layer # and type, forward order)")
         ax.set_ylabel("misclassification rate (%)")
-        ax.set_title(f"Misclassification rate per site: {group_title(ident, rows)}")
+        ax.set_title(f"Misclassification rate per site\n{group_title(ident, rows)}", fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     return _save(fig, path)

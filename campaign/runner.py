@@ -176,6 +176,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, prog
     errored = 0
     if pending:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, only our progress line
         connect(plan.spec)  # the last check (cluster resources) before anything is written
     record_spec(plan)
     if pending:
@@ -194,6 +195,8 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, prog
                                  failure_config=FailureConfig(max_failures=plan.spec.max_failures),
                                  callbacks=[progress, JsonLoggerCallback()]),
         )
+        print(f"[campaign] {plan.spec.model} on {plan.dataset} ({plan.spec.dtype}): {len(pending)} of {len(wanted)} "
+              f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
         results = tuner.fit()
         errored = sum(1 for r in results if r.error is not None)
     done = finished_keys(plan.directory) & set(wanted)

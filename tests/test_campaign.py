@@ -120,3 +120,17 @@ def test_resume_after_the_driver_is_stopped_equals_an_uninterrupted_run(referenc
     assert outcome.complete, outcome
     for a, b in zip(result_frames(reference.directory), result_frames(outcome.directory)):
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_report_command_writes_tables_csv_and_plots(reference, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "campaign", "report", str(reference.directory), "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    trials = pd.read_parquet(reference.directory / "trials.parquet")
+    row = trials[(trials["kind"] == "neuron") & (trials["site_index"] == 5) & (trials["bit"] == 30)].iloc[0]
+    expected = f"Layer #5: {row['mismatches']} / {row['golden_correct']} = {100 * row['misclassification_rate']:.4f}%, Conv2d"
+    assert expected in result.stdout
+    for name in ("per_site.csv", "per_bit.csv", "per_type.csv", "per_site.png", "site_by_bit.png", "per_bit.png"):
+        assert (tmp_path / name).stat().st_size > 200, name
+    assert (tmp_path / "per_site.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(tmp_path.glob("seed_layout*.csv"))
