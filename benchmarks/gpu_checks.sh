@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All GPU checks in one run (device machine: torch, pandas, pyarrow, pytest; no Ray).
 # Wheels for pytorchfi, bitstring and tibs travel in .whl/. Writes logs to $OUT (or ./gpu-out).
+# QUICK=1: the tests, the campaign trials and one engine benchmark only.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -9,14 +10,17 @@ fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi -L 2>&1 | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_engine.py tests/test_bitflip.py tests/test_reference.py tests/test_faults.py tests/test_sites.py 2>&1 | tail -n 15 | tee "$OUT/pytest.txt"
-for args in "--model torchvision:resnet18 --batch-size 256 --images 16384" \
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_engine.py tests/test_bitflip.py tests/test_reference.py tests/test_faults.py tests/test_sites.py tests/test_trial.py 2>&1 | tail -n 15 | tee "$OUT/pytest.txt"
+ENGINE_RUNS=("--model demo:vgg --input-shape 1x28x28 --batch-size 4096 --images 65536")
+[ "${QUICK:-0}" = 1 ] || ENGINE_RUNS+=(
+            "--model torchvision:resnet18 --batch-size 256 --images 16384" \
             "--model torchvision:resnet18 --batch-size 4096 --images 32768" \
             "--model torchvision:vgg11_bn --batch-size 256 --images 16384" \
             "--model torchvision:vgg11_bn --batch-size 4096 --images 32768" \
             "--model torchvision:mobilenet_v2 --batch-size 4096 --images 32768" \
             "--model torchvision:resnet18 --batch-size 4096 --images 32768 --mode tf32" \
-            "--model torchvision:resnet18 --batch-size 4096 --images 32768 --mode bf16"; do
+            "--model torchvision:resnet18 --batch-size 4096 --images 32768 --mode bf16")
+for args in "${ENGINE_RUNS[@]}"; do
   echo "== engine.py $args" | tee -a "$OUT/engine.txt"
   timeout 120 python3 benchmarks/engine.py $args --reference-images 1024 2>&1 | grep -v Warning | tee -a "$OUT/engine.txt"
 done
