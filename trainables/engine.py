@@ -231,7 +231,7 @@ def _flip_elements(t: torch.Tensor, faults: _BatchFaults) -> torch.Tensor:
     """
     out = t.clone()  # preserve_format: t's strides when t is dense, else contiguous
     batch_offsets = torch.arange(t.shape[0], device=t.device) * out.stride(0)
-    memory = out.as_strided((out.numel(),), (1,))
+    memory = _memory(out)
     if out.is_contiguous():
         offsets = batch_offsets + faults.positions
     else:  # dense in another dimension order: map logical positions to memory offsets
@@ -244,6 +244,25 @@ def _flip_elements(t: torch.Tensor, faults: _BatchFaults) -> torch.Tensor:
     as_int[offsets] = raw ^ faults.masks
     faults.raw_before = raw
     return out
+
+
+def _memory(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of the memory of a dense tensor (contiguous in some dimension order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            raise ValueError(f"cannot flip in place in a tensor with gaps or overlaps (shape {tuple(t.shape)}, strides {t.stride()})")
+        expected *= size
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _memory_offset(t: torch.Tensor, position: int) -> int:
+    """Memory offset of the element at flat logical (row-major) ``position`` of ``t``."""
+    offset = 0
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        offset += (position % size) * stride
+        position //= size
+    return offset
 
 
 @contextlib.contextmanager
@@ -368,20 +387,21 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
     golden = bench.golden[start:stop]
     golden_correct = bench.golden_correct[start:stop]
     batch = _BatchFaults()
-    module = find_module(bench.model, site) if plan.kind == "weight" else None
-    weight_int = module.weight.detach().view(-1).view(int_dtype) if module is not None else None
-    flipped: tuple[int, int] | None = None  # (position, mask) currently applied to the weight
+    weight = find_module(bench.model, site).weight.detach() if plan.kind == "weight" else None
+    weight_int = _memory(weight).view(int_dtype) if weight is not None else None
+    flipped: tuple[int, int] | None = None  # (memory offset, mask) currently applied to the weight
 
     def set_weight_fault(index: int) -> None:
         nonlocal flipped
         if flipped is not None:
-            weight_int[flipped[0]] ^= flipped[1]  # restore
+            weight_int[flipped[0]] ^= flipped[1]  # the same XOR restores the weight bit for bit
             flipped = None
         if index >= 0:
-            pos = int(plan.weight_faults.positions[index])
-            mask = int(bit_masks(torch.tensor(int(plan.weight_faults.bits[index])), bench.dtype))
-            weight_int[pos] ^= mask
-            flipped = (pos, mask)
+            offset = _memory_offset(weight, int(plan.weight_faults.positions[index]))
+            bit = int(plan.weight_faults.bits[index])
+            mask = 1 << bit if bit < bench.width - 1 else -(1 << bit)  # the sign bit as a signed integer
+            weight_int[offset] ^= mask
+            flipped = (offset, mask)
 
     with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if plan.kind == "neuron" else contextlib.nullcontext():
         try:
@@ -394,7 +414,6 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                         raw_group = weight_int[flipped[0]] ^ flipped[1]
                         current = weight_index
                     raw_all[lo:hi] = raw_group
-                    batch.calls = batch.fired = 0
                     with torch.inference_mode():
                         logits = bench.model(bench.images[start + lo : start + hi])
                 else:

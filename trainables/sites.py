@@ -182,13 +182,13 @@ def select_sites(
 
 def _ranges(values: list[int]) -> str:
     """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
-    parts: list[str] = []
+    runs: list[list[int]] = []
     for v in values:
-        if parts and isinstance(parts[-1], list) and parts[-1][1] == v - 1:
-            parts[-1][1] = v
+        if runs and runs[-1][1] == v - 1:
+            runs[-1][1] = v
         else:
-            parts.append([v, v])  # type: ignore[arg-type]
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)  # type: ignore[misc]
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def site_table(sites: Sequence[Site]) -> str:
