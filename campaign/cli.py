@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except SpecError as exc:
+    except (SpecError, ValueError, FileNotFoundError) as exc:  # bad input: one message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
