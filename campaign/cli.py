@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from campaign.spec import MODES, RECORD_LEVELS, CampaignSpec, SpecError, spec_from_mapping, spec_from_seed_env, spec_from_yaml
 
@@ -114,6 +113,8 @@ def _finish(outcome) -> int:
     rate = outcome.injections / outcome.seconds if outcome.seconds else 0
     print(f"\n{outcome.finished}/{outcome.total} trials in {outcome.seconds:.1f} s ({outcome.injections:,} injections, "
           f"{rate:,.0f}/s); results in {outcome.directory}")
+    for line in outcome.errors[:5]:
+        print(f"failed: {line}", file=sys.stderr)
     if not outcome.complete:
         print(f"incomplete: run `python -m campaign resume {outcome.directory}` to finish it", file=sys.stderr)
         return 1

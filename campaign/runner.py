@@ -31,13 +31,17 @@ class CampaignOutcome:
     directory: Path
     total: int
     finished: int
-    errored: int
+    errors: tuple[str, ...]  # one line per trial that failed after its retries
     seconds: float
     injections: int
 
     @property
     def complete(self) -> bool:
         return self.finished == self.total
+
+    @property
+    def errored(self) -> int:
+        return len(self.errors)
 
 
 def _trainable(config: dict) -> None:
@@ -173,7 +177,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, prog
     check_directory(plan)
     wanted = {trial_key(t.kind, t.site, t.bit, t.seed): t for t in plan.trials}
     pending = [t for key, t in wanted.items() if key not in finished_keys(plan.directory)]
-    errored = 0
+    errors: tuple[str, ...] = ()
     if pending:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, only our progress line
@@ -198,8 +202,9 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, prog
         print(f"[campaign] {plan.spec.model} on {plan.dataset} ({plan.spec.dtype}): {len(pending)} of {len(wanted)} "
               f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
         results = tuner.fit()
-        errored = sum(1 for r in results if r.error is not None)
+        errors = tuple(f"{TrialPoint(**r.config['trial']).key}: {str(r.error).strip().splitlines()[-1]}"
+                       for r in results if r.error is not None)
     done = finished_keys(plan.directory) & set(wanted)
     trials = aggregate(plan.directory, keys=done)
-    return CampaignOutcome(plan.directory, len(wanted), len(done), errored, time.monotonic() - started,
+    return CampaignOutcome(plan.directory, len(wanted), len(done), errors, time.monotonic() - started,
                            int(sum(trials.column("images").to_pylist())))

@@ -1,7 +1,6 @@
 """flip_bit against bitstring, the independent oracle, on edge and random values."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from bitstring import BitArray

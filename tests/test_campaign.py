@@ -134,3 +134,15 @@ def test_report_command_writes_tables_csv_and_plots(reference, tmp_path):
         assert (tmp_path / name).stat().st_size > 200, name
     assert (tmp_path / "per_site.png").read_bytes()[:4] == b"\x89PNG"
     assert list(tmp_path.glob("seed_layout*.csv"))
+
+
+def test_trials_failing_without_retries_are_reported_and_finished_by_resume(ray_address, tmp_path):
+    crash_dir = tmp_path / "crashes"
+    crash_dir.mkdir()
+    spec = CampaignSpec(model="demo:vgg", weights="none", images=300, layers="0-1", sites=("neuron",), bits="30",
+                        max_failures=0, out=str(tmp_path), name="fragile")
+    first = run_campaign(spec, _crash_once_dir=str(crash_dir))
+    assert not first.complete and first.finished == 0 and first.errored == 2
+    assert sorted(e.split(":")[0] for e in first.errors) == sorted(p.name for p in crash_dir.iterdir())
+    second = run_campaign(spec_from_directory(first.directory), _crash_once_dir=str(crash_dir))
+    assert second.complete and second.errored == 0 and second.injections == 600

@@ -1,6 +1,5 @@
 """Site enumeration, filters and the seed's layer table."""
 import pytest
-import torch
 from torch import nn
 
 from tests.models_for_tests import plain_net, shared_relu_net

@@ -15,8 +15,8 @@ Usable without Ray::
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
