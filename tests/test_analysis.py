@@ -196,26 +196,25 @@ def test_per_bit_splits_random_trials_via_bit_rows(basic, tmp_path):
     assert analysis.per_bit(basic).equals(analysis.per_bit(analysis.load_bits(basic)))  # a directory loads bits
 
 
-def test_random_and_fixed_bit_trials_pool_per_bit(tmp_path):
+def mixed_campaign(tmp_path, *extra_fixed):
+    """One random-bit trial and one bit-30 trial of site 4, plus ``extra_fixed`` (bit, seed, counts)."""
     c = "mix"
-    directory = make_campaign(tmp_path / "mix", c, [
+    return make_campaign(tmp_path / "mix", c, [
         random_trial(c, 4, "Conv2d", 1, {30: (20, 18, 9), 2: (30, 27, 0)}),
         fixed_trial(c, 4, "Conv2d", 30, 1, (100, 90, 50)),
+        *(fixed_trial(c, 4, "Conv2d", bit, seed, counts) for bit, seed, counts in extra_fixed),
     ])
+
+
+def test_random_and_fixed_bit_trials_pool_per_bit(tmp_path):
+    directory = mixed_campaign(tmp_path)
     table = analysis.site_by_bit(directory).set_index("bit")
     assert (table.loc[30, "mismatches"], table.loc[30, "golden_correct"]) == (59, 108)
     assert (table.loc[2, "mismatches"], table.loc[2, "golden_correct"]) == (0, 27)
 
 
-
 def test_random_bit_trials_kept_apart_from_fixed_bit_trials(tmp_path):
-    c = "mix"
-    directory = make_campaign(tmp_path / "mix", c, [
-        random_trial(c, 4, "Conv2d", 1, {30: (20, 18, 9), 2: (30, 27, 0)}),
-        fixed_trial(c, 4, "Conv2d", 30, 1, (100, 90, 50)),
-        fixed_trial(c, 4, "Conv2d", 2, 1, (100, 90, 1)),
-        fixed_trial(c, 4, "Conv2d", 2, 2, (100, 90, 2)),
-    ])
+    directory = mixed_campaign(tmp_path, (2, 1, (100, 90, 1)), (2, 2, (100, 90, 2)))
     site = analysis.per_site(directory)
     got = [(r.bit_sampling, r.bit_specs, r.trials, r.mismatches, r.golden_correct) for r in site.itertuples()]
     assert got == [("random", "random", 1, 9, 45), ("fixed", "2,30", 3, 53, 270)]  # fixed bits pool together
