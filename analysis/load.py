@@ -22,6 +22,9 @@ Source = Union[PathLike, Sequence[PathLike]]
 
 IDENTITY = ("model", "dataset", "mode", "kind")
 COUNTS = ("images", "golden_correct", "mismatches", "changed", "nonfinite")
+# Outcome-class counts (sdc: finite logits, top-1 changed; failures: golden-correct images whose
+# top-1 changed or whose logits are non-finite); NA in files written before they existed.
+CLASS_COUNTS = ("sdc", "failures")
 CATEGORICAL = ("campaign", "model", "dataset", "mode", "kind", "site_type", "bit_spec", "device")
 
 # Columns analysis cannot do without, per file.
@@ -44,8 +47,9 @@ TRIAL_DTYPES: dict[str, object] = {
     "dataset": "category", "synthetic": "boolean", "mode": "category", "kind": "category",
     "site_index": "int64", "site_name": _STR, "site_call": "Int64", "site_type": "category",
     "bit_spec": "category", "bit": "int64", "seed": "int64", "images_per_weight_fault": "Int64",
-    "batch_size": "Int64", **{c: "int64" for c in COUNTS}, "misclassification_rate": "float64",
-    "sdc_rate": "float64", "nonfinite_rate": "float64", "ci_low": "float64", "ci_high": "float64",
+    "batch_size": "Int64", **{c: "int64" for c in COUNTS}, **{c: "Int64" for c in CLASS_COUNTS}, "masked": "Int64",
+    "misclassification_rate": "float64", "sdc_rate": "float64", "nonfinite_rate": "float64", "masked_rate": "float64",
+    "failure_rate": "float64", "ci_low": "float64", "ci_high": "float64",
     "stopped_early": "boolean", "wall_s": "float64", "device": "category",
 }
 _ARROW_TO_PANDAS = ((pa.types.is_string, _STR), (pa.types.is_integer, "Int64"), (pa.types.is_floating, "float64"),
@@ -65,12 +69,12 @@ def _schema_dtypes(schema: pa.Schema, known: dict[str, object]) -> dict[str, obj
 TRIAL_DTYPES = _schema_dtypes(R.TRIAL_SCHEMA, TRIAL_DTYPES)
 BIT_DTYPES: dict[str, object] = {
     **{c: TRIAL_DTYPES[c] for c in TRIAL_KEYS_FOR_ROWS}, "trial_key": _STR, "bit": "int64",
-    **{c: "int64" for c in COUNTS},
+    **{c: "int64" for c in COUNTS}, **{c: "Int64" for c in CLASS_COUNTS},
 }
 FAULT_DTYPES: dict[str, object] = {
     **{c: TRIAL_DTYPES[c] for c in TRIAL_KEYS_FOR_ROWS}, "trial_key": _STR, "image": "int64",
     "label": "Int64", "golden": "Int64", "faulty": "Int64", "golden_correct": "boolean",
-    "changed": "boolean", "nonfinite": "boolean", "position": "Int64", "fault_group": "Int64",
+    "changed": "boolean", "nonfinite": "boolean", "outcome": "category", "position": "Int64", "fault_group": "Int64",
     "bit": "int64", "raw_before": "Int64", "value_before": "float64", "value_after": "float64",
 }
 BIT_DTYPES = _schema_dtypes(R.BIT_SCHEMA, BIT_DTYPES)

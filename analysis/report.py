@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from analysis.compare import compare
+from trainables import results as R
 from analysis.load import IDENTITY, campaign_dirs, load, load_bits
 from analysis.plots import plot_bit_rates, plot_site_bit_heatmap, plot_site_rates
 from analysis.tables import (
@@ -25,7 +27,8 @@ def _pct(x: float) -> str:
 
 def format_table(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
     """Text lines of a pooled table: per identity a title, then key columns, a / b, rate and
-    Wilson 95% interval in percent, SDC and non-finite rates in percent."""
+    Wilson 95% interval in percent, the outcome classes (masked, SDC, non-finite) in percent of
+    all faults, and the failure rate (non-finite counted as failures) in percent."""
     lines: list[str] = []
     for ident, rows in groups(table):
         shown = pd.DataFrame({k: rows[k].astype(str).to_numpy() for k in keys})
@@ -33,8 +36,10 @@ def format_table(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
         shown["mismatches / correct"] = [f"{a} / {b}" for a, b in zip(rows["mismatches"], rows["golden_correct"])]
         shown["rate %"] = [_pct(r) for r in rows["misclassification_rate"]]
         shown["95% CI %"] = [f"[{_pct(lo)}, {_pct(hi)}]" for lo, hi in zip(rows["ci_low"], rows["ci_high"])]
+        shown["masked %"] = [_pct(r) for r in rows["masked_rate"]]
         shown["SDC %"] = [_pct(r) for r in rows["sdc_rate"]]
         shown["non-finite %"] = [_pct(r) for r in rows["nonfinite_rate"]]
+        shown["failure %"] = [_pct(r) for r in rows["failure_rate"]]
         lines += ["", group_title(ident, rows), *shown.to_string(index=False).splitlines()]
     return lines
 
@@ -67,6 +72,28 @@ def _summary(trials: pd.DataFrame) -> list[str]:
         lines.append(f"  {name} ({rows['campaign_dir'].iloc[0]}): {idents}; {len(rows)} trials, "
                      f"{int(rows['images'].sum())} faults, seeds {seeds}, bit {specs}")
     return lines
+
+
+def _completeness(paths: Sequence[Path]) -> list[str]:
+    """'PARTIAL' lines for campaigns with fewer finished, intact trials than planned (or with
+    damaged files); nothing for complete campaigns."""
+    lines = []
+    for directory in paths:
+        spec = R.read_spec(directory)
+        planned = spec.get("num_trials")
+        check = R.check_trials(directory)
+        aggregated = len(pq.read_table(directory / R.TRIALS_FILE, columns=["trial_key"]))
+        if not check.damaged and aggregated == len(check.finished) and (planned is None or aggregated >= planned):
+            continue
+        state = [f"{len(check.finished)} of {planned if planned is not None else '?'} trials finished"]
+        if aggregated != len(check.finished):
+            state.append(f"{R.TRIALS_FILE} holds {aggregated}")
+        if check.damaged:
+            state.append(f"{len(check.damaged)} with missing or damaged files ({', '.join(sorted(check.damaged)[:3])}"
+                         f"{', ...' if len(check.damaged) > 3 else ''})")
+        lines.append(f"PARTIAL campaign {directory}: {'; '.join(state)}. The tables cover the finished trials only; "
+                     f"`python -m campaign resume {directory}` completes it.")
+    return lines + [""] if lines else []
 
 
 def _comparisons(trials: pd.DataFrame, bits: pd.DataFrame, out: Path, written: list[Path]) -> list[str]:
@@ -117,9 +144,13 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
         written.append(out / f"{name}.csv")
     written += write_seed_csv(trials, out / "seed_layout.csv")
 
-    lines = ["Bit-flip fault-injection report", "", "Campaigns:", *_summary(trials), "",
+    lines = ["Bit-flip fault-injection report", "", *_completeness(paths), "Campaigns:", *_summary(trials), "",
              "Per-site misclassification rate (mismatches / golden-correct images):", "",
              *seed_layer_lines(site_table), "",
+             "Outcome classes of every fault: masked (top-1 unchanged, finite logits), SDC (finite logits,",
+             "top-1 changed: silent), non-finite (NaN/inf logits: detectable), in % of all faults. 'rate' is",
+             "the seed's misclassification rate; 'failure' counts non-finite logits as failures too, over the",
+             "same golden-correct images.", "",
              "Per layer type:", *format_table(type_table, ["site_type"]), "",
              "Per bit position (random-bit trials split by the bit actually flipped):",
              *format_table(bit_table, ["bit", "field"]), "",

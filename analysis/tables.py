@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import numpy as np
 import pandas as pd
 
-from analysis.load import COUNTS, IDENTITY, Source, bit_spec_order, load, load_bits
+from analysis.load import CLASS_COUNTS, COUNTS, IDENTITY, Source, bit_spec_order, load, load_bits
 from trainables.stats import wilson_interval
 
 Data = Union[pd.DataFrame, Source]
@@ -25,7 +25,7 @@ SAMPLING = "bit_sampling"  # 'random' (one random bit per fault) or 'fixed' (a b
 FIELDS = ("sign", "exponent", "mantissa")
 # mode -> (width, exponent bits); the sign is the top bit, the mantissa the rest (IEEE-754, LSB = 0)
 FORMATS: dict[str, tuple[int, int]] = {"fp32": (32, 8), "tf32": (32, 8), "fp16": (16, 5), "bf16": (16, 8)}
-RATE_COLUMNS = ("misclassification_rate", "ci_low", "ci_high", "sdc_rate", "nonfinite_rate")
+RATE_COLUMNS = ("misclassification_rate", "ci_low", "ci_high", "sdc_rate", "nonfinite_rate", "masked_rate", "failure_rate")
 
 
 def _trials(data: Data) -> pd.DataFrame:
@@ -52,9 +52,19 @@ def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
         raise ValueError(f"frame lacks column(s) {missing}")
 
 
+def _floats(table: pd.DataFrame, column: str) -> np.ndarray:
+    """A count column as float64, NaN where it is missing (absent, or NA in older files)."""
+    if column not in table:
+        return np.full(len(table), np.nan)
+    return pd.to_numeric(table[column], errors="coerce").astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def add_rates(table: pd.DataFrame) -> pd.DataFrame:
-    """Add misclassification_rate (mismatches / golden_correct), its Wilson 95% bounds, sdc_rate
-    (changed / images) and nonfinite_rate (nonfinite / images); NaN where a denominator is 0."""
+    """Add misclassification_rate (mismatches / golden_correct, the seed's metric) with its
+    Wilson 95% bounds, and the outcome classes over all images: sdc_rate (finite logits, top-1
+    changed), nonfinite_rate (NaN/inf logits: detectable), masked_rate (the rest), plus
+    failure_rate (golden-correct images with top-1 changed or non-finite logits / golden_correct).
+    NaN where a denominator is 0 or a class count is missing."""
     out = table.copy()
     k = out["mismatches"].to_numpy(dtype=np.float64)
     n = out["golden_correct"].to_numpy(dtype=np.float64)
@@ -63,8 +73,13 @@ def add_rates(table: pd.DataFrame) -> pd.DataFrame:
         out["misclassification_rate"] = np.where(n > 0, k / n, np.nan)
         low, high = wilson_interval(k, n)
         out["ci_low"], out["ci_high"] = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-        out["sdc_rate"] = np.where(images > 0, out["changed"].to_numpy(dtype=np.float64) / images, np.nan)
-        out["nonfinite_rate"] = np.where(images > 0, out["nonfinite"].to_numpy(dtype=np.float64) / images, np.nan)
+        sdc, nonfinite = _floats(out, "sdc"), out["nonfinite"].to_numpy(dtype=np.float64)
+        masked = images - sdc - nonfinite
+        out["masked"] = pd.array(np.where(np.isnan(masked), np.nan, masked), dtype="Float64").astype("Int64")
+        out["sdc_rate"] = np.where(images > 0, sdc / images, np.nan)
+        out["nonfinite_rate"] = np.where(images > 0, nonfinite / images, np.nan)
+        out["masked_rate"] = np.where(images > 0, masked / images, np.nan)
+        out["failure_rate"] = np.where(n > 0, _floats(out, "failures") / n, np.nan)
     return out
 
 
@@ -101,6 +116,11 @@ def pool(frame: pd.DataFrame, keys: Sequence[str], by_campaign: bool = False, sp
         work = frame.assign(_trial=frame["trial_key"])
     grouped = work.groupby(group, observed=True, sort=True, dropna=False)
     table = grouped[list(COUNTS)].sum()
+    for column in CLASS_COUNTS:  # summed where every pooled row has it, else NA
+        if column in work:
+            values = pd.to_numeric(work[column], errors="coerce").astype("Int64")
+            by = work.assign(**{column: values}).groupby(group, observed=True, sort=True, dropna=False)[column]
+            table[column] = by.sum().where(by.count() == by.size()).astype("Int64")
     table.insert(0, "trials", grouped["_trial"].nunique())
     if "bit_spec" in work:
         table.insert(0, "bit_specs", grouped["bit_spec"].agg(_spec_list))
@@ -205,7 +225,8 @@ def group_title(ident: dict, rows: pd.DataFrame | None = None) -> str:
 
 def seed_layer_lines(site_table: pd.DataFrame) -> list[str]:
     """The seed's per-layer text: per identity a header line, then one line per site exactly
-    ``Layer #{k}: {a} / {b} = {r:.4f}%, {Type}``; a blank line between groups."""
+    ``Layer #{k}: {a} / {b} = {r:.4f}%, {Type}`` (param sites: ``Param #{k}: ..., {Owner type} {name}``);
+    a blank line between groups."""
     _require(site_table, [*SITE_KEYS, "mismatches", "golden_correct"])
     lines: list[str] = []
     for ident, rows in groups(site_table):
@@ -215,7 +236,10 @@ def seed_layer_lines(site_table: pd.DataFrame) -> list[str]:
         for row in rows.sort_values("site_index").itertuples(index=False):
             a, b = int(row.mismatches), int(row.golden_correct)
             r = 100.0 * a / b if b else float("nan")
-            lines.append(f"Layer #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type}")
+            if str(getattr(row, "kind", "")) == "param":
+                lines.append(f"Param #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type} {row.site_name}")
+            else:
+                lines.append(f"Layer #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type}")
     return lines
 
 

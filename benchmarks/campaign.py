@@ -10,6 +10,16 @@ Without Ray (or with --no-ray) only the direct trials run, and the JSON compares
 injections/s (after the one-off setup: model load, golden pass) with clean inference
 images/s on the same device and batch size (``trials_vs_clean``). ``engine_inj_s``, the
 base of ``ratio``, includes the setup, as each Ray worker pays it too.
+
+``--prefix`` measures prefix reuse instead: a full-layer neuron campaign (every neuron site,
+one seed, bits 0-31) through the trial function twice, with and without prefix reuse, beside
+clean inference, in one process. It prints injections/s over clean images/s for both; the
+last line's JSON has model, device, clean_img_s, full_inj_s, prefix_inj_s, full_vs_clean,
+prefix_vs_clean (and whether both paths gave identical counts)::
+
+    python benchmarks/campaign.py --prefix --model demo:vgg --images 1024
+    python benchmarks/campaign.py --prefix --model chenyaofo:cifar10_resnet20 --hub-dir ZOO --weights none \
+        --dataset synthetic:3x32x32:10:10000 --images 256
 """
 from __future__ import annotations
 
@@ -58,6 +68,63 @@ def direct(spec: CampaignSpec, device: str, out: Path) -> tuple[int, float, floa
     return injections, seconds, setup, clean, len(plan.trials), str(bench.device)
 
 
+def clean_img_s(bench, repeats: int = 3) -> float:
+    """Clean inference images/s over the workbench's images at its batch size."""
+    sync = torch.cuda.synchronize if bench.device.type == "cuda" else (lambda: None)
+    with math_mode(bench.mode), torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for lo in range(0, bench.num_images, bench.batch_size):
+                bench.model(bench.images[lo : lo + bench.batch_size]).argmax(1)
+        sync()
+        return repeats * bench.num_images / (time.perf_counter() - t0)
+
+
+def prefix_main(args, device: str) -> dict:
+    """The full-layer neuron campaign with and without prefix reuse, beside clean inference."""
+    spec = CampaignSpec(model=args.model, dataset=args.dataset, hub_dir=args.hub_dir, weights=args.weights,
+                        images=args.images, bits="0-31", seeds=(1,), sites=("neuron",), batch_size=args.batch_size,
+                        dtype=args.dtype, record="none", report_every=args.images)
+    plan = resolve(spec)
+    for note in plan.notes:
+        print(note)
+    gpus = [0] if device == "cuda" else []
+    if device == "cpu":  # the clean passes too run with the trials' thread count
+        torch.set_num_threads(max(1, int(args.cpus_per_trial or os.cpu_count() or 1)))
+    common = dict(model=spec.model, dataset=plan.dataset, hub_dir=spec.hub_dir, weights=spec.weights, images=spec.images,
+                  mode=spec.dtype, batch_size=spec.batch_size, record="none", report_every=spec.images,
+                  cpus_per_trial=args.cpus_per_trial or os.cpu_count() or 1, prefix_cache_mb=args.prefix_cache_mb)
+    results, rows = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in ("full", "prefix"):
+            settings = CampaignSettings(name=path, directory=str(Path(tmp) / path), prefix=path == "prefix", **common)
+            bench, _ = trial_mod.workbench(settings, trial_mod.pick_device(gpus)[0])  # setup, not timed
+            clean_before = clean_img_s(bench)
+            t0 = time.perf_counter()
+            rows[path] = [run_trial(settings, TrialPoint(t.kind, t.site, t.bit, t.seed), assigned_gpus=gpus)
+                          for t in plan.trials]
+            seconds = time.perf_counter() - t0
+            injections = sum(r["images"] for r in rows[path])
+            results[path] = (injections / seconds, (clean_before + clean_img_s(bench)) / 2, str(bench.device))
+            paths = sorted({r["path"] for r in rows[path]})
+            print(f"{path:>6}: {len(rows[path])} trials, {injections:,} injections in {seconds:.1f} s = "
+                  f"{injections / seconds:,.0f}/s (paths: {', '.join(paths)})", flush=True)
+    clean = (results["full"][1] + results["prefix"][1]) / 2
+    same = all(a["mismatches"] == b["mismatches"] and a["changed"] == b["changed"] and a["nonfinite"] == b["nonfinite"]
+               for a, b in zip(rows["full"], rows["prefix"]))
+    result = {"model": args.model, "device": results["full"][2] if device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+              "mode": args.dtype, "batch_size": args.batch_size, "images_per_trial": plan.num_images,
+              "trials": len(plan.trials), "clean_img_s": clean, "full_inj_s": results["full"][0],
+              "prefix_inj_s": results["prefix"][0], "full_vs_clean": results["full"][0] / clean,
+              "prefix_vs_clean": results["prefix"][0] / clean, "identical_counts": same}
+    print(f"clean inference {clean:,.0f} img/s; full path {result['full_inj_s']:,.0f} inj/s "
+          f"({result['full_vs_clean']:.2f}x clean); prefix reuse {result['prefix_inj_s']:,.0f} inj/s "
+          f"({result['prefix_vs_clean']:.2f}x clean); identical counts: {same}")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo:vgg")
@@ -71,8 +138,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default=None, help="direct trials' device: cpu or cuda (default cuda if present)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
     parser.add_argument("--no-ray", action="store_true", help="only the direct trials (e.g. a GPU box without Ray)")
+    parser.add_argument("--prefix", action="store_true", help="prefix reuse vs the full path (see above)")
+    parser.add_argument("--hub-dir", default=None, help="a local copy of the chenyaofo zoo (--prefix)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix cache budget (--prefix)")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.prefix:
+        return prefix_main(args, device)
     spec = CampaignSpec(model=args.model, dataset=args.dataset, weights=args.weights, images=args.images, bits=args.bits,
                         sites=tuple(args.sites.split(",")), batch_size=args.batch_size, dtype=args.dtype, record="none",
                         cpus_per_trial=args.cpus_per_trial, report_every=args.images)

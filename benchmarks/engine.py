@@ -1,11 +1,13 @@
 """Engine throughput, side by side in one process on the same inputs and batch size:
-clean inference images/s, fast-engine neuron and weight injections/s, and the seed's
-PyTorchFI + bitstring procedure (trainables.reference) injections/s.
+clean inference images/s, fast-engine neuron, weight and param injections/s, neuron
+injections/s at sites whose module returns a tuple (nn.MultiheadAttention) when the model
+has them, and the seed's PyTorchFI + bitstring procedure (trainables.reference) injections/s.
 
     python benchmarks/engine.py --model torchvision:resnet18 --batch-size 256
+    python benchmarks/engine.py --model torchvision:vit_b_16 --input-shape 3x224x224 --batch-size 32 --images 128 --reference-images 0
 
 Random inputs (3x32x32 unless --input-shape) (throughput does not depend on them). Weight
-faults use images_per_weight_fault = batch size, so both run one forward per batch.
+and param faults use images_per_weight_fault = batch size, so all run one forward per batch.
 The last line is one JSON object.
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ def clean_pass(bench: engine.Workbench) -> None:
 def measure(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    model = load_model(args.model, num_classes=10)
+    model = load_model(args.model, num_classes=10, weights=args.weights)
     g = torch.Generator().manual_seed(0)
     shape = tuple(int(d) for d in args.input_shape.split("x"))
     images = torch.randn(args.images, *shape, generator=g)
@@ -61,6 +63,8 @@ def measure(args) -> dict:
     bench = engine.prepare(model, (images, labels), mode=args.mode, batch_size=args.batch_size, device=device)
     neuron_sites = spread(select_sites(bench.sites, "neuron"), args.sites)
     weight_sites = spread(select_sites(bench.sites, "weight"), args.sites)
+    param_sites = spread([p for p in bench.params if not p.buffer], args.sites)
+    tuple_sites = spread([s for s in select_sites(bench.sites, "neuron") if s.output_index is not None], args.sites)
 
     def neuron_round():
         for i, site in enumerate(neuron_sites):
@@ -70,16 +74,31 @@ def measure(args) -> dict:
         for i, site in enumerate(weight_sites):
             engine.run_faults(bench, site, "weight", "random", seed=i, images_per_weight_fault=args.batch_size)
 
-    clean_pass(bench), neuron_round(), weight_round()  # warm-up (cuDNN autotune, allocator)
-    clean_t, neuron_t, weight_t = [], [], []
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits all three alike
-        clean_t.append(timed(lambda: clean_pass(bench), device))
-        neuron_t.append(timed(neuron_round, device))
-        weight_t.append(timed(weight_round, device))
+    def param_round():
+        for i, site in enumerate(param_sites):
+            engine.run_faults(bench, site, "param", "random", seed=i, images_per_weight_fault=args.batch_size)
+
+    def tuple_round():
+        for i, site in enumerate(tuple_sites):
+            engine.run_faults(bench, site, "neuron", "random", seed=i)
+
+    kinds = {"neuron": neuron_round, "weight": weight_round, "param": param_round, "tuple_neuron": tuple_round}
+    rounds = {"clean": lambda: clean_pass(bench)}
+    rounds.update({k: run for k, run in kinds.items() if k in args.kinds.split(",") and (k != "tuple_neuron" or tuple_sites)})
+    for run in rounds.values():  # warm-up (cuDNN autotune, allocator)
+        run()
+    times: dict[str, list[float]] = {name: [] for name in rounds}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
+        for name, run in rounds.items():
+            times[name].append(timed(run, device))
     n = bench.num_images
+    per_round = {"neuron": len(neuron_sites), "weight": len(weight_sites), "param": len(param_sites),
+                 "tuple_neuron": len(tuple_sites)}
+    rates = {f"{name}_inj_s": n * per_round[name] / statistics.median(t) for name, t in times.items() if name != "clean"}
     ref_images = images[: args.reference_images]
-    ref_site = neuron_sites[len(neuron_sites) // 2]
-    ref_t = timed(lambda: reference_run(bench.model, ref_images, ref_site, "neuron", "random", 0, args.batch_size, mode=args.mode), device)
+    ref_site = neuron_sites[len(neuron_sites) // 2] if neuron_sites else None
+    ref_t = timed(lambda: reference_run(bench.model, ref_images, ref_site, "neuron", "random", 0, args.batch_size, mode=args.mode),
+                  device) if len(ref_images) else float("nan")
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": args.model,
@@ -88,9 +107,10 @@ def measure(args) -> dict:
         "images": n,
         "neuron_sites": [s.index for s in neuron_sites],
         "weight_sites": [s.index for s in weight_sites],
-        "clean_img_s": n / statistics.median(clean_t),
-        "neuron_inj_s": n * len(neuron_sites) / statistics.median(neuron_t),
-        "weight_inj_s": n * len(weight_sites) / statistics.median(weight_t),
+        "param_sites": [p.name for p in param_sites],
+        "tuple_neuron_sites": [s.index for s in tuple_sites],
+        "clean_img_s": n / statistics.median(times["clean"]),
+        **rates,
         "reference_inj_s": len(ref_images) / ref_t,
     }
 
@@ -98,24 +118,33 @@ def measure(args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="torchvision:resnet18", help="model string (random weights are fine)")
+    parser.add_argument("--weights", default=None, help="a state_dict file, or none for random weights (default: the model's own)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--input-shape", default="3x32x32", help="CxHxW of the random inputs (demo models: 1x28x28)")
     parser.add_argument("--images", type=int, default=2048, help="images per measured pass")
     parser.add_argument("--mode", default="fp32", choices=list(engine.MATH_MODES))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--sites", type=int, default=4, help="neuron and weight sites measured, spread over the network")
+    parser.add_argument("--sites", type=int, default=4, help="sites of each kind measured, spread over the network")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--reference-images", type=int, default=512)
+    parser.add_argument("--kinds", default="neuron,weight,param,tuple_neuron",
+                        help="what to measure beside clean inference (tuple_neuron: sites on tuple outputs, if any)")
+    parser.add_argument("--reference-images", type=int, default=512, help="images for the seed's procedure (0: skip it)")
     args = parser.parse_args(argv)
     result = measure(args)
-    result["neuron_vs_clean"] = result["neuron_inj_s"] / result["clean_img_s"]
-    result["weight_vs_clean"] = result["weight_inj_s"] / result["clean_img_s"]
-    result["engine_vs_reference"] = min(result["neuron_inj_s"], result["weight_inj_s"]) / result["reference_inj_s"]
+    for kind in ("neuron", "weight", "param", "tuple_neuron"):
+        if f"{kind}_inj_s" in result:
+            result[f"{kind}_vs_clean"] = result[f"{kind}_inj_s"] / result["clean_img_s"]
+    engine_rates = [result[k] for k in ("neuron_inj_s", "weight_inj_s") if k in result]
+    result["engine_vs_reference"] = min(engine_rates) / result["reference_inj_s"] if engine_rates else float("nan")
     print(f"{result['model']} on {result['device']}, {result['mode']}, batch {result['batch_size']}, {result['images']} images")
     print(f"{'measure':<28}{'per s':>12}{'vs clean':>10}")
     for key, label in [("clean_img_s", "clean inference (img)"), ("neuron_inj_s", "neuron injections"),
-                       ("weight_inj_s", "weight injections"), ("reference_inj_s", "seed procedure (PyTorchFI)")]:
-        print(f"{label:<28}{result[key]:>12.0f}{result[key] / result['clean_img_s']:>10.3f}")
+                       ("tuple_neuron_inj_s", "neuron, tuple outputs"), ("weight_inj_s", "weight injections"),
+                       ("param_inj_s", "param injections"), ("reference_inj_s", "seed procedure (PyTorchFI)")]:
+        if key not in result:
+            continue
+        rate = f"{result[key]:>12,.0f}" if result[key] >= 100 else f"{result[key]:>12.3g}"
+        print(f"{label:<28}{rate}{result[key] / result['clean_img_s']:>10.3f}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
     return result
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from campaign.spec import MODES, RECORD_LEVELS, CampaignSpec, SpecError, spec_from_mapping, spec_from_seed_env, spec_from_yaml
@@ -31,17 +32,22 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", help="use the first N test images, or 'all' (default)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to read the usage, not the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m campaign", description="Bit-flip fault-injection campaigns on Ray Tune.")
+    parser = _Parser(prog="python -m campaign", description="Bit-flip fault-injection campaigns on Ray Tune.")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run a campaign (no arguments: the shipped demo)", epilog=RUN_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("spec", nargs="?", help="YAML campaign spec (keys = the long flag names with _)")
     _model_flags(run)
-    run.add_argument("--sites", help="neuron, weight or neuron,weight (default both)")
-    run.add_argument("--layers", help="site indices: all (default), 3, 1,4-7")
-    run.add_argument("--layer-types", help="module class names: all (default), Conv2d,Linear")
+    _site_flags(run)
     run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering)")
     run.add_argument("--seeds", help="explicit seeds, e.g. 1,2,3 (default: --num-seeds drawn from --master-seed)")
     run.add_argument("--num-seeds", type=int, help="how many seeds to draw from --master-seed (default 1)")
@@ -50,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", choices=RECORD_LEVELS, help="per-fault rows: none, changed (default), all")
     run.add_argument("--target-margin", type=float, help="stop a trial once its Wilson 95%% half-width is below this")
     run.add_argument("--report-every", type=int, help="images between progress reports / early-stop checks (default 2048)")
+    run.add_argument("--prefix-cache-mb", help="golden-activation cache per worker for prefix reuse, MiB "
+                                                 "(default: a quarter of the device's free memory)")
+    run.add_argument("--no-prefix", dest="prefix", action="store_false", default=None,
+                     help="run every fault through the whole forward pass (same results, slower)")
     _resource_flags(run)
     run.add_argument("--out", help="parent directory of campaign directories (default runs)")
     run.add_argument("--name", help="campaign directory name (default <model>-<dataset>-<dtype>)")
@@ -59,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     _resource_flags(resume)
     resume.add_argument("--batch-size", type=int, help="images per forward pass (results do not depend on it)")
 
-    layers = sub.add_parser("layers", help="print the injection sites of a model")
+    layers = sub.add_parser("layers", help="print the injection sites of a model and what they cover")
     _model_flags(layers)
+    _site_flags(layers)
 
     evaluate = sub.add_parser("eval", help="print a model's clean accuracy")
     _model_flags(evaluate)
@@ -70,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directories", nargs="+")
     report.add_argument("--out", help="output directory (default <first directory>/report)")
     return parser
+
+
+def _site_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", help="neuron, weight, param or a list like neuron,weight,param (default neuron,weight)")
+    parser.add_argument("--layers", help="neuron/weight site indices: all (default), 3, 1,4-7")
+    parser.add_argument("--layer-types", help="module class names: all (default), Conv2d,Linear; for param sites the "
+                                              "type of the module owning the tensor")
+    parser.add_argument("--params", help="param sites by qualified name: all (default), globs like '*.bias,conv1.weight' "
+                                         "('*' crosses dots), or 're:<regex>' matching whole names (last in a list)")
+    parser.add_argument("--modules", help="neuron sites on these modules' outputs instead of every leaf call: type names "
+                                          "(EncoderBlock), names or globs (layer2.1, 'encoder.*'), 're:<regex>', or all; "
+                                          "containers get indices after the leaf sites")
+    parser.add_argument("--buffers", action="store_true", default=None,
+                        help="param sites include floating buffers (BatchNorm running mean and variance)")
 
 
 def _resource_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,9 +135,13 @@ def _finish(outcome) -> int:
     print()
     if outcome.finished:
         print("\n".join(analysis.seed_layer_lines(analysis.per_site(analysis.load(outcome.directory)))))
-    rate = outcome.injections / outcome.seconds if outcome.seconds else 0
-    print(f"\n{outcome.finished}/{outcome.total} trials in {outcome.seconds:.1f} s ({outcome.injections:,} injections, "
-          f"{rate:,.0f}/s); results in {outcome.directory}")
+    if not outcome.launched:
+        print(f"\nnothing left to run: {outcome.finished}/{outcome.total} trials were already finished; "
+              f"results in {outcome.directory}")
+    else:
+        rate = outcome.injections / outcome.seconds if outcome.seconds else 0
+        print(f"\n{outcome.finished}/{outcome.total} trials ({outcome.launched} run now) in {outcome.seconds:.1f} s "
+              f"({outcome.injections:,} injections, {rate:,.0f}/s); results in {outcome.directory}")
     for line in outcome.errors[:5]:
         print(f"failed: {line}", file=sys.stderr)
     if not outcome.complete:
@@ -121,16 +150,28 @@ def _finish(outcome) -> int:
     return 0
 
 
-def _load_for_inspection(args):
-    from trainables.data import load_dataset
-    from trainables.models import default_dataset_for, load_model
+def _load_for_inspection(args, shape_only: bool = False):
+    """(spec, data set name, data, model) for layers/eval; ``shape_only``: CIFAR is not read
+    (a site table needs only the input shape), its data is one blank image."""
+    from trainables.data import CIFAR_SPECS, Dataset, load_dataset
+    from trainables.models import check_model_name, default_dataset_for, load_model
 
     spec = spec_from_mapping(_flags(args), source="flags")
+    try:
+        check_model_name(spec.model, hub_dir=spec.hub_dir)  # an unknown model is reported as such first
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
     dataset = spec.dataset or default_dataset_for(spec.model)
     if dataset is None:
         raise SpecError(f"{spec.model} has no default data set: pass --dataset")
     try:
-        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
+        if shape_only and dataset in CIFAR_SPECS:
+            import torch
+
+            data = Dataset(dataset, torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.int64),
+                           CIFAR_SPECS[dataset].num_classes, synthetic=False)
+        else:
+            data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
         model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
     except (ValueError, FileNotFoundError) as exc:
         raise SpecError(str(exc)) from None
@@ -138,34 +179,75 @@ def _load_for_inspection(args):
 
 
 def cmd_layers(args) -> int:
+    from campaign.spec import check_plain_fields, shape_mismatch
     from trainables.engine import MATH_MODES
-    from trainables.sites import enumerate_sites, site_table
+    from trainables.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
 
-    spec, dataset, data, model = _load_for_inspection(args)
+    spec, dataset, data, model = _load_for_inspection(args, shape_only=True)
+    bad_kinds = [p for p in check_plain_fields(spec) if p.startswith("sites:")]
+    if bad_kinds:
+        raise SpecError("\n".join(bad_kinds))
     dtype = MATH_MODES[spec.dtype]
+    floating = data.images.is_floating_point()
     try:
-        sites = enumerate_sites(model.to(dtype), data.input_shape, dtype)
+        found = survey(model.to(dtype), data.input_shape, dtype, input_dtype=dtype if floating else data.images.dtype)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
-    print(f"{spec.model} on {dataset} input {list(data.input_shape)}: {len(sites)} neuron sites, "
-          f"{sum(s.is_weight_site for s in sites)} weight sites (weight shape shown where the layer has one)")
-    print(site_table(sites))
+    except Exception as exc:  # the model's own forward refused the input
+        raise SpecError(shape_mismatch(spec.model, dataset, data.input_shape, exc)) from None
+    selected, problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
+                                               spec.modules, spec.buffers)
+    if problems:
+        raise SpecError("\n".join(problems))
+    leaves = [s for s in found.sites if not s.container]
+    no_input = "" if floating else "; integer inputs: no input site, the first site is 1"
+    print(f"{spec.model} on {dataset} input {list(data.input_shape)}: {len(leaves)} neuron sites, "
+          f"{sum(s.is_weight_site for s in leaves)} weight sites, {len(found.params)} param sites"
+          f"{no_input} (weight shape shown where the layer has one)")
+    print(site_table(selected["neuron"] if spec.modules is not None else leaves))
+    if "param" in spec.sites:
+        print()
+        print(param_table(found.params))
+    print()
+    print("selected: " + ", ".join(f"{len(chosen)} {kind}" for kind, chosen in selected.items()) + " sites")
+    for line in coverage_lines(model, found, selected, show_containers=spec.modules is not None):
+        print(line)
     return 0
 
 
 def cmd_eval(args) -> int:
     from trainables.engine import prepare
 
+    device = _check_device(args.device)
     spec, dataset, data, model = _load_for_inspection(args)
     try:
-        bench = prepare(model, (data.images, data.labels), spec.dtype, spec.batch_size, args.device)
+        bench = prepare(model, (data.images, data.labels), spec.dtype, spec.batch_size, device)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+    except Exception as exc:  # the model's own forward refused the input
+        from campaign.spec import shape_mismatch
+
+        raise SpecError(shape_mismatch(spec.model, dataset, tuple(data.images.shape[1:]), exc)) from None
     correct = int(bench.golden_correct.sum())
     synthetic = " (synthetic data: meaningless)" if data.synthetic else ""
     print(f"clean accuracy of {spec.model} on {dataset} ({bench.num_images} images, {spec.dtype}, {bench.device}): "
           f"{100 * correct / bench.num_images:.2f}% ({correct}/{bench.num_images}){synthetic}")
     return 0
+
+
+def _check_device(device: str | None) -> str | None:
+    """The --device of eval: cpu, cuda or cuda:N, and CUDA only where there is a GPU."""
+    if device is None:
+        return None
+    import torch
+
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise SpecError(f"device: {device!r}: use cpu, cuda or cuda:N")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise SpecError(f"device: {device} requested, but this machine has no CUDA GPU")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SpecError(f"device: {device} requested, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def cmd_report(args) -> int:
@@ -188,14 +270,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    stopped_by = []
+
+    def on_sigterm(signum, frame):  # SIGTERM stops a run like Ctrl-C does
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, ValueError, FileNotFoundError) as exc:  # bad input: one message, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+    except (SpecError, ValueError, FileNotFoundError) as exc:  # bad input: one line per problem, no traceback
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run `python -m campaign resume DIR` to finish", file=sys.stderr)
-        return 130
+    except OSError as exc:  # e.g. a report --out that cannot be written
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        directory = getattr(exc, "directory", None)
+        hint = f": run `python -m campaign resume {directory}` to finish the campaign" if directory else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr, flush=True)
+        _quiet_shutdown()
+        return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_shutdown() -> None:
+    """Stop what this driver started without Ray's shutdown chatter (workers' stack traces)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 if __name__ == "__main__":

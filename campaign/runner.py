@@ -9,7 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import logging
+import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +24,11 @@ from ray import tune
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 from ray.tune.logger import JsonLoggerCallback
 
-from campaign.spec import CampaignSpec, ResolvedCampaign, SpecError, resolve
-from trainables.results import SPEC_FILE, aggregate, finished_keys, read_spec, trial_key, write_spec
+from campaign import processes
+from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecError, resolve
+from trainables.results import (
+    SPEC_FILE, aggregate, check_trials, discard_trial, finished_keys, read_spec, rename_campaign, trial_key, write_spec,
+)
 from trainables.trial import CampaignSettings, TrialPoint, run_trial
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +41,9 @@ class CampaignOutcome:
     finished: int
     errors: tuple[str, ...]  # one line per trial that failed after its retries
     seconds: float
-    injections: int
+    injections: int  # by the trials this run launched
+    launched: int = 0  # trials this run launched (0: nothing was left to run)
+    rerun_damaged: tuple[str, ...] = ()  # finished trials whose files were missing or damaged, run again
 
     @property
     def complete(self) -> bool:
@@ -54,7 +64,33 @@ def _trainable(config: dict) -> None:
         if not marker.exists():
             marker.touch()
             os._exit(1)
+    barrier = config["campaign"].get("_barrier")
+    if barrier:  # test hook: the first `parties` trials to start wait until all of them run at once
+        _join_barrier(Path(barrier["dir"]), barrier["parties"], barrier["timeout_s"], ray.get_gpu_ids())
     run_trial(settings, point, report=tune.report, assigned_gpus=ray.get_gpu_ids())
+
+
+def _join_barrier(directory: Path, parties: int, timeout_s: float, gpu_ids) -> None:
+    """Take the next arrival slot (an exclusive file naming this trial's GPUs); the first
+    ``parties`` arrivals wait, up to ``timeout_s``, until every one of them has arrived, and
+    mark that they met. Proves concurrent placement without timing assertions."""
+    slot = 0
+    while True:
+        try:
+            fd = os.open(directory / f"slot-{slot}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            slot += 1
+    with os.fdopen(fd, "w") as f:
+        f.write(",".join(map(str, gpu_ids)))
+    if slot >= parties:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all((directory / f"slot-{i}").exists() for i in range(parties)):
+            (directory / f"met-{slot}").touch()
+            return
+        time.sleep(0.05)
 
 
 def versions() -> dict[str, str]:
@@ -75,12 +111,22 @@ def check_directory(plan: ResolvedCampaign) -> None:
     if (directory / SPEC_FILE).exists():
         stored = read_spec(directory).get("identity", {})
         current = json.loads(json.dumps(plan.identity()))
-        differs = [k for k, v in current.items() if stored.get(k) != v]
+        # digests absent from an older spec.json are not compared (recorded from now on)
+        differs = [k for k, v in current.items() if (k in stored or k not in DIGEST_FIELDS) and stored.get(k) != v]
         if differs:
-            raise SpecError(f"{directory} holds a different campaign (differs in: {', '.join(differs)}); "
-                            "choose another --name or --out, or `resume` it as it is")
+            raise SpecError(f"{directory} holds a different campaign (differs in: "
+                            f"{', '.join(_difference(k, stored.get(k), current[k]) for k in differs)}); "
+                            "choose another --name or --out, or `resume` it with the inputs it was run with")
     elif directory.exists() and any(directory.iterdir()):
         raise SpecError(f"{directory} exists and is not a campaign directory; choose another --name or --out")
+
+
+def _difference(key: str, then, now) -> str:
+    """'bits: 'random' then, '31' now' or 'the weights: sha256 1a2b3c4d5e6f then, ... now'."""
+    if key in DIGEST_FIELDS:
+        short = lambda d: "none" if d is None else str(d).split(":")[-1][:12]  # noqa: E731
+        return f"{DIGEST_FIELDS[key]} changed: sha256 {short(then)} then, {short(now)} now"
+    return f"{key}: {then!r} then, {now!r} now"
 
 
 def record_spec(plan: ResolvedCampaign) -> None:
@@ -103,10 +149,14 @@ def spec_from_directory(directory: str | Path, **overrides) -> CampaignSpec:
     """The spec stored in a campaign directory (seeds fixed), for ``resume``."""
     directory = Path(directory).expanduser().resolve()
     stored = read_spec(directory)
-    values = dict(stored["spec"])
-    values.update(out=str(directory.parent), name=directory.name, seeds=tuple(stored["seeds"]), sites=tuple(values["sites"]))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return CampaignSpec(**values)
+    try:
+        values = dict(stored["spec"])
+        values.update(out=str(directory.parent), name=directory.name, seeds=tuple(stored["seeds"]), sites=tuple(values["sites"]))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return CampaignSpec(**values)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"{directory / SPEC_FILE} is not a complete campaign spec ({type(exc).__name__}: {exc}): "
+                        "it was not written by `python -m campaign run`, or it was edited") from None
 
 
 def settings_for(plan: ResolvedCampaign) -> dict:
@@ -116,16 +166,66 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         hub_dir=s.hub_dir, hub_ref=s.hub_ref, weights=s.weights, data_root=s.data_root, images=s.images,
         mode=s.dtype, batch_size=s.batch_size, images_per_weight_fault=s.images_per_weight_fault, record=s.record,
         target_margin=s.target_margin, report_every=s.report_every, cpus_per_trial=s.cpus_per_trial,
+        inputs=dict(plan.inputs),
+        prefix=s.prefix, prefix_cache_mb=s.prefix_cache_mb,
     ))
+
+
+ADDRESS_TIMEOUT_S = 5.0  # how long to wait for a cluster address to accept a connection
+
+
+def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse a cluster address that does not accept a TCP connection within ``timeout_s``
+    (ray.init would wait for minutes); 'auto', 'local' and None are left to Ray."""
+    if address is None or address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SpecError(f"address: {address!r} is not host:port (or ray://host:port, auto, local)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise SpecError(f"address: cannot reach a Ray cluster at {address} ({why} within {timeout_s:g} s)") from None
+
+
+class CampaignInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a campaign; ``directory`` is the campaign to resume."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(str(directory))
+        self.directory = directory
+
+
+class _DropNotice(logging.Filter):
+    """Drops Ray's notice that a new local cluster uses token authentication: the security
+    stays on, and the notice asks nothing of the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_NOTICE_FILTER = _DropNotice()
 
 
 def connect(spec: CampaignSpec) -> None:
     """Join the given or running Ray cluster, else start a local one; check it can host a trial."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NOTICE_FILTER)
     if not ray.is_initialized():
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         in_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_ADDRESS")
+        stopped = processes.stop_orphans()
+        if stopped:
+            print(f"[campaign] stopped {len(stopped)} process(es) left running by a campaign driver that was killed "
+                  f"(pids {', '.join(map(str, stopped[:8]))}{', ...' if len(stopped) > 8 else ''})", flush=True)
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        processes.note_preexisting()
         ray.init(address=spec.address, include_dashboard=False if not in_job and not spec.address else None,
                  runtime_env=None if in_job else {"env_vars": env}, logging_level="WARNING", log_to_driver=True)
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)  # Ray's failure handler would dump a C stack and abort
+        processes.record_started()  # what this driver started (a local cluster), for the next driver if it is killed
     resources = ray.cluster_resources()
     if spec.gpus_per_trial > 0 and resources.get("GPU", 0) < spec.gpus_per_trial:
         raise SpecError(f"gpus_per_trial: {spec.gpus_per_trial} requested, the Ray cluster has {resources.get('GPU', 0)} GPUs")
@@ -142,14 +242,18 @@ class Progress(tune.Callback):
         self.start = self.last = time.monotonic()
         self.running: dict[str, int] = {}
         self.finished_images = 0
+        self.finished_here = 0  # trials finished by this run: the ETA waits for the first
         self.errored = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.running and not self.finished_here:
+            processes.record_started()  # the worker processes, now that they exist
         self.running[trial.trial_id] = int(result.get("images", 0))
         self._maybe_print()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        self.finished_here += 1
         self.finished_images += self.running.pop(trial.trial_id, 0)
         self._maybe_print(force=self.done == self.total)
 
@@ -165,28 +269,48 @@ class Progress(tune.Callback):
         images = self.finished_images + sum(self.running.values())
         rate = images / max(now - self.start, 1e-9)
         remaining = (self.total - self.done) * self.images_per_trial - sum(self.running.values())
-        eta = time.strftime("%H:%M:%S", time.gmtime(remaining / rate)) if rate > 0 else "?"
+        eta = f", ETA {time.strftime('%H:%M:%S', time.gmtime(remaining / rate))}" if rate > 0 and self.finished_here else ""
         errors = f", {self.errored} errored" if self.errored else ""
-        print(f"[campaign] {self.done}/{self.total} trials, {rate:,.0f} inj/s, ETA {eta}{errors}", flush=True)
+        print(f"[campaign] {self.done}/{self.total} trials, {rate:,.0f} inj/s{eta}{errors}", flush=True)
 
 
-def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, progress_every_s: float = 5.0) -> CampaignOutcome:
+def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
+                 progress_every_s: float = 5.0) -> CampaignOutcome:
     """Validate, run the missing trials on Ray Tune, aggregate the parquet files."""
     started = time.monotonic()
     plan = resolve(spec)
     check_directory(plan)
+    check_writable(plan.directory)
+    check_address(plan.spec.address)
     wanted = {trial_key(t.kind, t.site, t.bit, t.seed): t for t in plan.trials}
-    pending = [t for key, t in wanted.items() if key not in finished_keys(plan.directory)]
+    state = check_trials(plan.directory, wanted)
+    damaged = dict(sorted(state.damaged.items()))
+    pending = [t for key, t in wanted.items() if key not in state.finished]
     errors: tuple[str, ...] = ()
     if pending:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, only our progress line
         connect(plan.spec)  # the last check (cluster resources) before anything is written
+    for key in damaged:  # no damaged file may stay behind, even if its trial fails again
+        discard_trial(plan.directory, key)
+    if damaged:
+        print(f"[campaign] {len(damaged)} finished trial(s) have missing or damaged files and run again: "
+              + "; ".join(f"{key} ({why})" for key, why in damaged.items()), flush=True)
+    parts = plan.directory / "parts" / "trials"
+    uncommitted = sorted(p.stem for p in parts.glob("*.parquet") if p.stem in wanted and p.stem not in state.finished
+                         and p.stem not in damaged) if parts.is_dir() else []
+    if uncommitted:
+        print(f"[campaign] {len(uncommitted)} trial(s) have files but no commit marker (interrupted while writing, or "
+              f"written by an older version) and run again: {', '.join(uncommitted[:5])}"
+              f"{', ...' if len(uncommitted) > 5 else ''}", flush=True)
+    _adopt_location(plan)
     record_spec(plan)
     if pending:
         settings = settings_for(plan)
         if _crash_once_dir:
             settings["_crash_once_dir"] = _crash_once_dir
+        if _barrier:
+            settings["_barrier"] = _barrier
         trainable = tune.with_resources(_trainable, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
         attempt = len(list((plan.directory / "ray").glob("tune-*"))) if (plan.directory / "ray").exists() else 0
         progress = Progress(len(wanted), len(wanted) - len(pending), plan.num_images, progress_every_s)
@@ -201,10 +325,49 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, prog
         )
         print(f"[campaign] {plan.spec.model} on {plan.dataset} ({plan.spec.dtype}): {len(pending)} of {len(wanted)} "
               f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
-        results = tuner.fit()
+        for note in plan.notes:  # once per campaign; the trial rows say which path ran (column path)
+            print(f"[campaign] {note}", flush=True)
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C: our resume hint, not Tune's restore advice
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:
+            aggregate(plan.directory, keys=finished_keys(plan.directory) & set(wanted))
+            raise CampaignInterrupted(plan.directory) from None
+        finally:
+            processes.forget()
         errors = tuple(f"{TrialPoint(**r.config['trial']).key}: {str(r.error).strip().splitlines()[-1]}"
                        for r in results if r.error is not None)
     done = finished_keys(plan.directory) & set(wanted)
     trials = aggregate(plan.directory, keys=done)
+    launched = {trial_key(t.kind, t.site, t.bit, t.seed) for t in pending}
+    injections = sum(n for key, n in zip(trials.column("trial_key").to_pylist(), trials.column("images").to_pylist())
+                     if key in launched)
     return CampaignOutcome(plan.directory, len(wanted), len(done), errors, time.monotonic() - started,
-                           int(sum(trials.column("images").to_pylist())))
+                           int(injections), len(pending), tuple(damaged))
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse an output directory that cannot be created or written, before Ray starts."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpecError(f"out: cannot create {directory}: {existing} is a file, not a directory")
+    try:  # a probe file, removed at once: permissions alone do not tell (root, read-only mounts, /proc)
+        fd, probe = tempfile.mkstemp(prefix=".bitflip-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SpecError(f"out: cannot write to {directory} ({existing}: {exc.strerror}); choose another --out") from None
+
+
+def _adopt_location(plan: ResolvedCampaign) -> None:
+    """A campaign directory that was moved or copied takes its new name in every row."""
+    if not (plan.directory / SPEC_FILE).exists():
+        return
+    old = read_spec(plan.directory).get("name")
+    if old is not None and old != plan.directory.name:
+        renamed = rename_campaign(plan.directory, plan.directory.name)
+        if renamed:
+            print(f"[campaign] {plan.directory} was moved or copied from a campaign named {old!r}: "
+                  f"renamed it in the files of {renamed} trial(s)", flush=True)

@@ -3,19 +3,32 @@ validated and resolved into the list of trials before Ray starts."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-SITE_KINDS = ("neuron", "weight")
+SITE_KINDS = ("neuron", "weight")  # the default kinds
+ALL_SITE_KINDS = ("neuron", "weight", "param")
 RECORD_LEVELS = ("none", "changed", "all")
 MODES = ("fp32", "tf32", "fp16", "bf16")
 # What decides a campaign's results: a directory holding a campaign that differs in any of
 # these is a different campaign. Batch size, resources and names may change between runs.
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
-                   "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every")
+                   "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
+                   "params", "modules", "buffers")
+
+
+MAX_SEED = 2**63 - 1  # seeds are stored as int64
+MAX_SEEDS = 100_000  # seeds per campaign (each multiplies the trials)
+
+
+# The content digests that are part of a campaign's identity, and how messages name them
+# (the same table as trainables.digests.DIGEST_FIELDS; this module imports no torch).
+DIGEST_FIELDS = {"weights_sha256": "the weights", "data_sha256": "the data (images and labels used)",
+                 "hub_code_sha256": "the hub code"}
 
 
 class SpecError(ValueError):
@@ -35,7 +48,10 @@ class CampaignSpec:
     download: bool = False
     sites: tuple[str, ...] = SITE_KINDS
     layers: str = "all"  # site indices: "all", "3", "1,4-7"
-    layer_types: str = "all"  # module class names: "all", "Conv2d,Linear"
+    layer_types: str = "all"  # module class names: "all", "Conv2d,Linear" (param sites: the owning module's type)
+    params: str = "all"  # param sites by qualified name: globs "*.bias,conv1.weight" or "re:<regex>" (last item)
+    modules: str | None = None  # neuron sites on these modules' outputs (type names, globs, re:), containers included
+    buffers: bool = False  # param sites include floating buffers (BatchNorm running mean/var)
     bits: str = "random"  # "random", "all", "30", "0-31", "23,30", "msb:1" (the seed's MSB-first numbering)
     seeds: tuple[int, ...] | None = None  # explicit seeds; else num_seeds drawn from master_seed
     num_seeds: int = 1
@@ -56,6 +72,8 @@ class CampaignSpec:
     address: str | None = None  # Ray cluster address; None: connect to a running one or start locally
     img_size: int | None = None  # the seed's knobs, checked against the data set
     channels: int | None = None
+    prefix: bool = True  # prefix reuse: trials run only the suffix after the site on cached golden activations
+    prefix_cache_mb: float | None = None  # that cache's budget per worker, MiB; None: a quarter of free memory
 
     @property
     def directory(self) -> Path:
@@ -70,7 +88,7 @@ def default_name(spec: CampaignSpec) -> str:
 _FIELDS = {f.name: f for f in dataclasses.fields(CampaignSpec)}
 _INT_FIELDS = {"num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
                "max_failures", "max_concurrent", "img_size", "channels"}
-_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin"}
+_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb"}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -94,7 +112,7 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
             return int(value)
         if name in _FLOAT_FIELDS:
             return float(value)
-        if name == "download":
+        if name in ("download", "prefix", "buffers"):
             if isinstance(value, bool):
                 return value
             return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[str(value).lower()]
@@ -104,10 +122,27 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
             return tuple(int(v) for v in _as_list(value))
         if name in ("layers", "layer_types", "bits"):
             return ",".join(_as_list(value))
+        if name in ("params", "modules") and isinstance(value, (list, tuple)):
+            return ",".join(str(v).strip() for v in value)  # a re: item runs to the end: put it last
         return str(value)
-    except (ValueError, KeyError, TypeError):
-        problems.append(f"{name}: cannot read {value!r} as {_FIELDS[name].type}")
+    except (ValueError, KeyError, TypeError, OverflowError):
+        problems.append(f"{name}: cannot read {value!r} as {_expected(name)}")
         return None
+
+
+def _expected(name: str) -> str:
+    """What a field takes, in words (for error messages)."""
+    if name == "images":
+        return "a whole number or all"
+    if name in _INT_FIELDS:
+        return "a whole number"
+    if name in _FLOAT_FIELDS:
+        return "a number"
+    if name in ("download", "prefix", "buffers"):
+        return "true or false"
+    if name == "seeds":
+        return "whole numbers separated by commas"
+    return "text"
 
 
 def spec_from_mapping(values: Mapping[str, Any], base: CampaignSpec | None = None, source: str = "spec") -> CampaignSpec:
@@ -129,6 +164,9 @@ def spec_from_yaml(path: str | Path, base: CampaignSpec | None = None) -> Campai
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"spec file {path} is a directory: pass a YAML file "
+                        f"(to finish a campaign: `python -m campaign resume {path}`)")
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
     try:
@@ -149,6 +187,9 @@ def spec_from_seed_env(env: Mapping[str, str], base: CampaignSpec | None = None)
     """Read the seed's environment knobs. ``bit_flip_pos`` counts MSB-first (0 = sign) as
     theirs did and is converted to LSB-0 ("msb:K"); ``model_name`` is a zoo name."""
     values: dict[str, Any] = {}
+    problems = _seed_env_problems(env)
+    if problems:
+        raise SpecError("\n".join(problems))
     if "dataset" in env:
         values["dataset"] = env["dataset"]
     if "model_name" in env:
@@ -170,6 +211,35 @@ def spec_from_seed_env(env: Mapping[str, str], base: CampaignSpec | None = None)
     return spec_from_mapping(values, base, source="environment") if values else (base or CampaignSpec())
 
 
+def _seed_env_problems(env: Mapping[str, str]) -> list[str]:
+    """Each unreadable seed-study knob, named as the environment variable the user set."""
+    problems = []
+    for knob in ("seed", "batch_size", "img_size", "channels", "bit_flip_pos"):
+        if knob in env and not re.fullmatch(r"-?\d+", env[knob].strip()):
+            problems.append(f"environment variable {knob}={env[knob]!r}: not a whole number")
+    pos = env.get("bit_flip_pos", "").strip()
+    if re.fullmatch(r"-?\d+", pos) and not -1 <= int(pos) < 32:
+        problems.append(f"environment variable bit_flip_pos={env['bit_flip_pos']!r}: use -1 (a random bit) or an "
+                        "MSB-first bit position 0..31 (0 = sign)")
+    for knob in ("layer_num", "layer_nums"):
+        if knob in env and (problem := index_list_problem(env[knob])):
+            problems.append(f"environment variable {knob}={env[knob]!r}: {problem}")
+    return problems
+
+
+def index_list_problem(text: str) -> str | None:
+    """Why a layer list ('all', '3', '1,4-7') cannot be read, or None."""
+    if str(text).strip().lower() in ("", "all"):
+        return None
+    for part in _as_list(text):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            return f"cannot read {part!r}: use all, an index like 3, a list like 1,4 or a range like 4-7"
+        if m.group(2) is not None and int(m.group(2)) < int(m.group(1)):
+            return f"range {part} is reversed: write {m.group(2)}-{m.group(1)}"
+    return None
+
+
 def parse_bits(text: str, width: int) -> list[int | str]:
     """'random' | 'all' | '30' | '0-31' | '23,30' | 'msb:1' (MSB-first, 0 = sign) -> bit specs."""
     out: list[int | str] = []
@@ -187,6 +257,8 @@ def parse_bits(text: str, width: int) -> list[int | str]:
                 items = [width - 1 - k]
             elif re.fullmatch(r"\d+-\d+", low):
                 a, b = map(int, low.split("-"))
+                if b < a:
+                    raise SpecError(f"bits: range {part} is reversed: write {b}-{a}")
                 items = list(range(a, b + 1))
             else:
                 items = [int(low)]
@@ -224,6 +296,8 @@ class ResolvedCampaign:
     site_names: dict[int, str] = field(repr=False)
     trials: tuple[TrialPlan, ...] = field(repr=False)
     num_images: int = 0
+    inputs: dict[str, str] = field(default_factory=dict)  # content digests (DIGEST_FIELDS)
+    notes: tuple[str, ...] = ()  # said once per campaign before it runs (sites that cannot reuse the prefix)
 
     @property
     def directory(self) -> Path:
@@ -232,15 +306,21 @@ class ResolvedCampaign:
     def identity(self) -> dict[str, Any]:
         values = dataclasses.asdict(self.spec)
         values.update(dataset=self.dataset, seeds=list(self.seeds), sites=list(self.spec.sites))
-        return {k: values[k] for k in IDENTITY_FIELDS}
+        # fields added later are None at their defaults, so campaigns written before them still match
+        values.update(params=None if str(self.spec.params).lower() == "all" else self.spec.params,
+                      buffers=True if self.spec.buffers else None)
+        return {**{k: values[k] for k in IDENTITY_FIELDS}, **self.inputs}
 
 
 def check_plain_fields(spec: CampaignSpec) -> list[str]:
     """Problems visible without loading anything."""
     problems = []
-    unknown_kinds = [k for k in spec.sites if k not in SITE_KINDS]
+    unknown_kinds = [k for k in spec.sites if k not in ALL_SITE_KINDS]
     if unknown_kinds or not spec.sites:
-        problems.append(f"sites: {', '.join(unknown_kinds) or 'none given'}: use neuron, weight or neuron,weight")
+        problems.append(f"sites: {', '.join(unknown_kinds) or 'none given'}: use neuron, weight, param or a list "
+                        "like neuron,weight (the default)")
+    elif len(set(spec.sites)) != len(spec.sites):
+        problems.append(f"sites: {','.join(spec.sites)} names a kind twice")
     if spec.dtype not in MODES:
         problems.append(f"dtype: unknown math mode {spec.dtype!r}: use one of {', '.join(MODES)}")
     if spec.record not in RECORD_LEVELS:
@@ -252,16 +332,37 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
         problems.append(f"images: must be a positive integer or all, got {spec.images}")
     if spec.cpus_per_trial <= 0:
         problems.append(f"cpus_per_trial: must be > 0, got {spec.cpus_per_trial}")
+    if spec.prefix_cache_mb is not None and not 0 < spec.prefix_cache_mb < math.inf:
+        problems.append(f"prefix_cache_mb: must be a positive size in MiB, got {spec.prefix_cache_mb}")
     if spec.gpus_per_trial < 0 or (spec.gpus_per_trial > 1 and not float(spec.gpus_per_trial).is_integer()):
         problems.append(f"gpus_per_trial: use a fraction in (0, 1] or a whole number, got {spec.gpus_per_trial}")
     if spec.target_margin is not None and not 0 < spec.target_margin < 0.5:
         problems.append(f"target_margin: a Wilson half-width in (0, 0.5), got {spec.target_margin}")
     if spec.max_failures < 0:
         problems.append(f"max_failures: must be >= 0, got {spec.max_failures}")
-    if spec.seeds is not None and (not spec.seeds or any(s < 0 for s in spec.seeds)):
-        problems.append(f"seeds: need non-negative integers, got {list(spec.seeds)}")
-    if spec.name is not None and (not spec.name or "/" in spec.name or spec.name in (".", "..")):
+    if spec.seeds is not None and (not spec.seeds or any(not 0 <= s <= MAX_SEED for s in spec.seeds)):
+        given = ",".join(map(str, spec.seeds)) or "none"
+        problems.append(f"seeds: need whole numbers in 0..{MAX_SEED} (2^63 - 1), got {given}")
+    if spec.seeds is None and not (spec.master_seed == -1 or 0 <= spec.master_seed <= MAX_SEED):
+        problems.append(f"master_seed: use -1 (from the clock) or a whole number in 0..{MAX_SEED}, "
+                        f"got {spec.master_seed}")
+    if spec.num_seeds > MAX_SEEDS:
+        problems.append(f"num_seeds: at most {MAX_SEEDS:,}, got {spec.num_seeds:,}")
+    if spec.max_concurrent is not None and spec.max_concurrent < 1:
+        problems.append(f"max_concurrent: must be a positive integer, got {spec.max_concurrent}")
+    for name in ("cpus_per_trial", "gpus_per_trial"):
+        value = getattr(spec, name)
+        if value is not None and not math.isfinite(value):
+            problems.append(f"{name}: must be a finite number, got {value}")
+    if (problem := index_list_problem(spec.layers)) is not None:
+        problems.append(f"layers: {problem}")
+    if spec.name is not None and (not spec.name.strip() or "/" in spec.name or "\0" in spec.name
+                                  or spec.name in (".", "..")):
         problems.append(f"name: {spec.name!r} must be a plain directory name")
+    elif spec.name is not None and len(spec.name.encode()) > 255:
+        problems.append(f"name: {len(spec.name.encode())} bytes long: a directory name has at most 255")
+    if not spec.out.strip() or "\0" in spec.out:
+        problems.append(f"out: {spec.out!r} is not a directory path")
     return problems
 
 
@@ -275,19 +376,22 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     from trainables.engine import MATH_MODES
     from trainables.faults import derive_seeds
     from trainables.models import check_model_name, default_dataset_for, load_model
-    from trainables.sites import enumerate_sites, select_sites, site_table
+    from trainables.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
 
     problems = check_plain_fields(spec)
     dataset = spec.dataset or default_dataset_for(spec.model)
-    if dataset is None:
-        problems.append(f"dataset: {spec.model} has no default data set: pass --dataset")
-    for check, value in ((lambda: check_model_name(spec.model, hub_dir=spec.hub_dir), spec.model),
-                         (lambda: check_dataset_name(dataset), dataset)):
-        try:
-            if value is not None:
-                check()
-        except ValueError as exc:
-            problems.append(str(exc))
+    try:
+        check_model_name(spec.model, hub_dir=spec.hub_dir)
+    except ValueError as exc:  # an unknown model is reported as such, not as lacking a data set
+        problems.append(str(exc))
+    else:
+        if dataset is None:
+            problems.append(f"dataset: {spec.model} has no default data set: pass --dataset")
+    try:
+        if dataset is not None:
+            check_dataset_name(dataset)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise SpecError("\n".join(problems))
     if spec.gpus_per_trial > 0 and not torch.cuda.is_available() and spec.address is None and not _ray_declares_gpus():
@@ -300,10 +404,13 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise SpecError("\n".join(problems + [str(exc)])) from None
     shape = tuple(data.images.shape[1:])
-    if spec.channels is not None and spec.channels != shape[0]:
-        problems.append(f"channels: {spec.channels} given, but {dataset} images have {shape[0]}")
-    if spec.img_size is not None and (spec.img_size, spec.img_size) != shape[1:]:
-        problems.append(f"img_size: {spec.img_size} given, but {dataset} images are {shape[1]}x{shape[2]}")
+    is_image = len(shape) == 3 and data.images.is_floating_point()
+    if spec.channels is not None and (not is_image or spec.channels != shape[0]):
+        problems.append(f"channels: {spec.channels} given, but {dataset} " + (f"images have {shape[0]}" if is_image else
+                        f"holds no images (per-example shape {list(shape)})"))
+    if spec.img_size is not None and (not is_image or (spec.img_size, spec.img_size) != shape[1:]):
+        problems.append(f"img_size: {spec.img_size} given, but {dataset} " + (f"images are {shape[1]}x{shape[2]}" if is_image
+                        else f"holds no images (per-example shape {list(shape)})"))
     dtype = MATH_MODES[spec.dtype]
     width = dtype_width(dtype)
     try:
@@ -312,21 +419,16 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         problems.append(str(exc))
         bits = []
     try:
-        sites = enumerate_sites(model.to(dtype), shape, dtype)
+        found = survey(model.to(dtype), shape, dtype, input_dtype=dtype if data.images.is_floating_point() else data.images.dtype)
     except ValueError as exc:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
-    sites_by_kind: dict[str, list[int]] = {}
-    try:
-        if len(spec.sites) == 1:
-            kind = spec.sites[0]
-            sites_by_kind[kind] = [s.index for s in select_sites(sites, kind, spec.layer_types, spec.layers)]
-        else:  # neuron and weight: a layer must exist; the weight kind keeps the selected layers with weights
-            chosen = select_sites(sites, "neuron", spec.layer_types, spec.layers)
-            sites_by_kind = {"neuron": [s.index for s in chosen], "weight": [s.index for s in chosen if s.is_weight_site]}
-            if not sites_by_kind["weight"]:
-                problems.append("layers: none of the selected layers has a weight: drop weight from --sites")
-    except ValueError as exc:
-        problems.append(f"layers: {exc}")
+    except Exception as exc:  # the model's own forward refused the input: a shape mismatch
+        raise SpecError("\n".join(problems + [shape_mismatch(spec.model, dataset, shape, exc)])) from None
+    # neuron and weight together: the weight kind keeps the selected layers that have weights
+    selected, selection_problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
+                                                         spec.modules, spec.buffers)
+    problems += selection_problems
+    sites_by_kind = {kind: [s.index for s in chosen] for kind, chosen in selected.items()}
     if problems:
         raise SpecError("\n".join(problems))
     if spec.seeds is not None:
@@ -336,10 +438,46 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         seeds = tuple(derive_seeds(master, spec.num_seeds))
         spec = dataclasses.replace(spec, master_seed=master)
     spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds)
+    # site-major: a worker's consecutive trials share a site, and with it the prefix cache
     trials = tuple(TrialPlan(kind, site, bit, seed)
-                   for seed in seeds for kind in spec.sites for site in sites_by_kind[kind] for bit in bits)
-    return ResolvedCampaign(spec, dataset, seeds, site_table(sites), sites_by_kind,
-                            {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]))
+                   for kind in spec.sites for site in sites_by_kind[kind] for seed in seeds for bit in bits)
+    sites = [s for s in found.sites if spec.modules is not None or not s.container]
+    coverage = coverage_lines(model, found, selected, show_containers=spec.modules is not None)
+    table = "\n\n".join([site_table(sites), *([param_table(found.params)] if "param" in spec.sites else []),
+                          "\n".join(coverage)])
+    probe = data.images[:2].to(dtype) if data.images.is_floating_point() else data.images[:2]
+    said = tuple(f"sites: {line}" for line in coverage  # what neuron/weight sites leave out, when anything
+                 if line.startswith(("leaf modules that never", "calls that are no")) and not line.endswith(": none"))
+    return ResolvedCampaign(spec, dataset, seeds, table, sites_by_kind,
+                            {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
+                            input_digests(spec, data, model), notes=said + _prefix_notes(spec, model, probe, selected))
+
+
+def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exception) -> str:
+    """One line: the model cannot take the data set's images (its forward pass raised ``error``)."""
+    detail = " ".join(str(error).split())[:300] or type(error).__name__
+    return (f"model {model} does not accept {dataset}'s {'x'.join(map(str, shape))} images ({detail}); "
+            f"pick a data set of the input shape the model expects")
+
+
+def input_digests(spec: CampaignSpec, data, model) -> dict[str, str]:
+    """Content digests of what the campaign loaded (trainables.digests), computed once on
+    the driver before Ray starts."""
+    from trainables.digests import input_digests as digests
+
+    return digests(spec.model, spec.weights, spec.hub_dir, spec.hub_ref, data, model)
+
+
+def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list]) -> tuple[str, ...]:
+    """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix."""
+    if not spec.prefix:
+        return ()
+    from trainables.suffix import fallback_reasons
+
+    chosen = [(kind, site) for kind, sites in selected.items() for site in sites]
+    return tuple(f"prefix reuse: {spec.model}: {len(names)} {kind} site(s) run the full forward pass "
+                 f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): {reason}"
+                 for (kind, reason), names in fallback_reasons(model, chosen, images).items())
 
 
 def _ray_declares_gpus() -> bool:

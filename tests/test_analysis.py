@@ -27,7 +27,9 @@ Z = 1.959963984540054
 
 def _trial(campaign, kind, site, site_type, bit_spec, seed, bits, model="resnet20", dataset="cifar10", mode="fp32"):
     """One trial row and its per-bit rows. ``bits`` maps the flipped bit to (images,
-    golden_correct, mismatches[, changed[, nonfinite]]); the trial's counts are their sums."""
+    golden_correct, mismatches[, changed[, nonfinite]]); the trial's counts are their sums. The
+    outcome classes follow: sdc = changed - nonfinite (every non-finite fault changed top-1),
+    failures = mismatches (no golden-correct image with unchanged non-finite logits)."""
     key = R.trial_key(kind, site, bit_spec, seed)
     bit_rows = []
     for bit, counts in bits.items():
@@ -35,8 +37,10 @@ def _trial(campaign, kind, site, site_type, bit_spec, seed, bits, model="resnet2
         changed = rest[0] if rest else mism
         nonfinite = rest[1] if len(rest) > 1 else 0
         bit_rows.append(dict(campaign=campaign, trial_key=key, bit=bit, images=images, golden_correct=golden,
-                             mismatches=mism, changed=changed, nonfinite=nonfinite))
-    tot = {c: sum(r[c] for r in bit_rows) for c in ("images", "golden_correct", "mismatches", "changed", "nonfinite")}
+                             mismatches=mism, changed=changed, nonfinite=nonfinite, sdc=max(changed - nonfinite, 0),
+                             failures=mism))
+    tot = {c: sum(r[c] for r in bit_rows)
+           for c in ("images", "golden_correct", "mismatches", "changed", "nonfinite", "sdc", "failures")}
     row = dict(
         campaign=campaign, trial_key=key, model=model, dataset=dataset, synthetic=False, mode=mode, kind=kind,
         site_index=site, site_name=f"features.{site}", site_call=0, site_type=site_type, bit_spec=str(bit_spec),
@@ -129,10 +133,10 @@ def test_load_faults_empty_and_joined(basic, tmp_path):
     row, bit_rows = fixed_trial("f", 2, "ReLU", 30, 5, (3, 2, 1))
     faults = {c: [] for c in R.FAULT_SCHEMA.names}
     for i in range(3):
-        values = dict(campaign="f", trial_key=row["trial_key"], kind="neuron", site_index=2, seed=5, image=i, label=1,
-                      golden=1 if i else 0, faulty=3 if i == 2 else (1 if i else 0), golden_correct=bool(i),
+        values = dict(campaign="f", trial_key=row["trial_key"], kind="neuron", site_index=2, site_name="conv", seed=5,
+                      image=i, label=1, golden=1 if i else 0, faulty=3 if i == 2 else (1 if i else 0), golden_correct=bool(i),
                       changed=i == 2, nonfinite=False, position=10 + i, fault_group=-1, bit=30, raw_before=0,
-                      value_before=1.0, value_after=2.0 ** 128)
+                      value_before=1.0, value_after=2.0 ** 128, outcome="sdc" if i == 2 else "masked")
         for c, v in values.items():
             faults[c].append(v)
     directory = make_campaign(tmp_path / "f", "f", [(row, bit_rows)], faults={row["trial_key"]: faults})
@@ -153,7 +157,8 @@ def test_per_site_pools_by_summing_counts(basic):
     assert conv.misclassification_rate != pytest.approx((3 / 90 + 5 / 80) / 2)
     low, high = wilson_by_hand(8, 170)
     assert (conv.ci_low, conv.ci_high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
-    assert conv.sdc_rate == pytest.approx(10 / 200) and conv.nonfinite_rate == pytest.approx(3 / 200)
+    assert conv.sdc_rate == pytest.approx(7 / 200) and conv.nonfinite_rate == pytest.approx(3 / 200)  # sdc: 2+1+3+1
+    assert conv.masked == 190 and conv.masked_rate == pytest.approx(190 / 200) and conv.failure_rate == pytest.approx(8 / 170)
     assert (conv.site_name, conv.site_type, conv.bit_specs) == ("features.1", "Conv2d", "random")
     assert list(site.columns[:8]) == ["model", "dataset", "mode", "kind", "bit_sampling", "site_index", "site_name", "site_type"]
 

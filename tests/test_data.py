@@ -1,5 +1,6 @@
-"""trainables.data: the shipped Fashion-MNIST split, CIFAR from torchvision's file layout
-(fixtures built here, offline), synthetic data and argument checking."""
+"""trainables.data: the shipped Fashion-MNIST test and calibration splits, CIFAR from
+torchvision's file layout (fixtures built here, offline), synthetic images and tokens, and
+argument checking."""
 from __future__ import annotations
 
 import gzip
@@ -19,6 +20,7 @@ from trainables.data import (
     check_dataset_name,
     load_dataset,
     parse_synthetic,
+    parse_synthetic_tokens,
     read_idx_split,
     sha256_file,
 )
@@ -27,6 +29,11 @@ FASHION_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
+CALIB_SHA256 = {
+    "calib-images-idx3-ubyte.gz": "f22187ccdaf60ba8ba633c688ffdb32f5d0268e239d82877be5684d1661de7f9",
+    "calib-labels-idx1-ubyte.gz": "eebe183fe476d171b9496a702183a5bac1aa920264ba962d5208ac2c6487ee0f",
+}
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +78,41 @@ def test_fashion_mnist_checksum_mismatch_and_missing_file(tmp_path, monkeypatch)
     labels.unlink()
     with pytest.raises(DatasetNotFoundError, match=r"t10k-labels-idx1-ubyte\.gz is missing"):
         load_dataset("fashion-mnist")
+
+
+def test_calibration_split_is_the_first_2000_training_images():
+    for name, digest in CALIB_SHA256.items():
+        assert sha256_file(data.SHIPPED_DIR / name) == digest
+    assert data.FASHION_MNIST_CALIB_SHA256 == CALIB_SHA256
+    assert sum((data.SHIPPED_DIR / name).stat().st_size for name in CALIB_SHA256) < 2_000_000
+    assert "calib-images-idx3-ubyte.gz" in (data.SHIPPED_DIR / "LICENSE").read_text()
+    calib = load_dataset("fashion-mnist-calib")
+    assert calib.images.shape == (2000, 1, 28, 28) and calib.images.dtype == torch.float32
+    assert calib.input_shape == (1, 28, 28) and calib.num_classes == 10 and calib.synthetic is False
+    # the training split's well-known start (ankle boot, T-shirt, T-shirt, dress, ...)
+    assert calib.labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert calib.labels[-5:].tolist() == [7, 1, 3, 5, 8]
+    assert calib.labels.bincount().tolist() == [194, 216, 202, 195, 186, 200, 194, 215, 198, 200]
+    # image 0, row 14, column 14 is 217/255, normalized like the test split
+    assert calib.images[0, 0, 14, 14].item() == pytest.approx((217 / 255 - 0.2860) / 0.3530, abs=1e-6)
+    assert len(load_dataset("fashion-mnist-calib", limit=100)) == 100
+
+
+@pytest.mark.skipif(not os.path.isfile(f"{DEBIAN_FASHION_MNIST}/train-images-idx3-ubyte.gz"), reason="needs dataset-fashion-mnist")
+def test_calibration_split_equals_the_upstream_training_prefix():
+    images, labels = read_idx_split(DEBIAN_FASHION_MNIST, "train")
+    calib_images, calib_labels = read_idx_split(data.SHIPPED_DIR, "calib")
+    assert torch.equal(calib_images, images[:2000]) and torch.equal(calib_labels, labels[:2000])
+
+
+def test_calibration_split_checksum_mismatch(tmp_path, monkeypatch):
+    for name in CALIB_SHA256:
+        shutil.copy(data.SHIPPED_DIR / name, tmp_path / name)
+    images = tmp_path / "calib-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-1])
+    monkeypatch.setattr(data, "SHIPPED_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"checksum mismatch for .*calib-images-idx3-ubyte\.gz"):
+        load_dataset("fashion-mnist-calib")
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -229,6 +271,38 @@ def test_synthetic_is_deterministic_and_limit_keeps_a_prefix():
     assert torch.equal(bigger.images[:40], a.images) and torch.equal(bigger.labels[:40], a.labels)
 
 
+def test_synthetic_tokens_parsing_and_bad_names():
+    assert parse_synthetic_tokens("synthetic-tokens:32:1000:4") == data.SyntheticTokensSpec(32, 1000, 4, 10000)
+    assert parse_synthetic_tokens("synthetic-tokens:8:5:3:20") == data.SyntheticTokensSpec(8, 5, 3, 20)
+    for bad in ["synthetic-tokens:32:1000", "synthetic-tokens:0:10:2", "synthetic-tokens:8:1:2", "synthetic-tokens:8:10:1",
+                "synthetic-tokens:8:10:4:0", "synthetic-tokens:8x8:10:4", "synthetic-tokens:8:10:4:5:5", "synthetic-tokens:-8:10:4",
+                "synthetic-tokens:", "synthetic-tokens:a:b:c"]:
+        with pytest.raises(ValueError, match=r"^bad synthetic token data set") as info:
+            check_dataset_name(bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"use synthetic-tokens:<T>:<vocab>:<classes>\[:<N>\]"):
+        load_dataset("synthetic-tokens:32:1000")
+
+
+def test_synthetic_tokens_are_deterministic_int64_ids():
+    a = load_dataset("synthetic-tokens:8:5:3:20")
+    assert a.images.shape == (20, 8) and a.images.dtype == torch.int64 and a.input_shape == (8,)
+    assert a.labels.shape == (20,) and a.labels.dtype == torch.int64 and a.num_classes == 3 and a.synthetic is True
+    assert a.labels.tolist() == [2, 0, 1, 1, 2, 2, 2, 0, 1, 0, 0, 1, 0, 1, 2, 2, 0, 2, 1, 0]
+    assert a.images[0].tolist() == [1, 2, 3, 0, 3, 4, 2, 4] and a.images[19].tolist() == [4, 4, 1, 0, 2, 1, 4, 2]
+    assert int(a.images.min()) == 0 and int(a.images.max()) == 4
+    b = load_dataset("synthetic-tokens:8:5:3:20")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    first = load_dataset("synthetic-tokens:8:5:3:20", limit=7)
+    assert torch.equal(first.images, a.images[:7]) and torch.equal(first.labels, a.labels[:7])
+    bigger = load_dataset("synthetic-tokens:8:5:3:50")  # example i does not depend on N
+    assert torch.equal(bigger.images[:20], a.images) and torch.equal(bigger.labels[:20], a.labels)
+    default = load_dataset("synthetic-tokens:32:1000:4", limit=2)
+    assert default.labels.tolist() == [1, 2] and default.images[0, :8].tolist() == [551, 127, 953, 185, 998, 664, 297, 674]
+    with pytest.raises(ValueError, match="limit 21 exceeds the 20 examples of synthetic-tokens:8:5:3:20"):
+        load_dataset("synthetic-tokens:8:5:3:20", limit=21)
+
+
 # ---------------------------------------------------------------- names and limits
 
 
@@ -254,10 +328,12 @@ def test_unknown_names_list_the_valid_ones(name, monkeypatch):
         monkeypatch.setitem(DATASETS, key, lambda root, download: pytest.fail("loaded data"))
     with pytest.raises(ValueError) as info:
         load_dataset(name)
-    for valid in ("fashion-mnist", "cifar10", "cifar100", "synthetic:<C>x<H>x<W>:<classes>"):
+    for valid in ("fashion-mnist", "fashion-mnist-calib", "cifar10", "cifar100", "synthetic:<C>x<H>x<W>:<classes>",
+                  "synthetic-tokens:<T>:<vocab>:<classes>"):
         assert valid in str(info.value)
 
 
 def test_check_dataset_name_accepts_the_valid_names():
-    for name in ("fashion-mnist", "cifar10", "cifar100", "synthetic:3x32x32:10", "synthetic:1x28x28:10:64"):
+    for name in ("fashion-mnist", "fashion-mnist-calib", "cifar10", "cifar100", "synthetic:3x32x32:10", "synthetic:1x28x28:10:64",
+                 "synthetic-tokens:32:1000:4", "synthetic-tokens:16:100:4:256"):
         check_dataset_name(name)

@@ -55,7 +55,8 @@ def test_counts_follow_the_seed_metric_definition():
     assert c.total("changed") == int(r.changed.sum()) and c.total("nonfinite") == int(r.nonfinite.sum())
     assert c.mismatches > 0  # exponent-MSB flips blow values up to ~1e38
     assert c.misclassification_rate == c.mismatches / 160
-    assert c.sdc_rate == c.total("changed") / 200
+    assert c.total("sdc") == int((r.changed & ~r.nonfinite).sum()) and c.sdc_rate == c.total("sdc") / 200
+    assert c.total("failures") == int((r.golden_correct & (r.changed | r.nonfinite)).sum())
     assert set(np.nonzero(c.by_bit[0])[0]) == {30}  # all faults on bit 30
     assert np.array_equal(r.faulty != r.golden, r.changed)
     assert (r.label == bench.labels.numpy()).all() and (r.golden == bench.golden.numpy()).all()

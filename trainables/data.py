@@ -1,9 +1,12 @@
-"""Evaluation data sets as one normalized float32 tensor on the CPU.
+"""Evaluation data sets as one input tensor (N, ...) on the CPU.
 
 ``load_dataset(name)`` knows ``fashion-mnist`` (the real test split, shipped in the repo
-and checksummed: runs with no network), ``cifar10`` / ``cifar100`` (torchvision's test
-splits under a data root, downloaded only when asked) and
-``synthetic:<C>x<H>x<W>:<classes>[:<N>]`` (deterministic random tensors, for benchmarks).
+and checksummed: runs with no network), ``fashion-mnist-calib`` (the first 2,000 images
+of the training split, shipped the same way: calibration data for mitigations, never
+evaluated on), ``cifar10`` / ``cifar100`` (torchvision's test splits under a data root,
+downloaded only when asked), ``synthetic:<C>x<H>x<W>:<classes>[:<N>]`` (deterministic
+random float images, for benchmarks) and ``synthetic-tokens:<T>:<vocab>:<classes>[:<N>]``
+(deterministic random int64 token ids, for text models).
 """
 from __future__ import annotations
 
@@ -31,14 +34,27 @@ FASHION_MNIST_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
+# The calibration split: the first CALIB_IMAGES images and labels of the training split,
+# rewritten as IDX files by scripts/make_fashion_calib.py (gzip without name or time: the
+# bytes are reproducible).
+FASHION_MNIST_CALIB_SHA256 = {
+    "calib-images-idx3-ubyte.gz": "f22187ccdaf60ba8ba633c688ffdb32f5d0268e239d82877be5684d1661de7f9",
+    "calib-labels-idx1-ubyte.gz": "eebe183fe476d171b9496a702183a5bac1aa920264ba962d5208ac2c6487ee0f",
+}
+FASHION_MNIST_CALIB_IMAGES = 2000
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
-IDX_SPLITS = ("train", "t10k")
+IDX_SPLITS = ("train", "t10k", "calib")
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SYNTAX = "synthetic:<C>x<H>x<W>:<classes>[:<N>] (e.g. synthetic:3x32x32:10 or synthetic:3x32x32:10:512)"
 SYNTHETIC_DEFAULT_IMAGES = 10_000
 SYNTHETIC_SEED = 20240229  # fixed: the same name always gives the same tensors
+SYNTHETIC_TOKENS_PREFIX = "synthetic-tokens:"
+SYNTHETIC_TOKENS_SYNTAX = (
+    "synthetic-tokens:<T>:<vocab>:<classes>[:<N>] (e.g. synthetic-tokens:32:1000:4 or synthetic-tokens:16:100:4:256)"
+)
+SYNTHETIC_TOKENS_SEED = 20240301
 
 
 class DatasetNotFoundError(FileNotFoundError, ValueError):
@@ -47,7 +63,8 @@ class DatasetNotFoundError(FileNotFoundError, ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """A whole evaluation split: normalized (N, C, H, W) float32 images and int64 labels."""
+    """A whole evaluation split: the inputs ``images`` (N, ...) and int64 labels (N,).
+    Images are normalized float32 (N, C, H, W); token data are int64 ids (N, T)."""
 
     name: str
     images: torch.Tensor
@@ -56,9 +73,9 @@ class Dataset:
     synthetic: bool
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.images.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (C, H, W) for images, (T,) for token ids."""
+        return tuple(int(d) for d in self.images.shape[1:])
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -116,17 +133,27 @@ def normalize_fashion_mnist(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
 
 
-def _load_fashion_mnist(root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The shipped test split, checksummed (``root`` and ``download`` do not apply)."""
-    for filename, expected in FASHION_MNIST_SHA256.items():
+def _load_shipped_split(split: str, checksums: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A Fashion-MNIST split shipped in ``data/fashion-mnist/``, checksummed and normalized."""
+    for filename, expected in checksums.items():
         path = SHIPPED_DIR / filename
         if not path.is_file():
             raise DatasetNotFoundError(f"the shipped Fashion-MNIST file {path} is missing: restore it from the repository")
         actual = sha256_file(path)
         if actual != expected:
             raise ValueError(f"checksum mismatch for {path}: sha256 {actual}, expected {expected}; restore the file from the repository")
-    images, labels = read_idx_split(SHIPPED_DIR, "t10k")
+    images, labels = read_idx_split(SHIPPED_DIR, split)
     return normalize_fashion_mnist(images), labels, 10
+
+
+def _load_fashion_mnist(root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The shipped test split, checksummed (``root`` and ``download`` do not apply)."""
+    return _load_shipped_split("t10k", FASHION_MNIST_SHA256)
+
+
+def _load_fashion_mnist_calib(root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The shipped calibration split (the training split's first 2,000 images), checksummed."""
+    return _load_shipped_split("calib", FASHION_MNIST_CALIB_SHA256)
 
 
 # ---------------------------------------------------------------- CIFAR (torchvision's files)
@@ -255,19 +282,53 @@ def make_synthetic(spec: SyntheticSpec, limit: int | None = None) -> tuple[torch
     return images, labels
 
 
+@dataclass(frozen=True)
+class SyntheticTokensSpec:
+    length: int
+    vocab: int
+    num_classes: int
+    num_examples: int
+
+
+def parse_synthetic_tokens(name: str) -> SyntheticTokensSpec:
+    """``synthetic-tokens:<T>:<vocab>:<classes>[:<N>]`` -> its numbers; ValueError on anything else."""
+    m = re.fullmatch(r"synthetic-tokens:(\d+):(\d+):(\d+)(?::(\d+))?", name.strip())
+    if not m:
+        raise ValueError(f"bad synthetic token data set {name!r}: use {SYNTHETIC_TOKENS_SYNTAX}")
+    t, vocab, k = (int(g) for g in m.groups()[:3])
+    n = int(m.group(4)) if m.group(4) is not None else SYNTHETIC_DEFAULT_IMAGES
+    if min(t, n) < 1 or vocab < 2 or k < 2:
+        raise ValueError(f"bad synthetic token data set {name!r}: length and count must be >= 1, vocab and classes >= 2")
+    return SyntheticTokensSpec(t, vocab, k, n)
+
+
+def make_synthetic_tokens(spec: SyntheticTokensSpec, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform int64 token ids in [0, vocab) and uniform labels from a fixed seed; example i
+    does not depend on N or ``limit`` (each example has its own generator stream)."""
+    n = spec.num_examples if limit is None else min(limit, spec.num_examples)
+    labels = torch.randint(0, spec.num_classes, (spec.num_examples,), generator=torch.Generator().manual_seed(SYNTHETIC_TOKENS_SEED))[:n]
+    tokens = torch.empty((n, spec.length), dtype=torch.int64)
+    generator = torch.Generator()
+    for i in range(n):
+        generator.manual_seed(SYNTHETIC_TOKENS_SEED + 1 + i)
+        torch.randint(0, spec.vocab, (spec.length,), generator=generator, out=tokens[i])
+    return tokens, labels
+
+
 # ---------------------------------------------------------------- registry and entry point
 
 DatasetFactory = Callable[[str | None, bool], tuple[torch.Tensor, torch.Tensor, int]]
 
 DATASETS: dict[str, DatasetFactory] = {
     "fashion-mnist": _load_fashion_mnist,
+    "fashion-mnist-calib": _load_fashion_mnist_calib,
     "cifar10": lambda root, download: load_cifar(CIFAR_SPECS["cifar10"], root, download),
     "cifar100": lambda root, download: load_cifar(CIFAR_SPECS["cifar100"], root, download),
 }
 
 
 def valid_dataset_names() -> str:
-    return ", ".join([*DATASETS, SYNTHETIC_SYNTAX])
+    return ", ".join([*DATASETS, SYNTHETIC_SYNTAX, SYNTHETIC_TOKENS_SYNTAX])
 
 
 def check_dataset_name(name: object) -> None:
@@ -276,6 +337,8 @@ def check_dataset_name(name: object) -> None:
         raise ValueError(f"data set name must be a string, got {type(name).__name__}; use one of: {valid_dataset_names()}")
     if name.startswith(SYNTHETIC_PREFIX):
         parse_synthetic(name)
+    elif name.startswith(SYNTHETIC_TOKENS_PREFIX):
+        parse_synthetic_tokens(name)
     elif name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: use one of: {valid_dataset_names()}")
 
@@ -299,6 +362,12 @@ def load_dataset(name: str, *, root: str | None = None, download: bool = False, 
             raise ValueError(f"limit {limit} exceeds the {spec.num_images} images of {name}")
         images, labels = make_synthetic(spec, limit)
         return Dataset(name, images, labels, spec.num_classes, synthetic=True)
+    if name.startswith(SYNTHETIC_TOKENS_PREFIX):
+        spec = parse_synthetic_tokens(name)
+        if limit is not None and limit > spec.num_examples:
+            raise ValueError(f"limit {limit} exceeds the {spec.num_examples} examples of {name}")
+        tokens, labels = make_synthetic_tokens(spec, limit)
+        return Dataset(name, tokens, labels, spec.num_classes, synthetic=True)
     images, labels, num_classes = DATASETS[name](root, download)
     if limit is not None:
         if limit > images.shape[0]:

@@ -4,6 +4,8 @@ Neuron faults: a forward hook on the site's module flips one element of its outp
 image (all images of a batch in one vectorized gather/XOR/scatter). Weight faults: one
 weight element per group of ``images_per_weight_fault`` consecutive images is flipped in
 place, the group's images run, and the same XOR restores it bit for bit. No model copies.
+With ``prefix=True`` (trainables.suffix) the fault-free part before the site is computed
+once per batch and cached, and each fault runs only the rest: same results, less work.
 
 Usable without Ray::
 
@@ -15,16 +17,17 @@ Usable without Ray::
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from trainables import suffix
 from trainables.bitflip import INT_VIEW, bit_masks, check_bit, dtype_width
 from trainables.faults import BitSpec, FaultList, sample_faults
-from trainables.sites import Site, check_logits, enumerate_sites, find_module
+from trainables.sites import ParamSite, Site, check_logits, enumerate_sites, find_module, find_tensor, param_sites
 from trainables.stats import wilson_interval
 
 MATH_MODES: dict[str, torch.dtype] = {
@@ -34,7 +37,10 @@ MATH_MODES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 RECORD_LEVELS = ("none", "changed", "all")
-COUNT_FIELDS = ("images", "golden_correct", "mismatches", "changed", "nonfinite")
+# Outcome classes of a fault: non-finite (NaN/inf in the logits: detectable), SDC (finite
+# logits, top-1 changed: silent) or masked (the rest). "failures" counts the golden-correct
+# images whose top-1 changed or whose logits are non-finite.
+COUNT_FIELDS = ("images", "golden_correct", "mismatches", "changed", "nonfinite", "sdc", "failures")
 DEFAULT_IMAGES_PER_WEIGHT_FAULT = 256  # the seed study's batch size
 
 
@@ -73,6 +79,15 @@ class Workbench:
     mode: str
     batch_size: int
     device: torch.device
+    prefix: bool = False  # reuse the fault-free prefix of the forward pass (trainables.suffix)
+    prefix_cache_mb: float | None = None  # golden-activation cache budget; None: a quarter of free memory
+    prefix_state: suffix.PrefixState | None = field(default=None, repr=False, compare=False)
+    params: list[ParamSite] = field(default_factory=list)  # param sites (their own numbering)
+
+    def site(self, kind: str, index: int) -> Site | ParamSite | None:
+        """The site of ``kind`` with ``index`` (param sites are numbered apart), or None."""
+        pool = self.params if kind == "param" else self.sites
+        return next((s for s in pool if s.index == index and (kind != "weight" or s.is_weight_site)), None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,30 +121,38 @@ def prepare(
     mode: str = "fp32",
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    prefix: bool = False,
+    prefix_cache_mb: float | None = None,
 ) -> Workbench:
     """Move ``model`` and ``data`` to ``device`` in ``mode``'s dtype, list the sites and run
-    the golden pass. ``data`` is (images, labels) tensors or a DataLoader."""
+    the golden pass. ``data`` is (images, labels) tensors or a DataLoader. ``prefix`` turns on
+    prefix reuse (same results, faster), caching at most ``prefix_cache_mb`` MiB."""
     dtype = check_mode(mode)
+    prefix_cache_mb = suffix.check_budget(prefix_cache_mb)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = _as_tensors(data)
-    if images.dim() != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.dim() < 2 or images.dtype == torch.bool or images.is_complex():
+        raise ValueError(f"inputs must be (N, ...) real or integer tensors with a per-example shape, got "
+                         f"{images.dtype} of shape {tuple(images.shape)}")
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise ValueError(f"need as many labels as images (>0): {images.shape[0]} images, {labels.shape[0]} labels")
     model = model.eval().to(device=device, dtype=dtype)
-    images = images.to(device=device, dtype=dtype)
+    # floating inputs take the mode's dtype and are input site 0; integer inputs (token ids) stay as they are
+    images = images.to(device=device, dtype=dtype if images.is_floating_point() else None)
     labels = labels.to(device=device, dtype=torch.int64)
     with math_mode(mode):
-        sites = enumerate_sites(model, images.shape[1:], dtype)
+        sites = enumerate_sites(model, images.shape[1:], dtype, input_dtype=images.dtype, containers=True)
         golden = torch.empty_like(labels)
         with torch.inference_mode():
             for lo in range(0, images.shape[0], batch_size):
                 logits = model(images[lo : lo + batch_size])
                 check_logits(logits, batch=min(batch_size, images.shape[0] - lo))
                 golden[lo : lo + batch_size] = logits.argmax(dim=1)
-    return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device)
+    return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device,
+                     prefix=bool(prefix), prefix_cache_mb=prefix_cache_mb, prefix_state=suffix.PrefixState(prefix_cache_mb),
+                     params=param_sites(model)[0])
 
 
 @dataclass(frozen=True)
@@ -161,7 +184,23 @@ class Counts:
 
     @property
     def sdc_rate(self) -> float:
-        return self.total("changed") / self.images if self.images else float("nan")
+        """Silent data corruptions (finite logits, top-1 changed) / images."""
+        return self.total("sdc") / self.images if self.images else float("nan")
+
+    @property
+    def masked(self) -> int:
+        return self.images - self.total("sdc") - self.total("nonfinite")
+
+    @property
+    def masked_rate(self) -> float:
+        return self.masked / self.images if self.images else float("nan")
+
+    @property
+    def failure_rate(self) -> float:
+        """Like misclassification_rate, counting non-finite logits as failures: golden-correct
+        images whose top-1 changed or whose logits are non-finite / golden-correct images."""
+        n = self.golden_correct
+        return self.total("failures") / n if n else float("nan")
 
     @property
     def nonfinite_rate(self) -> float:
@@ -208,6 +247,7 @@ class FaultRecords:
 class Outcome:
     counts: Counts
     records: FaultRecords | None
+    path: str = "full"  # "prefix": the suffix ran on cached golden activations; "full": whole forward passes
 
 
 class _BatchFaults:
@@ -217,18 +257,29 @@ class _BatchFaults:
         self.positions: torch.Tensor | None = None
         self.masks: torch.Tensor | None = None
         self.raw_before: torch.Tensor | None = None
+        self.output_index: int | None = None  # the element of a tuple/list output that takes the faults
         self.calls = 0
         self.fired = 0
 
 
-def _flip_elements(t: torch.Tensor, faults: _BatchFaults) -> torch.Tensor:
-    """A copy of ``t`` with element ``positions[i]`` of image i XORed by ``masks[i]``.
+def _flip_elements(t: torch.Tensor | tuple | list, faults: _BatchFaults) -> torch.Tensor | tuple | list:
+    """A copy of ``t`` with element ``positions[i]`` of image i XORed by ``masks[i]``; for a
+    tuple or list output (a site's ``output_index``), the same container with that element flipped.
 
     Positions index each image's elements in logical (C, H, W) order whatever the memory
     format; the copy keeps ``t``'s memory format (channels_last stays channels_last).
     Out of place: a module's output may alias its input (Identity, eval Dropout), and the
     data set tensor must never change.
     """
+    if isinstance(t, (tuple, list)):
+        i = faults.output_index
+        if i is None:
+            raise ValueError(f"a {type(t).__name__} output needs the site's output_index")
+        flipped = list(t)
+        flipped[i] = _flip_elements(t[i], faults)
+        if isinstance(t, list):
+            return flipped
+        return type(t)(*flipped) if hasattr(t, "_fields") else tuple(flipped)  # named tuples keep their type
     out = t.clone()  # preserve_format: t's strides when t is dense, else contiguous
     batch_offsets = torch.arange(t.shape[0], device=t.device) * out.stride(0)
     memory = _memory(out)
@@ -290,7 +341,7 @@ def neuron_hook(model: nn.Module, site: Site, faults: _BatchFaults) -> Iterator[
 
 
 def _faulty_logits(model: nn.Module, images: torch.Tensor, site: Site, faults: _BatchFaults) -> torch.Tensor:
-    """The seam that runs one faulty forward (a future prefix-reuse engine replaces this)."""
+    """One faulty forward through the whole model (the full path; trainables.suffix runs the prefix-reuse path)."""
     faults.calls = faults.fired = 0
     if site.index == 0:
         images = _flip_elements(images, faults)
@@ -312,33 +363,39 @@ def check_range(bench: Workbench, start: int, stop: int | None) -> int:
 
 def run_faults(
     bench: Workbench,
-    site: Site,
-    kind: Literal["neuron", "weight"],
+    site: Site | ParamSite,
+    kind: Literal["neuron", "weight", "param"],
     bit: BitSpec,
     seed: int,
     start: int = 0,
     stop: int | None = None,
     images_per_weight_fault: int = DEFAULT_IMAGES_PER_WEIGHT_FAULT,
     record: str = "none",
+    prefix: bool | None = None,
 ) -> Outcome:
-    """Inject one fault per image (neuron) or per image group (weight) into images
-    ``start..stop-1`` and count the outcomes. Same arguments, same faults, any batch size."""
+    """Inject one fault per image (neuron) or per image group (weight, param) into images
+    ``start..stop-1`` and count the outcomes. Same arguments, same faults, any batch size.
+    ``prefix`` (default: the workbench's setting) reuses the fault-free prefix; same results."""
     stop = check_range(bench, start, stop)
     if bit != "random":
         check_bit(bit, bench.dtype)
     if record not in RECORD_LEVELS:
         raise ValueError(f"unknown record level {record!r}: use one of {', '.join(RECORD_LEVELS)}")
+    if kind not in ("neuron", "weight", "param"):
+        raise ValueError(f"unknown site kind {kind!r}: use neuron, weight or param")
+    if (kind == "param") != isinstance(site, ParamSite):
+        raise ValueError(f"{kind} faults need a {'ParamSite' if kind == 'param' else 'Site'} (bench.site(kind, index)); "
+                         f"got {type(site).__name__} {site.index} ({site.name})")
     if kind == "neuron":
         plan = _neuron_plan(bench, site, bit, seed, start, stop)
-    elif kind == "weight":
-        if not site.is_weight_site:
+    else:
+        if kind == "weight" and not site.is_weight_site:
             raise ValueError(f"site {site.index} ({site.name}, {site.module_type}) is not a weight site")
         if not isinstance(images_per_weight_fault, int) or images_per_weight_fault < 1:
             raise ValueError(f"images_per_weight_fault must be a positive integer, got {images_per_weight_fault!r}")
-        plan = _weight_plan(bench, site, bit, seed, start, stop, images_per_weight_fault)
-    else:
-        raise ValueError(f"unknown site kind {kind!r}: use neuron or weight")
-    return _execute(bench, site, plan, start, stop, record)
+        numel = site.weight_numel if kind == "weight" else site.numel
+        plan = _tensor_plan(bench, kind, site.index, numel, bit, seed, start, stop, images_per_weight_fault)
+    return _execute(bench, site, plan, start, stop, record, bench.prefix if prefix is None else prefix)
 
 
 @dataclass
@@ -349,8 +406,8 @@ class _Plan:
     positions: torch.Tensor  # per image
     bits: torch.Tensor  # per image
     groups: torch.Tensor  # per image; -1 for neuron faults
-    batches: list[tuple[int, int, int]]  # (lo, hi, weight fault index or -1), image offsets from start
-    weight_faults: FaultList | None = None
+    batches: list[tuple[int, int, int]]  # (lo, hi, tensor fault index or -1), image offsets from start
+    weight_faults: FaultList | None = None  # the faults of a weight or param plan, one per group
 
 
 def _neuron_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: int, stop: int) -> _Plan:
@@ -361,9 +418,12 @@ def _neuron_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: i
     return _Plan("neuron", to_dev(faults.positions), to_dev(faults.bits), torch.full((n,), -1, device=bench.device), batches)
 
 
-def _weight_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: int, stop: int, per_fault: int) -> _Plan:
+def _tensor_plan(bench: Workbench, kind: str, index: int, numel: int, bit: BitSpec, seed: int, start: int, stop: int,
+                 per_fault: int) -> _Plan:
+    """One fault per group of ``per_fault`` images in a tensor of ``numel`` elements (weight or
+    param), drawn on the group counter under (seed, kind, site index)."""
     first_group, last_group = start // per_fault, (stop - 1) // per_fault
-    faults = sample_faults(seed, "weight", site.index, bit, bench.width, site.weight_numel, first_group, last_group + 1)
+    faults = sample_faults(seed, kind, index, bit, bench.width, numel, first_group, last_group + 1)
     batches = []
     for g in range(first_group, last_group + 1):
         lo, hi = max(g * per_fault, start), min((g + 1) * per_fault, stop)
@@ -372,10 +432,31 @@ def _weight_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: i
     local = group_of_image - first_group
     positions = torch.from_numpy(faults.positions).to(bench.device)[local]
     bits = torch.from_numpy(faults.bits).to(bench.device)[local]
-    return _Plan("weight", positions, bits, group_of_image, batches, faults)
+    return _Plan(kind, positions, bits, group_of_image, batches, faults)
 
 
-def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, record: str) -> Outcome:
+def _fault_tensor(bench: Workbench, site: Site | ParamSite, kind: str) -> torch.Tensor | None:
+    """The tensor a weight or param fault flips in place (detached), None for neuron faults."""
+    if kind == "neuron":
+        return None
+    tensor = find_module(bench.model, site).weight if kind == "weight" else find_tensor(bench.model, site)
+    if tensor.dtype != bench.dtype:
+        raise ValueError(f"{kind} site {site.index} ({site.name}) is {tensor.dtype}, not the {bench.mode} storage "
+                         f"dtype {bench.dtype}")
+    return tensor.detach()
+
+
+def _prefix_runner(bench: Workbench, site: Site, plan: _Plan, start: int, weight: torch.Tensor | None):
+    """The suffix runner of this (site, kind), or None for the full forward pass."""
+    if bench.prefix_state is None:
+        bench.prefix_state = suffix.PrefixState(bench.prefix_cache_mb)
+    lo, hi, _ = plan.batches[0]
+    with torch.inference_mode():
+        return suffix.runner_for(bench.prefix_state, bench.model, bench.images, site, plan.kind, weight,
+                                 _flip_elements, (start + lo, start + hi), bench.device)
+
+
+def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, record: str, prefix: bool = False) -> Outcome:
     n = stop - start
     dev = bench.device
     int_dtype = INT_VIEW[bench.dtype]
@@ -387,9 +468,12 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
     golden = bench.golden[start:stop]
     golden_correct = bench.golden_correct[start:stop]
     batch = _BatchFaults()
-    weight = find_module(bench.model, site).weight.detach() if plan.kind == "weight" else None
+    batch.output_index = getattr(site, "output_index", None)
+    weight = _fault_tensor(bench, site, plan.kind)
     weight_int = _memory(weight).view(int_dtype) if weight is not None else None
     flipped: tuple[int, int] | None = None  # (memory offset, mask) currently applied to the weight
+    with math_mode(bench.mode):
+        runner = _prefix_runner(bench, site, plan, start, weight) if prefix else None
 
     def set_weight_fault(index: int) -> None:
         nonlocal flipped
@@ -403,11 +487,12 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
             weight_int[offset] ^= mask
             flipped = (offset, mask)
 
-    with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if plan.kind == "neuron" else contextlib.nullcontext():
+    hooked = plan.kind == "neuron" and runner is None
+    with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if hooked else contextlib.nullcontext():
         try:
             current = None
             for lo, hi, weight_index in plan.batches:
-                if plan.kind == "weight":
+                if weight is not None:
                     if weight_index != current:
                         with torch.no_grad():
                             set_weight_fault(weight_index)
@@ -415,21 +500,28 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                         current = weight_index
                     raw_all[lo:hi] = raw_group
                     with torch.inference_mode():
-                        logits = bench.model(bench.images[start + lo : start + hi])
+                        if runner is not None:
+                            logits = runner.logits(start + lo, start + hi)
+                        else:
+                            logits = bench.model(bench.images[start + lo : start + hi])
                 else:
                     batch.positions, batch.masks = plan.positions[lo:hi], masks[lo:hi]
                     with torch.inference_mode():
-                        logits = _faulty_logits(bench.model, bench.images[start + lo : start + hi], site, batch)
+                        if runner is not None:
+                            logits = runner.logits(start + lo, start + hi, batch)
+                        else:
+                            logits = _faulty_logits(bench.model, bench.images[start + lo : start + hi], site, batch)
                     raw_all[lo:hi] = batch.raw_before
                 faulty_all[lo:hi] = logits.argmax(dim=1)
                 nonfinite_all[lo:hi] = ~torch.isfinite(logits).all(dim=1)
         finally:
-            if plan.kind == "weight":
+            if weight is not None:
                 with torch.no_grad():
                     set_weight_fault(-1)
     changed = faulty_all != golden
     values = torch.stack(
-        [torch.ones_like(changed), golden_correct, changed & golden_correct, changed, nonfinite_all]
+        [torch.ones_like(changed), golden_correct, changed & golden_correct, changed, nonfinite_all,
+         changed & ~nonfinite_all, golden_correct & (changed | nonfinite_all)]
     ).to(torch.int64)
     acc.index_add_(1, plan.bits.to(torch.int64), values)
     counts = Counts(acc.cpu().numpy())
@@ -437,7 +529,7 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
     if record != "none":
         keep = torch.ones_like(changed) if record == "all" else changed
         records = _records(bench, plan, start, keep, faulty_all, changed, nonfinite_all, raw_all, masks)
-    return Outcome(counts, records)
+    return Outcome(counts, records, "prefix" if runner is not None else "full")
 
 
 def _records(bench, plan, start, keep, faulty, changed, nonfinite, raw, masks) -> FaultRecords:

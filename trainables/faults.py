@@ -1,7 +1,7 @@
 """Counter-based fault sampling: a fault is a pure function of (seed, kind, site, counter).
 
 The counter is the image index for neuron faults and the group index
-(``image // images_per_weight_fault``) for weight faults, so the fault list is the same for
+(``image // images_per_weight_fault``) for weight and param faults, so the fault list is the same for
 any batch size, device, evaluation order or retry. Draws use the SplitMix64 sequence
 (Steele et al. 2014) keyed by the trial's coordinates, computed with numpy on the host once
 per trial. The element position and the bit come from separate streams, so fixed-bit
@@ -19,7 +19,7 @@ BitSpec = Union[int, Literal["random"]]
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_KIND_SALT = {"neuron": 0x6E6575726F6E, "weight": 0x776569676874}
+_KIND_SALT = {"neuron": 0x6E6575726F6E, "weight": 0x776569676874, "param": 0x706172616D}  # the names in ASCII
 _STREAM_SALT = {"position": 1, "bit": 2}
 
 

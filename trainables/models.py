@@ -1,6 +1,7 @@
 """Classifiers by name: ``chenyaofo:<cifar10|cifar100>_<arch>`` (the seed study's torch.hub
-zoo), ``torchvision:<arch>``, ``file:<path>`` (TorchScript or a weights-only checkpoint)
-and ``demo:vgg`` / ``demo:resnet`` (small Fashion-MNIST models shipped with weights).
+zoo), ``torchvision:<arch>``, ``file:<path>`` (TorchScript or a weights-only checkpoint),
+``demo:vgg`` / ``demo:resnet`` / ``demo:vit`` (small Fashion-MNIST models shipped with
+weights) and ``demo:text`` (a tiny token classifier with random weights, for tests).
 
 Every loader returns the model in eval mode, on the CPU, in float32. Nothing here
 unpickles arbitrary objects: checkpoints are read with ``torch.load(weights_only=True)``.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from trainables.data import sha256_file
-from trainables.demo_models import DEMO_ARCHS
+from trainables.demo_models import DEMO_ARCHS, DEMO_DATASETS, NUM_CLASSES
 
 MODEL_FORMS = (
     "chenyaofo:<cifar10|cifar100>_<arch>",
@@ -51,7 +52,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEMO_WEIGHTS: dict[str, tuple[str, str]] = {
     "vgg": ("demo_vgg.pt", "c99dfcdbb7af1dc99080bed92a39b900117f01b86a1d959644ed1f757c944004"),
     "resnet": ("demo_resnet.pt", "4254cd16c73ef22882b9a6da91674da6d02c58a8a64568bd4dc787f95a9bd276"),
+    "vit": ("demo_vit.pt", "0543e51eadcc27c6b0dc9f55bdcc99053758a00e345db7253f3acd3d720b5f6f"),
 }
+# demo:text has no shipped weights: weights=None gives its random initialization.
 
 
 @dataclass(frozen=True)
@@ -321,8 +324,9 @@ def _load_file(path: str, opts: LoadOptions) -> nn.Module:
             num_classes = stored_classes
     if arch is None:
         raise ValueError(
-            f"{path} holds a plain state_dict without an 'arch' entry: say which architecture it is for "
-            f"with arch= (CLI: --arch), e.g. demo:vgg, torchvision:resnet18 or chenyaofo:cifar10_resnet20"
+            f"{path} holds a plain state_dict without an 'arch' entry: name its architecture with --model and pass "
+            f"the file as --weights (e.g. --model demo:vgg --weights {path}; in Python load_model(..., arch=...)), or "
+            f"save it as {{'arch': 'torchvision:resnet18', 'state_dict': ...}}"
         )
     prefix, _ = split_model_name(arch)
     if prefix == "file":
@@ -350,10 +354,11 @@ def demo_weights_path(name: str) -> Path:
 
 def _load_demo(name: str, opts: LoadOptions) -> nn.Module:
     _check_demo_name(name)
-    if opts.num_classes not in (None, 10):
+    shipped = name in DEMO_WEIGHTS
+    if shipped and opts.num_classes not in (None, NUM_CLASSES):
         raise ValueError(f"demo:{name} classifies Fashion-MNIST's 10 classes; got num_classes={opts.num_classes}")
-    model = DEMO_ARCHS[name]()
-    if opts.random_init:
+    model = DEMO_ARCHS[name]() if opts.num_classes is None else DEMO_ARCHS[name](num_classes=opts.num_classes)
+    if opts.random_init or (not shipped and opts.weights_path is None):  # no shipped weights: random, as torchvision
         return _finish(model)
     if opts.weights_path is not None:
         return _finish(load_weights(model, opts.weights_path, f"demo:{name}"))
@@ -424,12 +429,13 @@ def load_model(
 
 
 def default_dataset_for(model_name: str) -> str | None:
-    """The data set a model was trained for, when its name tells: demo:* -> fashion-mnist,
-    chenyaofo:cifar10_* -> cifar10, chenyaofo:cifar100_* -> cifar100, otherwise None."""
+    """The data set a model was trained for, when its name tells: demo:vgg/resnet/vit ->
+    fashion-mnist, demo:text -> synthetic-tokens:32:1000:4, chenyaofo:cifar10_* -> cifar10,
+    chenyaofo:cifar100_* -> cifar100, otherwise None."""
     if not isinstance(model_name, str):
         return None
     if model_name.startswith("demo:"):
-        return "fashion-mnist"
+        return DEMO_DATASETS.get(model_name[len("demo:"):])
     for dataset in ZOO_DATASETS:
         if model_name.startswith(f"chenyaofo:{dataset}_"):
             return dataset

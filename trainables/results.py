@@ -4,9 +4,11 @@ per-trial writes.
 A campaign directory holds::
 
     spec.json             resolved spec, seeds, library versions, schema_version
-    parts/trials/K.parquet  one row per finished trial K (written last: marks it done)
+    parts/trials/K.parquet  one row per trial K
     parts/bits/K.parquet    per-bit outcome counts of trial K
     faults/K.parquet        per-fault rows of trial K (record level changed|all)
+    parts/done/K.json       trial K's commit marker: its files with sizes and SHA-256 (written
+                            last; a trial is finished only while every file it lists matches)
     trials.parquet          all trial rows, aggregated by the campaign driver
     bits.parquet            all per-bit rows, aggregated likewise
 
@@ -14,9 +16,11 @@ K = trial_key(kind, site, bit, seed): a re-run or retried trial replaces its own
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -37,8 +41,9 @@ TRIAL_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("site_index", pa.int32()),
         ("site_name", pa.string()),
-        ("site_call", pa.int32()),
-        ("site_type", pa.string()),
+        ("site_call", pa.int32()),  # null for param sites (a tensor has no calls)
+        ("site_type", pa.string()),  # param sites: the type of the module owning the tensor
+        ("site_output_index", pa.int16()),  # neuron sites on a tuple/list output: the element flipped; else null
         ("bit_spec", pa.string()),
         ("bit", pa.int16()),
         ("seed", pa.int64()),
@@ -49,9 +54,14 @@ TRIAL_SCHEMA = pa.schema(
         ("mismatches", pa.int64()),
         ("changed", pa.int64()),
         ("nonfinite", pa.int64()),
+        ("sdc", pa.int64()),  # outcome classes: masked + sdc + nonfinite = images
+        ("masked", pa.int64()),
+        ("failures", pa.int64()),  # golden-correct images whose top-1 changed or whose logits are non-finite
         ("misclassification_rate", pa.float64()),
         ("sdc_rate", pa.float64()),
         ("nonfinite_rate", pa.float64()),
+        ("masked_rate", pa.float64()),
+        ("failure_rate", pa.float64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
         ("stopped_early", pa.bool_()),
@@ -59,6 +69,7 @@ TRIAL_SCHEMA = pa.schema(
         ("device", pa.string()),
         ("started_at", pa.float64()),
         ("worker", pa.string()),
+        ("path", pa.string()),  # "prefix": the suffix ran on cached golden activations; "full": whole forward passes
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -73,6 +84,8 @@ BIT_SCHEMA = pa.schema(
         ("mismatches", pa.int64()),
         ("changed", pa.int64()),
         ("nonfinite", pa.int64()),
+        ("sdc", pa.int64()),
+        ("failures", pa.int64()),
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -83,6 +96,7 @@ FAULT_SCHEMA = pa.schema(
         ("trial_key", pa.string()),
         ("kind", pa.string()),
         ("site_index", pa.int32()),
+        ("site_name", pa.string()),  # the module, or for param faults the tensor's qualified name
         ("seed", pa.int64()),
         ("image", pa.int64()),
         ("label", pa.int64()),
@@ -91,6 +105,7 @@ FAULT_SCHEMA = pa.schema(
         ("golden_correct", pa.bool_()),
         ("changed", pa.bool_()),
         ("nonfinite", pa.bool_()),
+        ("outcome", pa.string()),  # masked, sdc (finite logits, top-1 changed) or nonfinite
         ("position", pa.int64()),
         ("fault_group", pa.int64()),
         ("bit", pa.int16()),
@@ -107,16 +122,28 @@ def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int) -> str
     """Stable file-name key of one trial, e.g. 'neuron-s0005-b23-seed17' or '...-brandom-...'."""
     return f"{kind}-s{int(site_index):04d}-b{bit_spec}-seed{int(seed)}"
 
-def atomic_write_table(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` through a temporary file and rename: readers never see
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file and rename: readers never see
     half a file, and a rewrite replaces the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of a parquet file."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+def atomic_write_table(table: pa.Table, path: Path) -> dict:
+    """Write ``table`` to ``path`` atomically; return its size and SHA-256 (for a commit marker)."""
+    data = parquet_bytes(table)
+    atomic_write_bytes(data, path)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 def table_from_rows(rows: Iterable[Mapping], schema: pa.Schema) -> pa.Table:
     """Build a table with exactly ``schema``'s columns from row dicts (extra keys refused)."""
@@ -134,23 +161,119 @@ def table_from_columns(columns: Mapping, schema: pa.Schema) -> pa.Table:
         raise ValueError(f"columns do not match schema: {sorted(set(schema.names) ^ set(columns))}")
     return pa.table({name: pa.array(columns[name], type=schema.field(name).type) for name in schema.names}, schema=schema)
 
+DONE_DIR = "done"  # under parts/: one commit marker per finished trial
+
+
+def _trial_files(key: str) -> dict[str, str]:
+    """The files trial ``key`` may have, by role, relative to the campaign directory."""
+    return {"faults": f"{FAULTS_DIR}/{key}.parquet", "bits": f"{PARTS_DIR}/bits/{key}.parquet",
+            "trial": f"{PARTS_DIR}/trials/{key}.parquet"}
+
+
+def marker_path(campaign_dir: str | Path, key: str) -> Path:
+    return Path(campaign_dir) / PARTS_DIR / DONE_DIR / f"{key}.json"
+
+
 def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable[Mapping], fault_columns: Mapping | None) -> None:
-    """Write one trial's results: faults, then per-bit counts, then the trial row (last,
-    so a trial counts as done only when all its files are complete)."""
+    """Write one trial's results (faults, per-bit counts, the trial row), then commit them
+    with a marker listing each file's size and SHA-256: the trial is finished only then."""
     campaign_dir = Path(campaign_dir)
     key = trial_row["trial_key"]
-    faults_path = campaign_dir / FAULTS_DIR / f"{key}.parquet"
+    marker_path(campaign_dir, key).unlink(missing_ok=True)  # uncommitted while its files change
+    paths = _trial_files(key)
+    files = {}
     if fault_columns is not None and len(fault_columns["image"]):
-        atomic_write_table(table_from_columns(fault_columns, FAULT_SCHEMA), faults_path)
+        files[paths["faults"]] = atomic_write_table(table_from_columns(fault_columns, FAULT_SCHEMA), campaign_dir / paths["faults"])
     else:
-        faults_path.unlink(missing_ok=True)
-    atomic_write_table(table_from_rows(bit_rows, BIT_SCHEMA), campaign_dir / PARTS_DIR / "bits" / f"{key}.parquet")
-    atomic_write_table(table_from_rows([trial_row], TRIAL_SCHEMA), campaign_dir / PARTS_DIR / "trials" / f"{key}.parquet")
+        (campaign_dir / paths["faults"]).unlink(missing_ok=True)
+    files[paths["bits"]] = atomic_write_table(table_from_rows(bit_rows, BIT_SCHEMA), campaign_dir / paths["bits"])
+    files[paths["trial"]] = atomic_write_table(table_from_rows([trial_row], TRIAL_SCHEMA), campaign_dir / paths["trial"])
+    commit_trial(campaign_dir, key, files)
+
+
+def commit_trial(campaign_dir: str | Path, key: str, files: Mapping[str, Mapping]) -> None:
+    """Write trial ``key``'s commit marker: {relative path: {size, sha256}} of its files."""
+    body = json.dumps({"trial_key": key, "files": dict(files)}, indent=1, sort_keys=True).encode()
+    atomic_write_bytes(body, marker_path(campaign_dir, key))
+
+
+@dataclass(frozen=True)
+class TrialCheck:
+    """The state of a campaign's trial files: committed and intact, or damaged (key -> why)."""
+
+    finished: frozenset[str]
+    damaged: dict[str, str]
+
+
+def _file_problem(path: Path, expected: Mapping) -> str | None:
+    """Why ``path`` does not match its marker entry, or None when it does."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != expected.get("size"):
+        return f"{size} bytes, {expected.get('size')} committed"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return None if digest.hexdigest() == expected.get("sha256") else "content differs from the committed SHA-256"
+
+
+def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> TrialCheck:
+    """Verify the commit markers (of ``keys``, or all): a trial is finished when its marker
+    is readable and every file it lists has the committed size and SHA-256."""
+    campaign_dir = Path(campaign_dir)
+    folder = campaign_dir / PARTS_DIR / DONE_DIR
+    markers = {p.stem: p for p in folder.glob("*.json")} if folder.is_dir() else {}
+    if keys is not None:
+        wanted = set(keys)
+        markers = {k: p for k, p in markers.items() if k in wanted}
+    finished, damaged = set(), {}
+    for key, path in sorted(markers.items()):
+        try:
+            files = json.loads(path.read_text())["files"]
+            problems = [f"{name} {why}" for name, expected in sorted(files.items())
+                        if (why := _file_problem(campaign_dir / name, expected)) is not None]
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            problems = [f"{path.relative_to(campaign_dir)} unreadable"]
+        if problems:
+            damaged[key] = "; ".join(problems)
+        else:
+            finished.add(key)
+    return TrialCheck(frozenset(finished), damaged)
+
+
+def discard_trial(campaign_dir: str | Path, key: str) -> None:
+    """Remove trial ``key``'s marker and files (so no damaged file stays in faults/)."""
+    marker_path(campaign_dir, key).unlink(missing_ok=True)
+    for name in _trial_files(key).values():
+        (Path(campaign_dir) / name).unlink(missing_ok=True)
+
 
 def finished_keys(campaign_dir: str | Path) -> set[str]:
-    """Keys of the trials whose files are all written."""
-    folder = Path(campaign_dir) / PARTS_DIR / "trials"
-    return {p.stem for p in folder.glob("*.parquet")} if folder.is_dir() else set()
+    """Keys of the trials whose files are all committed and intact."""
+    return set(check_trials(campaign_dir).finished)
+
+
+def rename_campaign(campaign_dir: str | Path, name: str) -> int:
+    """Set the ``campaign`` column of every finished trial's files to ``name`` and recommit
+    them (a moved or copied campaign keeps one name); returns how many trials changed."""
+    campaign_dir = Path(campaign_dir)
+    changed = 0
+    for key in sorted(check_trials(campaign_dir).finished):
+        files = json.loads(marker_path(campaign_dir, key).read_text())["files"]
+        tables = {f: pq.read_table(campaign_dir / f) for f in files}
+        if all(set(t.column("campaign").to_pylist()) <= {name} for t in tables.values()):
+            continue
+        marker_path(campaign_dir, key).unlink()
+        new = {}
+        for f, table in tables.items():
+            index = table.schema.get_field_index("campaign")
+            table = table.set_column(index, table.schema.field(index), pa.array([name] * table.num_rows, pa.string()))
+            new[f] = atomic_write_table(table, campaign_dir / f)
+        commit_trial(campaign_dir, key, new)
+        changed += 1
+    return changed
 
 def _concat_parts(folder: Path, schema: pa.Schema, keys: set[str] | None) -> pa.Table:
     paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
@@ -158,10 +281,10 @@ def _concat_parts(folder: Path, schema: pa.Schema, keys: set[str] | None) -> pa.
     return pa.concat_tables(tables).replace_schema_metadata(schema.metadata) if tables else schema.empty_table()
 
 def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> pa.Table:
-    """Gather finished trials (optionally only ``keys``) into trials.parquet and bits.parquet,
+    """Gather finished trials (``keys``, default: every committed and intact trial) into trials.parquet and bits.parquet,
     sorted by kind, site, bit spec and seed. Returns the trials table."""
     campaign_dir = Path(campaign_dir)
-    wanted = set(keys) if keys is not None else None
+    wanted = set(keys) if keys is not None else finished_keys(campaign_dir)
     trials = _concat_parts(campaign_dir / PARTS_DIR / "trials", TRIAL_SCHEMA, wanted)
     trials = trials.sort_by([("kind", "ascending"), ("site_index", "ascending"), ("bit", "ascending"), ("seed", "ascending")])
     done = set(trials.column("trial_key").to_pylist())

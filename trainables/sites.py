@@ -1,15 +1,29 @@
-"""Injection sites of a classifier: every call of a leaf module (neuron) and every leaf
-module with a weight (weight), numbered in forward order with the input image as site 0.
+"""Injection sites of a classifier.
 
-A module called twice in one forward pass (the shared ``relu`` of the zoo's ResNet blocks)
-gives two neuron sites, told apart by ``call``. A weight site shares the index of its
-module's first call, so "site 5" is the same layer in neuron and weight campaigns and the
-numbering matches the seed study's layer table for models without module reuse.
+- neuron: every call of a leaf module, numbered in forward order, with the input as site 0.
+  A leaf is a module none of whose submodules runs as a module in the forward pass: a
+  module without children, or one like ``nn.MultiheadAttention`` whose ``out_proj`` is only
+  read functionally (CNNs have no such modules: their numbering is unchanged). A module called twice in one forward pass (the shared ``relu`` of the zoo's ResNet blocks)
+  gives two neuron sites, told apart by ``call``. A module whose output is a tuple or list
+  (``nn.MultiheadAttention``) is a site on its first floating tensor (``output_index``).
+  Integer inputs (token ids) have no input site: index 0 stays unused and the first site is
+  index 1 (the embedding output), so "site k" is the k-th call in every model.
+- container neuron sites (on request, ``modules=``): every call of a module whose children
+  run (a transformer block, a ResNet block), numbered after all leaf sites in the order their
+  outputs appear, so they never shift the leaf numbering.
+- weight: a leaf module with a ``weight``. It shares the index of its module's first call,
+  so "site 5" is the same layer in neuron and weight campaigns and the numbering matches
+  the seed study's layer table for models without module reuse.
+- param: every floating tensor of the model (parameters, and buffers on request), by
+  qualified name, numbered 0.. in ``state_dict`` order (a separate numbering: param site 3
+  is unrelated to neuron site 3; trial keys carry the kind).
 """
 from __future__ import annotations
 
+import fnmatch
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -17,7 +31,9 @@ from torch import nn
 
 INPUT_NAME = "input"
 INPUT_TYPE = "Identity"  # the seed prepended an nn.Identity: layer 0 is the image itself
-SITE_KINDS = ("neuron", "weight")
+SITE_KINDS = ("neuron", "weight", "param")
+REGEX_PREFIX = "re:"  # a name pattern starting with re: is a regular expression (to the end of the text)
+LIST_LIMIT = 30  # names listed in an error message before "... and N more"
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,8 @@ class Site:
     module_type: str
     output_shape: tuple[int, ...]
     weight_shape: tuple[int, ...] | None
+    output_index: int | None = None  # the element of a tuple/list output that is injected; None: a tensor output
+    container: bool = False  # a module whose submodules run (a block): selected only with modules=
 
     @property
     def output_numel(self) -> int:
@@ -58,43 +76,202 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def enumerate_sites(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype | None = None) -> list[Site]:
-    """Run one dummy image of ``input_shape`` (C, H, W) through ``model`` and list its sites.
-
-    Calls whose output is not a single floating-point tensor are not injectable and are
-    skipped. The model's output must be (batch, classes) logits.
+def enumerate_sites(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    dtype: torch.dtype | None = None,
+    *,
+    input_dtype: torch.dtype | None = None,
+    containers: bool = False,
+) -> list[Site]:
+    """Run one dummy batch of ``input_shape`` (per example: (C, H, W), (T,), ...) through
+    ``model`` and list its neuron/weight sites: leaf calls, plus every container call when
+    ``containers``. ``input_dtype`` (default ``dtype``) is the input's dtype: an integer
+    dtype (token ids) gives no input site. The model's output must be (batch, classes) logits.
     """
+    found = survey(model, input_shape, dtype, input_dtype=input_dtype)
+    return [s for s in found.sites if containers or not s.container]
+
+
+@dataclass(frozen=True)
+class SkippedCall:
+    """A module call that is no neuron site, and why (its output cannot take a fault)."""
+
+    name: str
+    call: int
+    module_type: str
+    reason: str
+    container: bool = False
+
+
+@dataclass(frozen=True)
+class ParamSite:
+    """One floating tensor of the model (a parameter, or a buffer) as a fault target."""
+
+    index: int
+    name: str  # qualified name, as in the state_dict
+    module_name: str  # the owning module ('' for the model itself)
+    module_type: str
+    shape: tuple[int, ...]
+    buffer: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def call(self) -> int:
+        """Always 0: a tensor has no calls (code keyed by (index, name, call) works for every kind)."""
+        return 0
+
+
+@dataclass(frozen=True)
+class Survey:
+    """Everything one dummy forward pass and the model's tensors tell about its sites."""
+
+    sites: tuple[Site, ...]  # leaf neuron sites in forward order (input first), then container sites
+    skipped: tuple[SkippedCall, ...]
+    modules: tuple[tuple[str, str, bool], ...]  # (name, type, is_leaf) of every submodule
+    calls: dict[str, int] = field(repr=False)  # module name -> calls in one forward pass
+    params: tuple[ParamSite, ...] = ()
+    non_floating: tuple[tuple[str, str], ...] = ()  # (name, dtype) of tensors that cannot be flipped
+
+    @property
+    def never_ran(self) -> list[tuple[str, str]]:
+        """(name, type) of the leaf modules never called as a module (used functionally, or unused)."""
+        return [(n, t) for n, t, leaf in self.modules if leaf and not self.calls.get(n)]
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel for p in self.params if not p.buffer)
+
+
+SURVEY_BATCH = 2
+
+
+def survey(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype | None = None, *,
+           input_dtype: torch.dtype | None = None) -> Survey:
+    """Hook every submodule, run a dummy batch of zeros and list the sites, skipped calls,
+    modules and floating tensors of ``model`` (see the module docstring for the numbering)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise ValueError("TorchScript models take no forward hooks, so their sites cannot be injected: "
                          "save a state_dict checkpoint with its architecture instead (file: with 'arch')")
     device, param_dtype = _model_device_dtype(model)
     dtype = dtype or param_dtype
+    input_dtype = input_dtype or dtype
     input_shape = tuple(int(d) for d in input_shape)
-    sites = [Site(0, INPUT_NAME, 0, INPUT_TYPE, input_shape, None)]
+    floating_input = input_dtype.is_floating_point
     calls: dict[str, int] = {}
-    handles = []
+    events: list[tuple[str, int, nn.Module, int | None, tuple[int, ...] | None, str | None]] = []
+    modules = [(name, m, not any(True for _ in m.children())) for name, m in model.named_modules() if name]
 
-    def make_hook(name: str, module: nn.Module):
-        def hook(_module, _inputs, output):
+    def make_hook(name: str):
+        def hook(module, _inputs, output):
             call = calls.get(name, 0)
             calls[name] = call + 1
-            if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dim() >= 1:
-                sites.append(
-                    Site(len(sites), name, call, type(module).__name__, tuple(output.shape[1:]), _weight_shape(module))
-                )
+            events.append((name, call, module, *injectable_output(output, SURVEY_BATCH)))
 
         return hook
 
+    handles = []
     try:
-        for name, module in leaf_modules(model).items():
-            handles.append(module.register_forward_hook(make_hook(name, module)))
+        for name, module, _ in modules:
+            handles.append(module.register_forward_hook(make_hook(name)))
         with torch.inference_mode():
-            logits = model(torch.zeros((2, *input_shape), device=device, dtype=dtype))
+            logits = model(torch.zeros((SURVEY_BATCH, *input_shape), device=device, dtype=input_dtype))
     finally:
         for handle in handles:
             handle.remove()
-    check_logits(logits, batch=2)
-    return sites
+    check_logits(logits, batch=SURVEY_BATCH)
+    # A module is a leaf site when none of its submodules ran as a module: nn.MultiheadAttention
+    # (its out_proj is used functionally) is one, a block whose children ran is a container.
+    has_running_child = {name.rsplit(".", 1)[0] if "." in name else "" for name in calls}
+    for name in list(has_running_child):
+        while "." in name:
+            name = name.rsplit(".", 1)[0]
+            has_running_child.add(name)
+    leaves = [Site(0, INPUT_NAME, 0, INPUT_TYPE, input_shape, None)] if floating_input else []
+    first_index = 0 if floating_input else 1  # integer inputs: index 0 (the input) stays unused
+    blocks, skipped = [], []
+    for name, call, module, output_index, shape, reason in events:
+        leaf = name not in has_running_child
+        if reason is not None:
+            skipped.append(SkippedCall(name, call, type(module).__name__, reason, container=not leaf))
+        elif leaf:
+            leaves.append(Site(len(leaves) + first_index, name, call, type(module).__name__, shape,
+                               _weight_shape(module), output_index))
+        else:
+            blocks.append((name, call, type(module).__name__, shape, output_index))
+    first_block = len(leaves) + first_index
+    sites = leaves + [Site(first_block + i, name, call, kind, shape, None, output_index, container=True)
+                      for i, (name, call, kind, shape, output_index) in enumerate(blocks)]
+    params, non_floating = param_sites(model)
+    return Survey(tuple(sites), tuple(skipped), tuple((n, type(m).__name__, leaf) for n, m, leaf in modules), calls,
+                  tuple(params), tuple(non_floating))
+
+
+def injectable_output(output: object, batch: int) -> tuple[int | None, tuple[int, ...] | None, str | None]:
+    """Where a fault goes in a module's output: (element index or None for a tensor, per-example
+    shape, None), or (None, None, why it cannot take one). A tuple or list takes the fault in
+    its first floating tensor (nn.MultiheadAttention: the attention output)."""
+    if isinstance(output, torch.Tensor):
+        return _batched_tensor(output, batch, None, "its output")
+    if isinstance(output, (tuple, list)):
+        for i, item in enumerate(output):
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                return _batched_tensor(item, batch, i, f"element {i} of its {type(output).__name__} output")
+        held = ", ".join(_describe(item) for item in output) or "nothing"
+        return None, None, f"its {type(output).__name__} output holds no floating tensor ({held})"
+    return None, None, f"its output is {_describe(output)}, not a tensor, tuple or list"
+
+
+def _batched_tensor(t: torch.Tensor, batch: int, index: int | None, where: str):
+    if not t.is_floating_point():
+        return None, None, f"{where} is {_describe(t)}, not floating"
+    if t.dim() == 0 or t.shape[0] != batch:
+        return None, None, f"{where} has shape {list(t.shape)}: its first dimension is not the batch ({batch})"
+    return index, tuple(t.shape[1:]), None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor"
+    return "None" if value is None else type(value).__name__
+
+
+def param_sites(model: nn.Module) -> tuple[list[ParamSite], list[tuple[str, str]]]:
+    """Every floating tensor of ``model`` as a param site, numbered in state_dict order
+    (per module: parameters, then buffers; non-persistent buffers included; a tensor shared
+    by two modules once, under its first name), and (name, dtype) of the non-floating ones."""
+    seen: set[int] = set()
+    sites: list[ParamSite] = []
+    non_floating: list[tuple[str, str]] = []
+    for module_name, module in model.named_modules():
+        owned = [(n, t, False) for n, t in module.named_parameters(recurse=False)]
+        owned += [(n, t, True) for n, t in module.named_buffers(recurse=False)]
+        for attr, tensor, is_buffer in owned:
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            name = f"{module_name}.{attr}" if module_name else attr
+            if tensor.is_floating_point():
+                sites.append(ParamSite(len(sites), name, module_name, type(module).__name__, tuple(tensor.shape), is_buffer))
+            else:
+                non_floating.append((name, str(tensor.dtype).removeprefix("torch.")))
+    return sites, non_floating
+
+
+def find_tensor(model: nn.Module, site: ParamSite) -> torch.Tensor:
+    """The live tensor behind a param site (a parameter or buffer), by qualified name."""
+    try:
+        owner = model.get_submodule(site.module_name) if site.module_name else model
+    except AttributeError:
+        owner = None
+    attr = site.name.rsplit(".", 1)[-1]
+    tensor = getattr(owner, attr, None) if owner is not None else None
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"param site {site.index}: the model has no tensor named {site.name!r}")
+    return tensor
 
 
 def check_logits(logits: object, batch: int) -> None:
@@ -149,15 +326,19 @@ def select_sites(
     kind: str,
     types: str | Iterable[str] | None = None,
     indices: str | Iterable[int] | None = None,
+    containers: bool = False,
 ) -> list[Site]:
     """The sites of ``kind`` ('neuron' or 'weight') matching type names and indices.
+    Container sites count only with ``containers`` (a list from ``match_modules``).
 
     Unknown indices or type names raise ValueError listing the valid ones; so does a
     filter that matches nothing.
     """
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown site kind {kind!r}: use one of {', '.join(SITE_KINDS)}")
-    pool = [s for s in sites if kind == "neuron" or s.is_weight_site]
+    if kind == "param":
+        raise ValueError("param sites are tensors, not module calls: select them with select_params")
+    pool = [s for s in sites if (kind == "neuron" or s.is_weight_site) and (containers or not s.container)]
     type_names = parse_type_list(types)
     index_list = parse_index_list(indices)
     if type_names is not None:
@@ -197,9 +378,22 @@ def site_table(sites: Sequence[Site]) -> str:
     lines = [header, "-" * len(header)]
     for s in sites:
         weight = str(list(s.weight_shape)) if s.weight_shape is not None else "-"
+        note = "".join([f"  [output element {s.output_index}]" if s.output_index is not None else "",
+                        "  [container]" if s.container else ""])
         lines.append(
-            f"{s.index:>7}  {s.module_type:>18}  {s.call:>4}  {weight:>20}  {str(list(s.output_shape)):>20}  {s.name}"
+            f"{s.index:>7}  {s.module_type:>18}  {s.call:>4}  {weight:>20}  {str(list(s.output_shape)):>20}  {s.name}{note}"
         )
+    return "\n".join(lines)
+
+
+def param_table(params: Sequence[ParamSite]) -> str:
+    """Param sites: Param #, owner type, shape, elements, qualified name ('[buffer]' marked)."""
+    width = max([len("Owner type"), *(len(p.module_type) for p in params)])
+    header = f"{'Param #':>7}  {'Owner type':>{width}}  {'Shape':>20}  {'Elements':>11}  name"
+    lines = [header, "-" * len(header)]
+    for p in params:
+        lines.append(f"{p.index:>7}  {p.module_type:>{width}}  {str(list(p.shape)):>20}  {p.numel:>11,}  {p.name}"
+                     + ("  [buffer]" if p.buffer else ""))
     return "\n".join(lines)
 
 
@@ -209,3 +403,211 @@ def find_module(model: nn.Module, site: Site) -> nn.Module:
         return model.get_submodule(site.name)
     except AttributeError:
         raise ValueError(f"site {site.index}: the model has no module named {site.name!r}") from None
+
+
+# ---------------------------------------------------------------- names, params, modules, coverage
+
+
+def parse_patterns(text: str | Iterable[str] | None) -> list[str] | None:
+    """'all'/None -> None; 'a.*,*.bias' -> globs; an item starting with 're:' is a regular
+    expression that runs to the end of the text (so it may hold commas: put it last)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        items = [str(t).strip() for t in text if str(t).strip()]
+    else:
+        items, rest = [], text
+        while rest:
+            item, _, after = rest.partition(",")
+            if item.strip().startswith(REGEX_PREFIX):
+                items.append(rest.strip())
+                break
+            items.append(item.strip())
+            rest = after
+        items = [i for i in items if i]
+    if not items or [i.lower() for i in items] == ["all"]:
+        return None
+    return items
+
+
+def name_matcher(pattern: str):
+    """A predicate on qualified names: fnmatch glob (case-sensitive; '*' crosses dots), or
+    a regular expression matching the whole name after 're:'."""
+    if pattern.startswith(REGEX_PREFIX):
+        try:
+            regex = re.compile(pattern[len(REGEX_PREFIX):])
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return lambda name: regex.fullmatch(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def _listing(items: Sequence[str], hint: str = "") -> str:
+    shown = ", ".join(items[:LIST_LIMIT])
+    more = len(items) - LIST_LIMIT
+    return shown + (f", ... and {more} more{hint}" if more > 0 else "") if items else "none"
+
+
+def select_params(
+    params: Sequence[ParamSite],
+    names: str | Iterable[str] | None = None,
+    types: str | Iterable[str] | None = None,
+    buffers: bool = False,
+    non_floating: Sequence[tuple[str, str]] = (),
+    strict_types: bool = True,
+) -> list[ParamSite]:
+    """Param sites whose names match any of the ``names`` patterns and whose owning module's
+    type is one of ``types``; buffers only with ``buffers``. A pattern that matches nothing,
+    only non-floating tensors, or only buffers without ``buffers`` raises ValueError listing
+    what exists; so does an owner type unknown to this model (when ``strict_types``)."""
+    pool = [p for p in params if buffers or not p.buffer]
+    patterns = parse_patterns(names)
+    what = "parameter or buffer" if buffers else "parameter"
+    if patterns is not None:
+        chosen: set[int] = set()
+        for pattern in patterns:
+            match = name_matcher(pattern)
+            hits = [p.index for p in pool if match(p.name)]
+            if not hits:
+                integers = [f"{n} ({d})" for n, d in non_floating if match(n)]
+                buffer_hits = [p.name for p in params if p.buffer and match(p.name)]
+                if integers:
+                    raise ValueError(f"{pattern!r} matches only tensors that are not floating and cannot be flipped: "
+                                     f"{_listing(integers)}")
+                if buffer_hits:
+                    raise ValueError(f"{pattern!r} matches only buffers ({_listing(buffer_hits)}): add --buffers to flip them")
+                raise ValueError(f"{pattern!r} matches no {what}; this model has: "
+                                 f"{_listing([p.name for p in pool], ' (python -m campaign layers --sites param lists them)')}")
+            chosen.update(hits)
+        pool = [p for p in pool if p.index in chosen]
+    type_names = parse_type_list(types)
+    if type_names is not None:
+        known = sorted({p.module_type for p in pool})
+        unknown = [t for t in type_names if t not in known]
+        kept = [p for p in pool if p.module_type in type_names]
+        if (unknown and strict_types) or not kept:
+            raise ValueError(f"no {what}{' matching the names' if patterns else ''} is owned by layer type(s) "
+                             f"{', '.join(unknown or type_names)}; their owners are: {', '.join(known)}")
+        pool = kept
+    if not pool:
+        raise ValueError(f"this model has no floating {what}")
+    return pool
+
+
+def match_modules(found: Survey, modules: str | Iterable[str] | None) -> list[Site]:
+    """The neuron sites (leaf or container calls) of the modules that ``modules`` names: a
+    type name (exact), a glob or a 're:' regular expression on qualified names; 'all' or None
+    is every module. A pattern that matches no module, only modules that never run, or only
+    calls that cannot take a fault raises ValueError listing what exists."""
+    patterns = parse_patterns(modules) or ["*"]
+    running = {s.name for s in found.sites if s.index != 0}
+    chosen: set[str] = set()
+    for pattern in patterns:
+        match = name_matcher(pattern)
+        hits = [(n, t) for n, t, _ in found.modules if match(n) or (not pattern.startswith(REGEX_PREFIX) and pattern == t)]
+        if not hits:
+            types = sorted({t for _, t, _ in found.modules})
+            tops = [n for n, _, _ in found.modules if "." not in n]
+            raise ValueError(f"{pattern!r} matches no module name or type; module types: {', '.join(types)}; "
+                             f"top-level modules: {_listing(tops)}")
+        live = [n for n, _ in hits if n in running]
+        if not live:
+            never = [f"{n} ({t})" for n, t in hits if not found.calls.get(n)]
+            if never:
+                raise ValueError(f"{pattern!r} matches only modules that never run as a module in a forward pass "
+                                 f"(their parameters are param sites): {_listing(never)}")
+            why = [f"{c.name} call {c.call}: {c.reason}" for c in found.skipped if (c.name, c.module_type) in hits]
+            raise ValueError(f"{pattern!r} matches only module calls that cannot take a fault: {_listing(why)}")
+        chosen.update(live)
+    return [s for s in found.sites if s.name in chosen and s.index != 0]
+
+
+def select_campaign_sites(
+    found: Survey,
+    kinds: Sequence[str],
+    layers: str | Iterable[int] | None = None,
+    layer_types: str | Iterable[str] | None = None,
+    params: str | Iterable[str] | None = None,
+    modules: str | Iterable[str] | None = None,
+    buffers: bool = False,
+) -> tuple[dict[str, list], list[str]]:
+    """The sites of each kind a campaign's filters select, and one 'field: why' line per problem.
+
+    ``layers`` (indices) and ``layer_types`` select neuron and weight sites; ``modules``
+    replaces the neuron pool by the calls of the named modules (containers included);
+    ``params``, ``layer_types`` (the owning module's type) and ``buffers`` select param
+    sites. With neuron and weight (no ``modules``) the weight sites are the selected
+    layers that have a weight, as before.
+    """
+    chosen: dict[str, list] = {}
+    problems: list[str] = []
+    leaf_kinds = [k for k in kinds if k in ("neuron", "weight")]
+    if parse_patterns(params) is not None and "param" not in kinds:
+        problems.append("params: names param sites, but --sites has no param: add param to --sites")
+    if buffers and "param" not in kinds:
+        problems.append("buffers: buffers are param sites, but --sites has no param: add param to --sites")
+    if modules is not None and "neuron" not in kinds:
+        problems.append("modules: module outputs are neuron sites, but --sites has no neuron: add neuron to --sites")
+    try:
+        indices = parse_index_list(layers)
+    except ValueError as exc:
+        return chosen, problems + [f"layers: {exc}"]
+    if indices is not None and not leaf_kinds:
+        problems.append("layers: indices select neuron and weight sites; select param sites by name with --params")
+    if "neuron" in kinds:
+        try:
+            pool = match_modules(found, modules) if modules is not None else list(found.sites)
+        except ValueError as exc:
+            problems.append(f"modules: {exc}")
+        else:
+            try:
+                chosen["neuron"] = select_sites(pool, "neuron", layer_types, indices, containers=modules is not None)
+            except ValueError as exc:
+                problems.append(f"layers: {exc}")
+    if "weight" in kinds:
+        if "neuron" in kinds and modules is None:
+            if "neuron" in chosen:
+                chosen["weight"] = [s for s in chosen["neuron"] if s.is_weight_site]
+                if not chosen["weight"]:
+                    problems.append("layers: none of the selected layers has a weight: drop weight from --sites")
+        else:
+            try:
+                chosen["weight"] = select_sites(found.sites, "weight", layer_types, indices)
+            except ValueError as exc:
+                problems.append(f"layers: {exc}")
+    if "param" in kinds:
+        try:
+            chosen["param"] = select_params(found.params, params, layer_types, buffers, found.non_floating,
+                                            strict_types=not leaf_kinds)
+        except ValueError as exc:
+            problems.append(f"params: {exc}")
+    return chosen, problems
+
+
+def coverage_lines(model: nn.Module, found: Survey, chosen: dict[str, list], show_containers: bool = False) -> list[str]:
+    """What the selected weight/param sites cover of the model's parameters, the leaf modules
+    that never ran as a module, and the calls that are no sites and why."""
+    total = found.parameter_count
+    pct = lambda n: f"{100 * n / total:.1f}%" if total else "-"  # noqa: E731
+    lines = []
+    if "weight" in chosen:
+        weights = {id(w): w.numel() for w in (find_module(model, s).weight for s in chosen["weight"])}
+        covered = sum(weights.values())
+        lines.append(f"weight sites cover {covered:,} of {total:,} parameters ({pct(covered)})")
+    if "param" in chosen:
+        covered = sum(p.numel for p in chosen["param"] if not p.buffer)
+        buffers = sum(p.numel for p in chosen["param"] if p.buffer)
+        lines.append(f"param sites cover {covered:,} of {total:,} parameters ({pct(covered)})"
+                     + (f", and {buffers:,} buffer elements" if buffers else ""))
+    else:
+        lines.append(f"param sites (--sites param) would cover {total:,} of {total:,} parameters")
+    never = [f"{n} ({t})" for n, t in found.never_ran]
+    lines.append(f"leaf modules that never ran as a module ({len(never)}; not neuron or weight sites, their tensors "
+                 f"are param sites): {_listing(never)}" if never else "leaf modules that never ran as a module: none")
+    skipped = [c for c in found.skipped if show_containers or not c.container]
+    if skipped:
+        lines.append(f"calls that are no neuron sites ({len(skipped)}): "
+                     + _listing([f"{c.name} call {c.call} ({c.module_type}): {c.reason}" for c in skipped]))
+    else:
+        lines.append("calls that are no neuron sites: none")
+    return lines

@@ -20,6 +20,7 @@ import torch
 from trainables import engine
 from trainables.bitflip import check_bit
 from trainables.data import load_dataset
+from trainables.digests import changed_inputs, input_digests
 from trainables.faults import parse_bit_spec
 from trainables.models import load_model
 from trainables.results import trial_key, write_trial
@@ -47,6 +48,9 @@ class CampaignSettings:
     target_margin: float | None = None
     report_every: int = 2048
     cpus_per_trial: float = 1.0
+    prefix: bool = True  # prefix reuse (same results; see trainables.suffix)
+    prefix_cache_mb: float | None = None  # its cache budget per worker; None: a quarter of free memory
+    inputs: dict | None = None  # content digests the driver planned with (trainables.digests); checked on load
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -79,13 +83,20 @@ def pick_device(assigned_gpus) -> tuple[torch.device, str]:
 def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.Workbench, bool]:
     """The per-process cached model + data + golden pass; (bench, synthetic)."""
     key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
-           settings.images, settings.mode, settings.batch_size, str(device))
+           settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
         data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images)
         model = load_model(settings.model, num_classes=data.num_classes, hub_dir=settings.hub_dir,
                            hub_ref=settings.hub_ref, weights=settings.weights)
-        bench = engine.prepare(model, (data.images, data.labels), settings.mode, settings.batch_size, device)
+        if settings.inputs:  # a worker must run on what the campaign was planned with
+            actual = input_digests(settings.model, settings.weights, settings.hub_dir, settings.hub_ref, data, model)
+            changed = changed_inputs(settings.inputs, actual)
+            if changed:
+                raise ValueError(f"inputs changed since the campaign was planned ({'; '.join(changed)}): "
+                                 f"restore them, or start a new campaign")
+        bench = engine.prepare(model, (data.images, data.labels), settings.mode, settings.batch_size, device,
+                               prefix=settings.prefix, prefix_cache_mb=settings.prefix_cache_mb)
         _WORKBENCH[key] = (bench, data.synthetic)
     return _WORKBENCH[key]
 
@@ -102,14 +113,15 @@ def run_trial(
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     bench, synthetic = workbench(settings, device)
-    site = next((s for s in bench.sites if s.index == point.site), None)
+    site = bench.site(point.kind, point.site)
     if site is None:
-        raise ValueError(f"site {point.site} does not exist in {settings.model}")
+        raise ValueError(f"{point.kind} site {point.site} does not exist in {settings.model}")
     bit = parse_bit_spec(point.bit)
     if bit != "random":
         check_bit(bit, bench.dtype)
     counts = engine.Counts.zeros(bench.width)
     record_parts = []
+    paths = set()
     stopped_early = False
     n = bench.num_images
     t0 = time.perf_counter()
@@ -118,6 +130,7 @@ def run_trial(
         outcome = engine.run_faults(bench, site, point.kind, bit, point.seed, start, stop,
                                     settings.images_per_weight_fault, settings.record)
         counts = counts + outcome.counts
+        paths.add(outcome.path)
         if outcome.records is not None:
             record_parts.append(outcome.records)
         low, high = counts.wilson()
@@ -130,22 +143,25 @@ def run_trial(
     row = {
         "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
         "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
-        "site_name": site.name, "site_call": site.call, "site_type": site.module_type, "bit_spec": str(bit),
+        "site_name": site.name, "site_call": None if point.kind == "param" else site.call, "site_type": site.module_type,
+        "site_output_index": getattr(site, "output_index", None), "bit_spec": str(bit),
         "bit": -1 if bit == "random" else bit, "seed": point.seed,
-        "images_per_weight_fault": settings.images_per_weight_fault if point.kind == "weight" else None,
+        "images_per_weight_fault": settings.images_per_weight_fault if point.kind != "neuron" else None,
         "batch_size": settings.batch_size, "images": counts.images, "golden_correct": counts.golden_correct,
         "mismatches": counts.mismatches, "changed": counts.total("changed"), "nonfinite": counts.total("nonfinite"),
+        "sdc": counts.total("sdc"), "masked": counts.masked, "failures": counts.total("failures"),
         "misclassification_rate": counts.misclassification_rate, "sdc_rate": counts.sdc_rate,
-        "nonfinite_rate": counts.nonfinite_rate, "ci_low": low, "ci_high": high, "stopped_early": stopped_early,
+        "nonfinite_rate": counts.nonfinite_rate, "masked_rate": counts.masked_rate, "failure_rate": counts.failure_rate, "ci_low": low, "ci_high": high, "stopped_early": stopped_early,
         "wall_s": time.time() - started, "device": device_label,
         "started_at": started, "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "path": paths.pop() if len(paths) == 1 else "mixed",
     }
     bit_rows = [
         {"campaign": settings.name, "trial_key": point.key, "bit": b,
          **{name: int(counts.by_bit[i, b]) for i, name in enumerate(engine.COUNT_FIELDS)}}
         for b in np.nonzero(counts.by_bit[0])[0].tolist()
     ]
-    write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site.index, record_parts))
+    write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, record_parts))
     return row
 
 
@@ -157,11 +173,12 @@ def _metrics(point: TrialPoint, counts: engine.Counts, low: float, high: float, 
     }
 
 
-def _fault_columns(campaign: str, point: TrialPoint, site_index: int, parts: list) -> dict | None:
+def _fault_columns(campaign: str, point: TrialPoint, site, parts: list) -> dict | None:
     if not parts:
         return None
     columns = {name: np.concatenate([getattr(p, name) for p in parts]) for name in parts[0].as_dict()}
     n = len(columns["image"])
-    columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n,
-                   site_index=np.full(n, site_index), seed=np.full(n, point.seed))
+    outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
+    columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
+                   site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed))
     return columns

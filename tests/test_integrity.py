@@ -1,0 +1,319 @@
+"""Campaign integrity without Ray: content digests in the identity, commit markers, outcome
+classes, one-line errors for bad input, and what a newcomer sees (issue 8, items 2-7)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from analysis import report
+from campaign import cli, processes
+from campaign.runner import Progress, _NOTICE_FILTER, record_spec, run_campaign, settings_for, spec_from_directory
+from campaign.spec import CampaignSpec, SpecError, resolve
+from test_data import write_cifar
+from test_models import write_hub
+from trainables import engine
+from trainables import results as R
+from trainables.models import load_model
+from trainables.trial import CampaignSettings, TrialPoint, run_trial
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(images=64, layers="1", sites=("neuron",), bits="30")
+
+
+# ---------------------------------------------------------------- item 2: content digests
+
+
+def test_resume_after_the_weights_file_changed_is_refused_in_one_line(tmp_path):
+    weights = tmp_path / "w.pt"
+    state = load_model("demo:vgg", weights="none").state_dict()
+    torch.save(state, weights)
+    plan = resolve(CampaignSpec(model="demo:vgg", weights=str(weights), **TINY, out=str(tmp_path), name="c"))
+    record_spec(plan)
+    before = plan.identity()["weights_sha256"]
+    assert resolve(spec_from_directory(plan.directory)).identity() == plan.identity()  # same inputs: same campaign
+    state["features.0.weight"][0, 0, 0, 0] += 1.0
+    torch.save(state, weights)
+    after = resolve(spec_from_directory(plan.directory)).identity()["weights_sha256"]
+    with pytest.raises(SpecError) as info:
+        run_campaign(spec_from_directory(plan.directory))  # refused before Ray starts
+    message = str(info.value)
+    assert "\n" not in message and f"the weights changed: sha256 {before[:12]} then, {after[:12]} now" in message
+    assert sorted(p.name for p in plan.directory.iterdir()) == ["spec.json"]
+    settings = CampaignSettings.from_dict(settings_for(plan))  # a worker of the campaign planned before the change
+    t = plan.trials[0]
+    with pytest.raises(ValueError, match=rf"inputs changed since the campaign was planned \(the weights changed: "
+                                         rf"sha256 {before[:12]} then, {after[:12]} now\)"):
+        run_trial(settings, TrialPoint(t.kind, t.site, t.bit, t.seed))
+    assert R.check_trials(plan.directory).finished == frozenset()
+
+
+def test_changed_data_and_hub_code_are_refused_and_named(tmp_path):
+    hub = Path(write_hub(tmp_path / "hub"))
+    write_cifar(tmp_path / "data", "cifar10", n=20)
+    spec = CampaignSpec(model="chenyaofo:cifar10_resnet20", hub_dir=str(hub), weights="none", data_root=str(tmp_path / "data"),
+                        sites=("neuron",), layers="1", bits="30", out=str(tmp_path), name="zoo")
+    plan = resolve(spec)
+    assert set(plan.inputs) == {"weights_sha256", "data_sha256", "hub_code_sha256"}
+    record_spec(plan)
+    (hub / "hubconf.py").write_text((hub / "hubconf.py").read_text() + "\n# edited\n")
+    with pytest.raises(SpecError, match=r"differs in: the hub code changed: sha256 \w{12} then, \w{12} now\)") as info:
+        run_campaign(spec)
+    assert "the data" not in str(info.value) and "the weights" not in str(info.value)
+    write_hub(hub)  # the original code again
+    write_cifar(tmp_path / "data", "cifar10", n=21)  # one more image: other tensors
+    with pytest.raises(SpecError, match=r"differs in: the data \(images and labels used\) changed: sha256"):
+        run_campaign(spec)
+
+
+# ---------------------------------------------------------------- item 3: commit markers
+
+
+def _settings(directory, **changes):
+    values = dict(name="t", directory=str(directory), model="demo:vgg", dataset="fashion-mnist", weights="none",
+                  images=300, report_every=300, record="all")
+    return CampaignSettings(**{**values, **changes})
+
+
+def test_trial_files_are_committed_and_damage_is_found_with_its_reason(tmp_path):
+    points = [TrialPoint("neuron", 1, 30, 1), TrialPoint("neuron", 2, 30, 1), TrialPoint("weight", 1, 30, 1)]
+    for point in points:
+        run_trial(_settings(tmp_path), point)
+    a, b, c = (p.key for p in points)
+    marker = json.loads((tmp_path / "parts" / "done" / f"{a}.json").read_text())
+    assert sorted(marker["files"]) == [f"faults/{a}.parquet", f"parts/bits/{a}.parquet", f"parts/trials/{a}.parquet"]
+    assert marker["files"][f"faults/{a}.parquet"]["size"] == (tmp_path / "faults" / f"{a}.parquet").stat().st_size
+    assert R.check_trials(tmp_path).finished == {a, b, c}
+    (tmp_path / "faults" / f"{a}.parquet").unlink()
+    bits = tmp_path / "parts" / "bits" / f"{b}.parquet"
+    size = bits.stat().st_size
+    bits.write_bytes(bits.read_bytes()[:100])
+    trial = tmp_path / "parts" / "trials" / f"{c}.parquet"
+    raw = bytearray(trial.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, other content
+    trial.write_bytes(bytes(raw))
+    check = R.check_trials(tmp_path)
+    assert check.finished == frozenset() and check.damaged == {
+        a: f"faults/{a}.parquet missing", b: f"parts/bits/{b}.parquet 100 bytes, {size} committed",
+        c: f"parts/trials/{c}.parquet content differs from the committed SHA-256"}
+    assert R.aggregate(tmp_path).num_rows == 0  # damaged trials are not finished
+    for key in (a, b, c):
+        R.discard_trial(tmp_path, key)
+    assert list((tmp_path / "faults").iterdir()) == [] and R.check_trials(tmp_path).damaged == {}
+
+
+def test_report_on_a_partial_campaign_says_it_is_partial(tmp_path):
+    plan = resolve(CampaignSpec(model="demo:vgg", weights="none", images=64, layers="1,2", sites=("neuron",), bits="30",
+                                out=str(tmp_path), name="part"))
+    record_spec(plan)
+    settings = _settings(plan.directory, name="part", images=64, report_every=64)
+    first, second = plan.trials
+    run_trial(settings, TrialPoint(first.kind, first.site, first.bit, first.seed))
+    R.aggregate(plan.directory)
+    text = report.run([str(plan.directory)], out_dir=str(tmp_path / "r1"))
+    assert f"PARTIAL campaign {plan.directory}: 1 of 2 trials finished." in text
+    run_trial(settings, TrialPoint(second.kind, second.site, second.bit, second.seed))
+    R.aggregate(plan.directory)
+    assert report._completeness([plan.directory]) == []  # the lines report.run puts first
+    (plan.directory / "faults" / f"{R.trial_key(first.kind, first.site, first.bit, first.seed)}.parquet").unlink()
+    (line, _), = [report._completeness([plan.directory])]
+    assert line.startswith(f"PARTIAL campaign {plan.directory}: 1 of 2 trials finished; trials.parquet holds 2; "
+                           "1 with missing or damaged files (neuron-s0001-b30-seed")
+
+
+# ---------------------------------------------------------------- item 5: outcome classes
+
+
+class _SignSum(nn.Module):
+    """logits = [s, 0, -s] with s the sum of the two input values: class 0 for +1.5, +1.5 and
+    class 2 for -1.5, -1.5. Flipping bit 30 of 1.5 gives NaN; flipping bit 31 gives s = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]]))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_every_fault_is_masked_sdc_or_nonfinite_and_failure_rate_counts_nonfinite():
+    images = torch.tensor([1.5, -1.5]).repeat_interleave(4).view(8, 1, 1, 1).expand(8, 1, 1, 2).contiguous()
+    labels = torch.tensor([0, 0, 0, 0, 2, 2, 2, 2])
+    bench = engine.prepare(_SignSum(), (images, labels), "fp32", batch_size=3, device="cpu")
+    site = bench.sites[0]  # the input
+    nan = engine.run_faults(bench, site, "neuron", 30, seed=1, record="all").counts
+    # NaN logits: argmax 0, so the four class-0 images look "unchanged" to the seed's metric
+    assert (nan.total("nonfinite"), nan.total("sdc"), nan.masked, nan.mismatches) == (8, 0, 0, 4)
+    assert nan.misclassification_rate == 0.5 and nan.failure_rate == 1.0 and nan.sdc_rate == 0.0
+    sign = engine.run_faults(bench, site, "neuron", 31, seed=1).counts
+    assert (sign.total("nonfinite"), sign.total("sdc"), sign.masked, sign.mismatches) == (0, 4, 4, 4)
+    assert sign.misclassification_rate == 0.5 == sign.failure_rate and sign.sdc_rate == 0.5 == sign.masked_rate
+
+
+def test_trial_rows_bits_and_faults_carry_the_outcome_classes(tmp_path):
+    row = run_trial(_settings(tmp_path, images=600, weights=None), TrialPoint("neuron", 1, 30, 4))  # trained weights
+    faults = pd.read_parquet(tmp_path / "faults")
+    expected = np.where(faults["nonfinite"], "nonfinite", np.where(faults["changed"], "sdc", "masked"))
+    assert (faults["outcome"] == expected).all() and len(faults) == 600
+    counts = faults["outcome"].value_counts()
+    assert (row["masked"], row["sdc"], row["nonfinite"]) == tuple(int(counts.get(k, 0)) for k in ("masked", "sdc", "nonfinite"))
+    assert row["failures"] == int((faults["golden_correct"] & (faults["changed"] | faults["nonfinite"])).sum())
+    assert min(row["masked"], row["sdc"], row["nonfinite"]) > 0 and row["failure_rate"] == row["failures"] / row["golden_correct"]
+    assert row["failures"] > row["mismatches"]  # golden-correct images whose NaN logits kept argmax = golden
+    bits = pd.read_parquet(tmp_path / "parts" / "bits")
+    assert bits[["sdc", "failures", "nonfinite"]].sum().tolist() == [row["sdc"], row["failures"], row["nonfinite"]]
+
+
+# ---------------------------------------------------------------- item 6: bad input, one line
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plain_checkpoint(tmp_path) -> str:
+    path = tmp_path / "plain.pt"
+    torch.save(load_model("demo:vgg", weights="none").state_dict(), path)
+    return str(path)
+
+
+BAD_INPUT = [
+    (["run", "--seeds", str(2**63)], {}, "error: seeds: need whole numbers in 0..9223372036854775807"),
+    (["run", "--master-seed", str(2**63)], {}, "error: master_seed: use -1"),
+    (["run", "--model", "torchvision:resnet18", "--dataset", "fashion-mnist", "--images", "8"], {},
+     "error: model torchvision:resnet18 does not accept fashion-mnist's 1x28x28 images (Given groups=1"),
+    (["eval", "--model", "torchvision:resnet18", "--dataset", "fashion-mnist", "--images", "8"], {},
+     "error: model torchvision:resnet18 does not accept fashion-mnist's 1x28x28 images"),
+    (["run", "--out", "/proc/bitflip-campaigns"], {}, "error: out: cannot write to /proc/bitflip-campaigns/"),
+    (["run", "--address", "127.0.0.1:{port}"], {}, "error: address: cannot reach a Ray cluster at 127.0.0.1:"),
+    (["run", "--address", "nonsense"], {}, "error: address: 'nonsense' is not host:port"),
+    (["run", "--model", "torchvision:alexnet2"], {}, "error: unknown torchvision architecture 'alexnet2'"),
+    (["layers", "--model", "nosuch:x"], {}, "error: unknown model source 'nosuch'"),
+    (["run", "--model", "file:{ckpt}", "--dataset", "fashion-mnist"], {}, "--model demo:vgg --weights"),
+    (["run"], {"bit_flip_pos": "abc"}, "error: environment variable bit_flip_pos='abc': not a whole number"),
+    (["run"], {"bit_flip_pos": "40"}, "error: environment variable bit_flip_pos='40': use -1"),
+    (["run"], {"layer_num": "5-2"}, "error: environment variable layer_num='5-2': range 5-2 is reversed: write 2-5"),
+    (["run", "--images", "2.5"], {}, "error: images: cannot read '2.5' as a whole number or all"),
+    (["run", "--bits", "31-0"], {}, "error: bits: range 31-0 is reversed: write 0-31"),
+    (["run", "--layers", "5-2"], {}, "error: layers: range 5-2 is reversed: write 2-5"),
+    (["run", "--dtype", "fp64"], {}, "error: argument --dtype: invalid choice: 'fp64'"),
+    (["run", "--batch-size", "many"], {}, "error: argument --batch-size: invalid int value: 'many'"),
+    (["run", "--gpus-per-trial", "nan"], {}, "error: gpus_per_trial: must be a finite number, got nan"),
+    (["run", "--max-concurrent", "0"], {}, "error: max_concurrent: must be a positive integer, got 0"),
+    (["run", "--num-seeds", "1000000000"], {}, "error: num_seeds: at most 100,000"),
+    (["run", "--name", " "], {}, "error: name: ' ' must be a plain directory name"),
+    (["run", "--name", "n" * 300], {}, "error: name: 300 bytes long: a directory name has at most 255"),
+    (["run", "{tmp}"], {}, "is a directory: pass a YAML file (to finish a campaign: `python -m campaign resume"),
+    (["resume", "{tmp}/edited"], {}, "edited/spec.json is not a complete campaign spec (KeyError: 'spec')"),
+    (["eval", "--device", "tpu"], {}, "error: device: 'tpu': use cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize("argv,env,expected", BAD_INPUT, ids=[" ".join(a[:3]) + (f" {e}" if e else "") for a, e, _ in BAD_INPUT])
+def test_bad_input_gets_one_line_before_any_work(argv, env, expected, tmp_path, monkeypatch, capsys):
+    for knob in ("bit_flip_pos", "layer_num", "layer_nums", "seed", "batch_size", "model_name", "dataset"):
+        monkeypatch.delenv(knob, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "spec.json").write_text('{"name": "edited"}')
+    argv = [a.format(port=_closed_port(), ckpt=_plain_checkpoint(tmp_path) if "{ckpt}" in a else "", tmp=tmp_path)
+            for a in argv]
+    if argv[0] == "run":
+        argv += [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+        argv += [] if "--model" in argv else ["--weights", "none"]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    for noise in ("usage:", "Traceback", "tuple[", "| None", "--arch"):
+        assert noise not in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- item 7: what a newcomer sees
+
+
+def test_progress_shows_no_eta_before_a_trial_finished(capsys):
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    progress = Progress(total=4, already=1, images_per_trial=100, every_s=0)
+    progress.on_trial_result(0, [], Trial("a"), {"images": 50})
+    progress.on_trial_complete(0, [], Trial("b"))
+    lines = capsys.readouterr().out.splitlines()
+    assert "ETA" not in lines[0] and lines[0].startswith("[campaign] 1/4 trials, ")
+    assert lines[1].startswith("[campaign] 2/4 trials, ") and ", ETA 00:" in lines[1]
+
+
+def test_ray_token_notice_is_dropped_but_its_security_warnings_are_not():
+    def record(message):
+        return logging.LogRecord("ray", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _NOTICE_FILTER.filter(record("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=..."))
+    assert _NOTICE_FILTER.filter(record("Token authentication is disabled for this Ray cluster. Anyone with ..."))
+
+
+def test_processes_of_a_killed_driver_are_stopped_and_nothing_else(tmp_path):
+    registry = tmp_path / "registry"
+    driver_code = textwrap.dedent(f"""
+        import subprocess, sys, time
+        from pathlib import Path
+        from campaign import processes
+        own = subprocess.Popen(["sleep", "600"])  # the user's, before Ray started: never stopped
+        processes.note_preexisting()
+        kids = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]
+        processes.record_started(Path({str(registry)!r}))
+        print(" ".join(str(k.pid) for k in kids), own.pid, flush=True)
+        time.sleep(600)
+    """)
+    kids: list[int] = []
+    bystander = subprocess.Popen(["sleep", "600"])
+    driver = subprocess.Popen([sys.executable, "-c", driver_code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        *kids, own = [int(p) for p in driver.stdout.readline().split()]
+        assert len(kids) == 2 and processes.stop_orphans(registry) == []  # its driver still runs
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        assert sorted(processes.stop_orphans(registry)) == sorted(kids)
+        assert all(processes.start_time(k) is None for k in kids)
+        assert bystander.poll() is None and list(registry.iterdir()) == []
+        assert processes.start_time(own) is not None  # started by the driver before Ray: not ours to stop
+        kids.append(own)  # cleaned up below
+    finally:
+        for process in (bystander, driver):
+            process.kill()
+            process.wait()
+        for pid in kids:
+            if processes.start_time(pid) is not None:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_layers_needs_no_data_files(tmp_path, monkeypatch, capsys):
+    hub = write_hub(tmp_path / "hub")
+    monkeypatch.setenv("BITFLIP_DATA_ROOT", str(tmp_path / "no-data-here"))
+    code = cli.main(["layers", "--model", "chenyaofo:cifar10_resnet20", "--hub-dir", hub, "--weights", "none"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("chenyaofo:cifar10_resnet20 on cifar10 input [3, 32, 32]: 5 neuron sites")
+    assert not (tmp_path / "no-data-here").exists()
