@@ -167,7 +167,7 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         mode=s.dtype, batch_size=s.batch_size, images_per_weight_fault=s.images_per_weight_fault, record=s.record,
         target_margin=s.target_margin, report_every=s.report_every, cpus_per_trial=s.cpus_per_trial,
         inputs=dict(plan.inputs),
-        prefix=s.prefix, prefix_cache_mb=s.prefix_cache_mb,
+        prefix=plan.reuses_prefix, prefix_cache_mb=s.prefix_cache_mb,
     ))
 
 

@@ -2,13 +2,14 @@
 validated and resolved into the list of trials before Ray starts."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 SITE_KINDS = ("neuron", "weight")  # the default kinds
 ALL_SITE_KINDS = ("neuron", "weight", "param")
@@ -303,6 +304,12 @@ class ResolvedCampaign:
     def directory(self) -> Path:
         return self.spec.directory
 
+    @property
+    def reuses_prefix(self) -> bool:
+        """Prefix reuse pays only when a site has several trials (seeds x bits) to share its
+        cached prefix; with one trial per site (the demo) the full pass is cheaper."""
+        return self.spec.prefix and trials_per_site(self.trials) > 1
+
     def identity(self) -> dict[str, Any]:
         values = dataclasses.asdict(self.spec)
         values.update(dataset=self.dataset, seeds=list(self.seeds), sites=list(self.spec.sites))
@@ -450,7 +457,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                  if line.startswith(("leaf modules that never", "calls that are no")) and not line.endswith(": none"))
     return ResolvedCampaign(spec, dataset, seeds, table, sites_by_kind,
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
-                            input_digests(spec, data, model), notes=said + _prefix_notes(spec, model, probe, selected))
+                            input_digests(spec, data, model), notes=said + _prefix_notes(spec, model, probe, selected, trials))
 
 
 def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exception) -> str:
@@ -468,9 +475,15 @@ def input_digests(spec: CampaignSpec, data, model) -> dict[str, str]:
     return digests(spec.model, spec.weights, spec.hub_dir, spec.hub_ref, data, model)
 
 
-def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list]) -> tuple[str, ...]:
+def trials_per_site(trials: Sequence[TrialPlan]) -> int:
+    """The most trials that share one (kind, site)."""
+    counts = collections.Counter((t.kind, t.site) for t in trials)
+    return max(counts.values(), default=0)
+
+
+def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list], trials: Sequence[TrialPlan]) -> tuple[str, ...]:
     """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix."""
-    if not spec.prefix:
+    if not spec.prefix or trials_per_site(trials) < 2:
         return ()
     from trainables.suffix import fallback_reasons
 

@@ -200,7 +200,16 @@ def test_trials_are_site_major_and_a_splittable_model_has_no_notes():
     plan = resolve(CampaignSpec(model="demo:vgg", sites=("neuron",), layers="1,2", bits="30,31", seeds=(5, 6), images=8))
     assert [(t.site, t.seed, t.bit) for t in plan.trials] == [
         (1, 5, 30), (1, 5, 31), (1, 6, 30), (1, 6, 31), (2, 5, 30), (2, 5, 31), (2, 6, 30), (2, 6, 31)]
-    assert plan.notes == ()
+    assert plan.notes == () and plan.reuses_prefix
+
+
+def test_prefix_reuse_is_used_only_where_a_site_has_several_trials():
+    """One trial per site (the demo: one seed, random bit) has no cached prefix to share."""
+    one = dict(model="demo:vgg", sites=("neuron",), layers="1,2", images=8)
+    assert not resolve(CampaignSpec(**one, bits="random", seeds=(5,))).reuses_prefix
+    assert resolve(CampaignSpec(**one, bits="random", seeds=(5, 6))).reuses_prefix
+    assert resolve(CampaignSpec(**one, bits="30,31", seeds=(5,))).reuses_prefix
+    assert not resolve(CampaignSpec(**one, bits="30,31", seeds=(5, 6), prefix=False)).reuses_prefix
 
 
 def test_trial_rows_say_which_path_ran_and_agree(tmp_path):
