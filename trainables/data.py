@@ -272,14 +272,23 @@ def parse_synthetic(name: str) -> SyntheticSpec:
 def make_synthetic(spec: SyntheticSpec, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard-normal images and uniform labels from a fixed seed; image i does not depend
     on N or ``limit`` (each image has its own generator stream)."""
-    n = spec.num_images if limit is None else min(limit, spec.num_images)
-    labels = torch.randint(0, spec.num_classes, (spec.num_images,), generator=torch.Generator().manual_seed(SYNTHETIC_SEED))[:n]
-    images = torch.empty((n, spec.channels, spec.height, spec.width), dtype=torch.float32)
+    return _seeded_examples(spec.num_images, limit, spec.num_classes, SYNTHETIC_SEED,
+                            (spec.channels, spec.height, spec.width), torch.float32,
+                            lambda generator, out: torch.randn(out.shape, generator=generator, out=out))
+
+
+def _seeded_examples(total: int, limit: int | None, num_classes: int, seed: int, shape: tuple[int, ...],
+                     dtype: torch.dtype, draw: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels from ``seed`` and example i from its own stream (``seed + 1 + i``), so no example
+    depends on ``total`` or ``limit``; ``draw(generator, out)`` fills one example."""
+    n = total if limit is None else min(limit, total)
+    labels = torch.randint(0, num_classes, (total,), generator=torch.Generator().manual_seed(seed))[:n]
+    examples = torch.empty((n, *shape), dtype=dtype)
     generator = torch.Generator()
     for i in range(n):
-        generator.manual_seed(SYNTHETIC_SEED + 1 + i)
-        torch.randn(images.shape[1:], generator=generator, out=images[i])
-    return images, labels
+        generator.manual_seed(seed + 1 + i)
+        draw(generator, examples[i])
+    return examples, labels
 
 
 @dataclass(frozen=True)
@@ -305,14 +314,8 @@ def parse_synthetic_tokens(name: str) -> SyntheticTokensSpec:
 def make_synthetic_tokens(spec: SyntheticTokensSpec, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform int64 token ids in [0, vocab) and uniform labels from a fixed seed; example i
     does not depend on N or ``limit`` (each example has its own generator stream)."""
-    n = spec.num_examples if limit is None else min(limit, spec.num_examples)
-    labels = torch.randint(0, spec.num_classes, (spec.num_examples,), generator=torch.Generator().manual_seed(SYNTHETIC_TOKENS_SEED))[:n]
-    tokens = torch.empty((n, spec.length), dtype=torch.int64)
-    generator = torch.Generator()
-    for i in range(n):
-        generator.manual_seed(SYNTHETIC_TOKENS_SEED + 1 + i)
-        torch.randint(0, spec.vocab, (spec.length,), generator=generator, out=tokens[i])
-    return tokens, labels
+    return _seeded_examples(spec.num_examples, limit, spec.num_classes, SYNTHETIC_TOKENS_SEED, (spec.length,), torch.int64,
+                            lambda generator, out: torch.randint(0, spec.vocab, out.shape, generator=generator, out=out))
 
 
 # ---------------------------------------------------------------- registry and entry point
