@@ -9,7 +9,15 @@ tables, Wilson intervals, comparisons and plots. Imports neither torch nor ray.
 from analysis.compare import compare
 from analysis.load import load, load_bits, load_faults
 from analysis.tables import (
-    bit_field, per_bit, per_bit_field, per_seed, per_site, per_type, pool, seed_layer_lines, site_by_bit,
+    bit_field,
+    per_bit,
+    per_bit_field,
+    per_seed,
+    per_site,
+    per_type,
+    pool,
+    seed_layer_lines,
+    site_by_bit,
     write_seed_csv,
 )
 

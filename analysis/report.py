@@ -12,13 +12,22 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from analysis.compare import compare
-from trainables import results as R
 from analysis.load import IDENTITY, campaign_dirs, load, load_bits
 from analysis.plots import plot_bit_rates, plot_site_bit_heatmap, plot_site_rates
 from analysis.tables import (
-    FORMATS, group_title, groups, per_bit, per_bit_field, per_seed, per_site, per_type, seed_layer_lines,
-    site_by_bit, write_seed_csv,
+    FORMATS,
+    group_title,
+    groups,
+    per_bit,
+    per_bit_field,
+    per_seed,
+    per_site,
+    per_type,
+    seed_layer_lines,
+    site_by_bit,
+    write_seed_csv,
 )
+from trainables import results as R
 
 
 def _pct(x: float) -> str:

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from campaign.spec import CampaignSpec, resolve  # noqa: E402
 from trainables import trial as trial_mod  # noqa: E402
-from trainables.engine import math_mode  # noqa: E402
+from trainables.inject.engine import math_mode  # noqa: E402
 from trainables.trial import CampaignSettings, TrialPoint, run_trial  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Engine throughput, side by side in one process on the same inputs and batch size:
 clean inference images/s, fast-engine neuron, weight and param injections/s, neuron
 injections/s at sites whose module returns a tuple (nn.MultiheadAttention) when the model
-has them, and the seed's PyTorchFI + bitstring procedure (trainables.reference) injections/s.
+has them, and the seed's PyTorchFI + bitstring procedure (trainables.inject.reference) injections/s.
 
     python benchmarks/engine.py --model torchvision:resnet18 --batch-size 256
     python benchmarks/engine.py --model torchvision:vit_b_16 --input-shape 3x224x224 --batch-size 32 --images 128 --reference-images 0
@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainables import engine  # noqa: E402
-from trainables.models import load_model  # noqa: E402
-from trainables.reference import reference_run  # noqa: E402
-from trainables.sites import select_sites  # noqa: E402
+from trainables.inject import engine  # noqa: E402
+from trainables.inject.reference import reference_run  # noqa: E402
+from trainables.inject.sites import select_sites  # noqa: E402
+from trainables.zoo.models import load_model  # noqa: E402
 
 
 def spread(items: list, k: int) -> list:

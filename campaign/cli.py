@@ -6,7 +6,15 @@ import os
 import signal
 import sys
 
-from campaign.spec import MODES, RECORD_LEVELS, CampaignSpec, SpecError, spec_from_mapping, spec_from_seed_env, spec_from_yaml
+from campaign.spec import (
+    MODES,
+    RECORD_LEVELS,
+    CampaignSpec,
+    SpecError,
+    spec_from_mapping,
+    spec_from_seed_env,
+    spec_from_yaml,
+)
 
 RUN_EPILOG = """\
 Settings are layered: defaults < the seed study's environment knobs (model_name, dataset,
@@ -153,8 +161,8 @@ def _finish(outcome) -> int:
 def _load_for_inspection(args, shape_only: bool = False):
     """(spec, data set name, data, model) for layers/eval; ``shape_only``: CIFAR is not read
     (a site table needs only the input shape), its data is one blank image."""
-    from trainables.data import CIFAR_SPECS, Dataset, load_dataset
-    from trainables.models import check_model_name, default_dataset_for, load_model
+    from trainables.zoo.data import CIFAR_SPECS, Dataset, load_dataset
+    from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
     spec = spec_from_mapping(_flags(args), source="flags")
     try:
@@ -180,8 +188,8 @@ def _load_for_inspection(args, shape_only: bool = False):
 
 def cmd_layers(args) -> int:
     from campaign.spec import check_plain_fields, shape_mismatch
-    from trainables.engine import MATH_MODES
-    from trainables.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
+    from trainables.inject.engine import MATH_MODES
+    from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
 
     spec, dataset, data, model = _load_for_inspection(args, shape_only=True)
     bad_kinds = [p for p in check_plain_fields(spec) if p.startswith("sites:")]
@@ -216,7 +224,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from trainables.engine import prepare
+    from trainables.inject.engine import prepare
 
     device = _check_device(args.device)
     spec, dataset, data, model = _load_for_inspection(args)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import logging
+import os
 import signal
 import socket
 import sys
@@ -27,7 +27,15 @@ from ray.tune.logger import JsonLoggerCallback
 from campaign import processes
 from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecError, resolve
 from trainables.results import (
-    SPEC_FILE, aggregate, check_trials, discard_trial, finished_keys, read_spec, rename_campaign, trial_key, write_spec,
+    SPEC_FILE,
+    aggregate,
+    check_trials,
+    discard_trial,
+    finished_keys,
+    read_spec,
+    rename_campaign,
+    trial_key,
+    write_spec,
 )
 from trainables.trial import CampaignSettings, TrialPoint, run_trial
 

@@ -378,12 +378,12 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     expand it into trials. Raises SpecError listing every problem found."""
     import torch
 
-    from trainables.bitflip import dtype_width
-    from trainables.data import check_dataset_name, load_dataset
-    from trainables.engine import MATH_MODES
-    from trainables.faults import derive_seeds
-    from trainables.models import check_model_name, default_dataset_for, load_model
-    from trainables.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
+    from trainables.inject.bitflip import dtype_width
+    from trainables.inject.engine import MATH_MODES
+    from trainables.inject.faults import derive_seeds
+    from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
+    from trainables.zoo.data import check_dataset_name, load_dataset
+    from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
     problems = check_plain_fields(spec)
     dataset = spec.dataset or default_dataset_for(spec.model)
@@ -485,7 +485,7 @@ def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list], 
     """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix."""
     if not spec.prefix or trials_per_site(trials) < 2:
         return ()
-    from trainables.suffix import fallback_reasons
+    from trainables.inject.suffix import fallback_reasons
 
     chosen = [(kind, site) for kind, sites in selected.items() for site in sites]
     return tuple(f"prefix reuse: {spec.model}: {len(names)} {kind} site(s) run the full forward pass "

@@ -4,7 +4,7 @@ the training split, as gzipped IDX files ``calib-{images-idx3,labels-idx1}-ubyte
     python scripts/make_fashion_calib.py --data /usr/share/datasets/fashion-mnist --out data/fashion-mnist/
 
 The gzip stream carries no file name and time 0, so with the same zlib the bytes (and the SHA-256s printed
-for trainables.data.FASHION_MNIST_CALIB_SHA256) are the same on every run.
+for trainables.zoo.data.FASHION_MNIST_CALIB_SHA256) are the same on every run.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from trainables.data import FASHION_MNIST_CALIB_IMAGES, read_idx_split, sha256_file  # noqa: E402
+from trainables.zoo.data import FASHION_MNIST_CALIB_IMAGES, read_idx_split, sha256_file  # noqa: E402
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -1,10 +1,10 @@
 """Train a demo model (demo:vgg, demo:resnet or demo:vit) on the Fashion-MNIST training
-split and write its weights for trainables/weights/, deterministically on the CPU.
+split and write its weights for trainables/zoo/weights/, deterministically on the CPU.
 
-    python scripts/train_demo.py --data /usr/share/datasets/fashion-mnist --model vgg --out trainables/weights/
+    python scripts/train_demo.py --data /usr/share/datasets/fashion-mnist --model vgg --out trainables/zoo/weights/
 
-Prints the training split's pixel mean/std (the constants trainables.data normalizes
-with), the test accuracy after every epoch, and the weights' SHA-256 for trainables.models.
+Prints the training split's pixel mean/std (the constants trainables.zoo.data normalizes
+with), the test accuracy after every epoch, and the weights' SHA-256 for trainables.zoo.models.
 """
 from __future__ import annotations
 
@@ -19,9 +19,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from trainables.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalize_fashion_mnist, read_idx_split, sha256_file  # noqa: E402
-from trainables.demo_models import DEMO_ARCHS  # noqa: E402
-
+from trainables.zoo.data import (  # noqa: E402
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    normalize_fashion_mnist,
+    read_idx_split,
+    sha256_file,
+)
+from trainables.zoo.demo_models import DEMO_ARCHS  # noqa: E402
 
 # Per-model defaults of the flags that differ (the CNNs use the common ones). The transformer
 # takes stronger weight decay and flips only: 2-px crops shift content across its 7-px
@@ -85,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     pixels = train_u8.double() / 255.0
     mean, std = float(pixels.mean()), float(pixels.std(unbiased=False))
     print(f"training split: {len(train_u8)} images, pixel mean {mean:.5f} std {std:.5f} "
-          f"(trainables.data uses {FASHION_MNIST_MEAN:.4f} / {FASHION_MNIST_STD:.4f})")
+          f"(trainables.zoo.data uses {FASHION_MNIST_MEAN:.4f} / {FASHION_MNIST_STD:.4f})")
     if round(mean, 4) != FASHION_MNIST_MEAN or round(std, 4) != FASHION_MNIST_STD:
-        print("warning: these differ from the constants in trainables/data.py", file=sys.stderr)
+        print("warning: these differ from the constants in trainables/zoo/data.py", file=sys.stderr)
     train_x, test_x = normalize_fashion_mnist(train_u8), normalize_fashion_mnist(test_u8)
 
     model = DEMO_ARCHS[args.model]()

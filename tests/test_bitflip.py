@@ -5,7 +5,7 @@ import pytest
 import torch
 from bitstring import BitArray
 
-from trainables.bitflip import bit_field, bit_from_msb_first, dtype_width, flip_bit
+from trainables.inject.bitflip import bit_field, bit_from_msb_first, dtype_width, flip_bit
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}

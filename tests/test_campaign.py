@@ -2,9 +2,9 @@
 worker-crash retries, resume after SIGKILL / Ctrl-C of the driver."""
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
-import shutil
 import sys
 import time
 from pathlib import Path

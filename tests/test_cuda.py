@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.models_for_tests import make_data, plain_net, shared_relu_net
-from trainables import engine
-from trainables.bitflip import dtype_width, flip_bit
-from trainables.reference import reference_run
-from trainables.sites import select_sites
+from trainables.inject import engine
+from trainables.inject.bitflip import dtype_width, flip_bit
+from trainables.inject.reference import reference_run
+from trainables.inject.sites import select_sites
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,4 +1,4 @@
-"""trainables.data: the shipped Fashion-MNIST test and calibration splits, CIFAR from
+"""trainables.zoo.data: the shipped Fashion-MNIST test and calibration splits, CIFAR from
 torchvision's file layout (fixtures built here, offline), synthetic images and tokens, and
 argument checking."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainables import data
-from trainables.data import (
+from trainables.zoo import data
+from trainables.zoo.data import (
     DATASETS,
     Dataset,
     DatasetNotFoundError,

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from tests.models_for_tests import make_data, plain_net, shared_relu_net
-from trainables import engine
-from trainables.bitflip import flip_bit
-from trainables.sites import Site, select_sites
+from trainables.inject import engine
+from trainables.inject.bitflip import flip_bit
+from trainables.inject.sites import Site, select_sites
 
 
 def bench_for(model, batch_size=64, mode="fp32", n=200):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from trainables.faults import parse_bit_spec, sample_faults, uniform_below
+from trainables.inject.faults import parse_bit_spec, sample_faults, uniform_below
 
 
 def test_fault_list_does_not_depend_on_how_the_range_is_cut():

@@ -16,18 +16,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_data import write_cifar
+from test_models import write_hub
 from torch import nn
 
 from analysis import report
 from campaign import cli, processes
-from campaign.runner import Progress, _NOTICE_FILTER, record_spec, run_campaign, settings_for, spec_from_directory
+from campaign.runner import _NOTICE_FILTER, Progress, record_spec, run_campaign, settings_for, spec_from_directory
 from campaign.spec import CampaignSpec, SpecError, resolve
-from test_data import write_cifar
-from test_models import write_hub
-from trainables import engine
 from trainables import results as R
-from trainables.models import load_model
+from trainables.inject import engine
 from trainables.trial import CampaignSettings, TrialPoint, run_trial
+from trainables.zoo.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(images=64, layers="1", sites=("neuron",), bits="30")

@@ -1,4 +1,4 @@
-"""trainables.models: every model source offline (a local torch.hub directory and a fake hub
+"""trainables.zoo.models: every model source offline (a local torch.hub directory and a fake hub
 cache built here, torchvision random init, TorchScript and checkpoint files, hostile files)
 and the shipped demo models' accuracy on the shipped Fashion-MNIST test split."""
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from trainables import models
-from trainables.data import load_dataset, sha256_file
-from trainables.demo_models import DemoResNet, DemoText, DemoVGG, DemoViT
-from trainables.models import check_model_name, default_dataset_for, load_model
-from trainables.sites import enumerate_sites
+from trainables.inject.sites import enumerate_sites
+from trainables.zoo import models
+from trainables.zoo.data import load_dataset, sha256_file
+from trainables.zoo.demo_models import DemoResNet, DemoText, DemoVGG, DemoViT
+from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
 # Correct top-1 predictions on the 10,000 Fashion-MNIST test images, CPU fp32
-# (trainables/weights/README.md: 91.78%, 91.20%, 89.18%).
+# (trainables/zoo/weights/README.md: 91.78%, 91.20%, 89.18%).
 DEMO_CORRECT = {"vgg": 9178, "resnet": 9120, "vit": 8918}
 DEMO_SHA256 = {
     "vgg": "c99dfcdbb7af1dc99080bed92a39b900117f01b86a1d959644ed1f757c944004",
@@ -496,7 +496,7 @@ def test_random_initialization_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = "from trainables.models import load_model; import torch; print(float(load_model('demo:vgg', weights='none').features[0].weight.detach().sum()))"
+    code = "from trainables.zoo.models import load_model; import torch; print(float(load_model('demo:vgg', weights='none').features[0].weight.detach().sum()))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
     torch.manual_seed(123)
     here = float(load_model("demo:vgg", weights="none").features[0].weight.detach().sum())

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.models_for_tests import make_data, plain_net
-from trainables import engine
-from trainables.reference import bitstring_flip, reference_run
-from trainables.sites import select_sites
+from trainables.inject import engine
+from trainables.inject.reference import bitstring_flip, reference_run
+from trainables.inject.sites import select_sites
 
 
 @pytest.mark.parametrize("bit,memory_format", [(30, torch.contiguous_format), ("random", torch.contiguous_format),

@@ -3,7 +3,7 @@ import pytest
 from torch import nn
 
 from tests.models_for_tests import plain_net, shared_relu_net
-from trainables.sites import enumerate_sites, parse_index_list, select_sites, site_table
+from trainables.inject.sites import enumerate_sites, parse_index_list, select_sites, site_table
 
 
 def test_plain_net_sites_follow_forward_order_with_input_first():

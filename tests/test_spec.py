@@ -6,8 +6,16 @@ import pytest
 
 from campaign import spec as spec_mod
 from campaign.cli import build_parser, spec_from_args
-from campaign.spec import CampaignSpec, SpecError, parse_bits, resolve, spec_from_mapping, spec_from_seed_env, spec_from_yaml
-from trainables.faults import derive_seeds
+from campaign.spec import (
+    CampaignSpec,
+    SpecError,
+    parse_bits,
+    resolve,
+    spec_from_mapping,
+    spec_from_seed_env,
+    spec_from_yaml,
+)
+from trainables.inject.faults import derive_seeds
 
 FAST = dict(model="demo:vgg", weights="none", images=64)
 

@@ -1,4 +1,4 @@
-"""Prefix reuse (trainables.suffix): every record identical to the full forward pass, the
+"""Prefix reuse (trainables.inject.suffix): every record identical to the full forward pass, the
 cache left intact, its budget kept, and models that cannot be split running the full pass."""
 import numpy as np
 import pandas as pd
@@ -9,11 +9,11 @@ from torch.nn import functional as F
 
 from campaign.spec import CampaignSpec, SpecError, resolve, spec_from_mapping
 from tests.models_for_tests import make_data
-from trainables import engine, suffix
-from trainables.data import load_dataset
-from trainables.demo_models import DemoViT
-from trainables.models import load_model
+from trainables.inject import engine, suffix
 from trainables.trial import CampaignSettings, TrialPoint, run_trial
+from trainables.zoo.data import load_dataset
+from trainables.zoo.demo_models import DemoViT
+from trainables.zoo.models import load_model
 
 
 class FunctionalResidual(nn.Module):

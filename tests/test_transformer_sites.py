@@ -12,15 +12,21 @@ from torch import nn
 from campaign.cli import build_parser, main, spec_from_args
 from campaign.spec import CampaignSpec, SpecError, resolve
 from tests.models_for_tests import make_data, plain_net
-from trainables import engine
-from trainables.data import load_dataset
-from trainables.models import load_model
-from trainables.reference import bitstring_flip
-from trainables.sites import (
-    coverage_lines, enumerate_sites, match_modules, param_sites, parse_patterns, select_campaign_sites, select_params,
+from trainables.inject import engine
+from trainables.inject.reference import bitstring_flip
+from trainables.inject.sites import (
+    coverage_lines,
+    enumerate_sites,
+    match_modules,
+    param_sites,
+    parse_patterns,
+    select_campaign_sites,
+    select_params,
     survey,
 )
 from trainables.trial import CampaignSettings, TrialPoint, run_trial
+from trainables.zoo.data import load_dataset
+from trainables.zoo.models import load_model
 
 MHA = "encoder.layers.encoder_layer_{}.self_attention"
 

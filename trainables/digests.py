@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from trainables.data import sha256_file
-from trainables.models import NO_WEIGHTS, ZOO_DEFAULT_REF, demo_weights_path, split_model_name, zoo_cache_dir
+from trainables.zoo.data import sha256_file
+from trainables.zoo.models import NO_WEIGHTS, ZOO_DEFAULT_REF, demo_weights_path, split_model_name, zoo_cache_dir
 
 # The digests and how messages name them.
 DIGEST_FIELDS = {"weights_sha256": "the weights", "data_sha256": "the data (images and labels used)",

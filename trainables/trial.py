@@ -17,13 +17,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from trainables import engine
-from trainables.bitflip import check_bit
-from trainables.data import load_dataset
 from trainables.digests import changed_inputs, input_digests
-from trainables.faults import parse_bit_spec
-from trainables.models import load_model
+from trainables.inject import engine
+from trainables.inject.bitflip import check_bit
+from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, write_trial
+from trainables.zoo.data import load_dataset
+from trainables.zoo.models import load_model
 
 _WORKBENCH: dict[tuple, tuple[engine.Workbench, bool]] = {}
 
@@ -48,7 +48,7 @@ class CampaignSettings:
     target_margin: float | None = None
     report_every: int = 2048
     cpus_per_trial: float = 1.0
-    prefix: bool = True  # prefix reuse (same results; see trainables.suffix)
+    prefix: bool = True  # prefix reuse (same results; see trainables.inject.suffix)
     prefix_cache_mb: float | None = None  # its cache budget per worker; None: a quarter of free memory
     inputs: dict | None = None  # content digests the driver planned with (trainables.digests); checked on load
 

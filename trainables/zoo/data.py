@@ -25,7 +25,7 @@ import torch
 
 DATA_ROOT_ENV = "BITFLIP_DATA_ROOT"
 DEFAULT_DATA_ROOT = "~/.cache/bitflip/data"
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist"
 
 # Fashion-MNIST: SHA-256 of the shipped gzip files (Debian's dataset-fashion-mnist, the
 # upstream files) and the pixel mean/std of the 60,000 training images, pixels in [0, 1]

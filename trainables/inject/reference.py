@@ -17,10 +17,10 @@ from bitstring import BitArray
 from pytorchfi.core import fault_injection
 from torch import nn
 
-from trainables.bitflip import dtype_width
-from trainables.engine import DEFAULT_IMAGES_PER_WEIGHT_FAULT, check_mode, math_mode
-from trainables.faults import BitSpec, sample_faults
-from trainables.sites import Site, find_module
+from trainables.inject.bitflip import dtype_width
+from trainables.inject.engine import DEFAULT_IMAGES_PER_WEIGHT_FAULT, check_mode, math_mode
+from trainables.inject.faults import BitSpec, sample_faults
+from trainables.inject.sites import Site, find_module
 
 
 def bitstring_flip(value: float, bit: int, dtype: torch.dtype) -> float:

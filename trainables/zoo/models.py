@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from trainables.data import sha256_file
-from trainables.demo_models import DEMO_ARCHS, DEMO_DATASETS, NUM_CLASSES
+from trainables.zoo.data import sha256_file
+from trainables.zoo.demo_models import DEMO_ARCHS, DEMO_DATASETS, NUM_CLASSES
 
 MODEL_FORMS = (
     "chenyaofo:<cifar10|cifar100>_<arch>",
@@ -370,7 +370,7 @@ def _load_demo(name: str, opts: LoadOptions) -> nn.Module:
     if actual != expected:
         raise ValueError(
             f"checksum mismatch for {path}: sha256 {actual}, expected {expected}. Restore the file from the "
-            f"repository, or after retraining with scripts/train_demo.py update DEMO_WEIGHTS in trainables/models.py"
+            f"repository, or after retraining with scripts/train_demo.py update DEMO_WEIGHTS in trainables/zoo/models.py"
         )
     return _finish(load_weights(model, str(path), f"demo:{name}"))
 

@@ -4,7 +4,7 @@ Neuron faults: a forward hook on the site's module flips one element of its outp
 image (all images of a batch in one vectorized gather/XOR/scatter). Weight faults: one
 weight element per group of ``images_per_weight_fault`` consecutive images is flipped in
 place, the group's images run, and the same XOR restores it bit for bit. No model copies.
-With ``prefix=True`` (trainables.suffix) the fault-free part before the site is computed
+With ``prefix=True`` (trainables.inject.suffix) the fault-free part before the site is computed
 once per batch and cached, and each fault runs only the rest: same results, less work.
 
 Usable without Ray::
@@ -24,10 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainables import suffix
-from trainables.bitflip import INT_VIEW, bit_masks, check_bit, dtype_width
-from trainables.faults import BitSpec, FaultList, sample_faults
-from trainables.sites import ParamSite, Site, check_logits, enumerate_sites, find_module, find_tensor, param_sites
+from trainables.inject import suffix
+from trainables.inject.bitflip import INT_VIEW, bit_masks, check_bit, dtype_width
+from trainables.inject.faults import BitSpec, FaultList, sample_faults
+from trainables.inject.sites import (
+    ParamSite,
+    Site,
+    check_logits,
+    enumerate_sites,
+    find_module,
+    find_tensor,
+    param_sites,
+)
 from trainables.stats import wilson_interval
 
 MATH_MODES: dict[str, torch.dtype] = {
@@ -79,7 +87,7 @@ class Workbench:
     mode: str
     batch_size: int
     device: torch.device
-    prefix: bool = False  # reuse the fault-free prefix of the forward pass (trainables.suffix)
+    prefix: bool = False  # reuse the fault-free prefix of the forward pass (trainables.inject.suffix)
     prefix_cache_mb: float | None = None  # golden-activation cache budget; None: a quarter of free memory
     prefix_state: suffix.PrefixState | None = field(default=None, repr=False, compare=False)
     params: list[ParamSite] = field(default_factory=list)  # param sites (their own numbering)
@@ -341,7 +349,7 @@ def neuron_hook(model: nn.Module, site: Site, faults: _BatchFaults) -> Iterator[
 
 
 def _faulty_logits(model: nn.Module, images: torch.Tensor, site: Site, faults: _BatchFaults) -> torch.Tensor:
-    """One faulty forward through the whole model (the full path; trainables.suffix runs the prefix-reuse path)."""
+    """One faulty forward through the whole model (the full path; trainables.inject.suffix runs the prefix-reuse path)."""
     faults.calls = faults.fired = 0
     if site.index == 0:
         images = _flip_elements(images, faults)

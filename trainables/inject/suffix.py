@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx, nn
 
-from trainables.sites import find_tensor
+from trainables.inject.sites import find_tensor
 
 # Modules whose output is a new tensor (unless built with inplace=True).
 _FRESH_MODULES = (

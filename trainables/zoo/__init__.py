@@ -1,0 +1,1 @@
+"""Model and data registries (name -> factory) and the shipped demo models."""
