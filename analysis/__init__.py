@@ -8,6 +8,7 @@ tables, Wilson intervals, comparisons and plots. Imports neither torch nor ray.
 """
 from analysis.compare import compare
 from analysis.load import load, load_bits, load_faults
+from analysis.paired import is_protected, pair_campaigns, protection_table, seed_protection_lines
 from analysis.tables import (
     bit_field,
     per_bit,
@@ -22,6 +23,6 @@ from analysis.tables import (
 )
 
 __all__ = [
-    "bit_field", "compare", "load", "load_bits", "load_faults", "per_bit", "per_bit_field", "per_seed",
+    "bit_field", "compare", "is_protected", "pair_campaigns", "protection_table", "seed_protection_lines", "load", "load_bits", "load_faults", "per_bit", "per_bit_field", "per_seed",
     "per_site", "per_type", "pool", "seed_layer_lines", "site_by_bit", "write_seed_csv",
 ]

@@ -11,8 +11,9 @@ from typing import Sequence, Union
 import numpy as np
 import pandas as pd
 
-from analysis.load import IDENTITY, campaign_dirs, load, load_bits
-from analysis.tables import SAMPLING, SITE_KEYS, groups, per_bit, per_bit_field, per_site, per_type
+from analysis.load import IDENTITY, OPTIONAL_IDENTITY, campaign_dirs, load, load_bits
+from analysis.paired import compare_protected
+from analysis.tables import FIELDS, SAMPLING, SITE_KEYS, groups, per_bit, per_bit_field, per_site, per_type
 
 Item = Union[pd.DataFrame, str, "os.PathLike[str]"]
 BY = {"site": SITE_KEYS, "bit": ("bit",), "field": ("field",), "type": ("site_type",)}
@@ -50,7 +51,7 @@ def _label_sides(tables: list[pd.DataFrame]) -> list[tuple[str, dict, pd.DataFra
     labels = []
     for ident, _ in sides:
         same = [other for other, _ in sides if other.get("campaign") == ident.get("campaign")]
-        varying = [c for c in (*IDENTITY, SAMPLING) if len({o.get(c) for o in same}) > 1]
+        varying = [c for c in (*IDENTITY, *OPTIONAL_IDENTITY, SAMPLING) if len({o.get(c) for o in same}) > 1]
         labels.append("/".join([ident.get("campaign") or "?"] + [str(ident[c]) for c in varying]))
     out, seen = [], {}
     for label, (ident, rows) in zip(labels, sides):
@@ -75,11 +76,19 @@ def compare(items: Union[Item, Sequence[Item]], by: str = "site") -> pd.DataFram
     ``golden_correct[L]``, and for every side after the first (the baseline) ``diff[L]``
     (rate minus the baseline's, a fraction) and ``overlap[L]`` (Wilson intervals intersect).
     ``.attrs['sides']`` maps each label L to its identity.
+
+    Protected campaigns (``--protect``) give analysis.paired's table instead (by 'site' or 'bit'):
+    unprotected and protected rates of the same faults, the reduction and the McNemar p; an
+    unprotected campaign given beside one is checked to hold the same faults and paired with it.
     """
     if by not in BY:
         raise ValueError(f"by must be one of {sorted(BY)}, not {by!r}")
     keys = list(BY[by])
-    sides = _label_sides([_table(f, by) for f in _frames(items, by)])
+    frames = _frames(items, by)
+    paired = compare_protected(frames, by)  # protected campaigns: paired rates and McNemar (analysis.paired)
+    if paired is not None:
+        return paired
+    sides = _label_sides([_table(f, by) for f in frames])
     if len(sides) < 2:
         raise ValueError(f"compare needs two or more campaigns (or kinds/modes), got {len(sides)}")
     merged = None
@@ -101,7 +110,7 @@ def compare(items: Union[Item, Sequence[Item]], by: str = "site") -> pd.DataFram
     for k in keys:
         merged[k] = merged[k].astype("int64" if k in ("site_index", "bit") else text)
     if by == "field":
-        merged["field"] = pd.Categorical(merged["field"], categories=["sign", "exponent", "mantissa"], ordered=True)
+        merged["field"] = pd.Categorical(merged["field"], categories=list(FIELDS), ordered=True)
     merged = merged.sort_values(keys, kind="stable").reset_index(drop=True)
     merged.attrs["sides"] = {label: ident for label, ident, _ in sides}
     return merged

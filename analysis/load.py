@@ -13,14 +13,17 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from trainables import results as R
+from trainables import storage
 
 PathLike = Union[str, "os.PathLike[str]"]
 Source = Union[PathLike, Sequence[PathLike]]
 
 IDENTITY = ("model", "dataset", "mode", "kind")
+# Identity columns with a default: tables group by one only where a row differs from its default, so
+# today's tables keep their columns; files written before the column existed read as the default.
+OPTIONAL_IDENTITY = {"fault": "flip", "weight_format": "none", "protect": "none"}  # fp8 weight storage; mitigation
 COUNTS = ("images", "golden_correct", "mismatches", "changed", "nonfinite")
 # Outcome-class counts (sdc: finite logits, top-1 changed; failures: golden-correct images whose
 # top-1 changed or whose logits are non-finite); NA in files written before they existed.
@@ -38,7 +41,7 @@ REQUIRED_FAULT_COLUMNS = ("trial_key", "image", "golden_correct", "changed", "bi
 # Trial columns joined onto per-bit and per-fault rows.
 TRIAL_KEYS_FOR_ROWS = (
     "campaign", "campaign_dir", "model", "dataset", "mode", "kind", "site_index", "site_name",
-    "site_type", "seed", "bit_spec",
+    "site_type", "seed", "bit_spec", "fault", "weight_format",
 )
 
 _STR = pd.StringDtype(na_value=np.nan)
@@ -82,21 +85,22 @@ FAULT_DTYPES = _schema_dtypes(R.FAULT_SCHEMA, FAULT_DTYPES)
 _NON_NULL = {"site_index", "bit", "seed", "image", *COUNTS}
 
 
-def campaign_dirs(source: Source) -> list[Path]:
-    """One path or a sequence of paths -> distinct campaign directories, in the order given."""
+def campaign_dirs(source: Source) -> list[Path | str]:
+    """One location or a sequence of them -> distinct campaign directories, in the order
+    given: local paths as Paths, object-store URIs (s3://bucket/prefix) as strings."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise ValueError("no campaign directory given")
-    seen: dict[Path, Path] = {}
+    seen: dict[Path | str, Path | str] = {}
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"expected a campaign directory path, got {type(item).__name__}")
-        path = Path(item)
-        seen.setdefault(path.resolve(), path)
+        path = storage.location(item) if storage.is_uri(item) else Path(item)
+        seen.setdefault(storage.location(item), path)
     return list(seen.values())
 
 
-def _check_version(path: Path, schema: pa.Schema) -> None:
+def _check_version(path: Path | str, schema: pa.Schema) -> None:
     """Refuse a parquet file without our schema version or with a newer one than we read."""
     raw = (schema.metadata or {}).get(R.VERSION_KEY)
     if raw is None:
@@ -114,45 +118,45 @@ def _check_version(path: Path, schema: pa.Schema) -> None:
         raise ValueError(f"{path}: unsupported schema version {version}")
 
 
-def _check_spec(directory: Path) -> dict:
+def _check_spec(directory: Path | str) -> dict:
     """Read spec.json, refusing a missing directory/spec or a newer schema version."""
-    if not directory.is_dir():
-        why = "it is a file" if directory.exists() else "it does not exist"
+    if not storage.is_dir(directory):
+        why = "it is a file" if storage.exists(directory) else "it does not exist"
         raise ValueError(f"{directory} is not a campaign directory: {why}")
-    if not (directory / R.SPEC_FILE).is_file():
-        hint = " (it has trials.parquet but no spec.json)" if (directory / R.TRIALS_FILE).exists() else ""
+    if not storage.is_file(storage.join(directory, R.SPEC_FILE)):
+        hint = " (it has trials.parquet but no spec.json)" if storage.exists(storage.join(directory, R.TRIALS_FILE)) else ""
         raise ValueError(f"{directory} is not a campaign directory: no {R.SPEC_FILE}{hint}")
     spec = R.read_spec(directory)
     version = spec.get("schema_version")
     if isinstance(version, int) and version > R.SCHEMA_VERSION:
         raise ValueError(
-            f"{directory / R.SPEC_FILE} has schema version {version}, newer than the supported "
+            f"{storage.join(directory, R.SPEC_FILE)} has schema version {version}, newer than the supported "
             f"{R.SCHEMA_VERSION}: update this checkout to read it"
         )
     return spec
 
 
-def _read_aggregate(directory: Path, file_name: str, required: Iterable[str]) -> pa.Table:
+def _read_aggregate(directory: Path | str, file_name: str, required: Iterable[str]) -> pa.Table:
     """Read trials.parquet or bits.parquet of a campaign, with clear errors for partial campaigns."""
-    path = directory / file_name
-    if not path.is_file():
+    path = storage.join(directory, file_name)
+    if not storage.is_file(path):
         parts = R.finished_keys(directory)
         state = f"{len(parts)} finished trial part(s) but no {file_name}" if parts else f"no {file_name} yet"
         raise ValueError(f"campaign {directory} has {state}: run `python -m campaign resume {directory}` to aggregate it")
     try:
-        schema = pq.read_schema(path)
+        schema = storage.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{path} is not a readable parquet file: {exc}") from None
     _check_version(path, schema)
     missing = [c for c in required if c not in schema.names]
     if missing:
         raise ValueError(f"{path} lacks required column(s) {missing}")
-    return pq.read_table(path)
+    return storage.read_table(path)
 
 
-def _campaign_name(frame: pd.DataFrame, spec: dict, directory: Path) -> pd.Series:
+def _campaign_name(frame: pd.DataFrame, spec: dict, directory: Path | str) -> pd.Series:
     """The trial rows' campaign name, filled from spec.json's name or the directory name."""
-    fallback = str(spec.get("name") or directory.resolve().name)
+    fallback = str(spec.get("name") or storage.name(storage.location(directory)))
     names = frame["campaign"].astype(_STR)
     return names.where(names.notna() & (names != ""), fallback)
 
@@ -219,7 +223,7 @@ def _concat(frames: list[pd.DataFrame], dtypes: dict[str, object]) -> pd.DataFra
     return normalize(joined, dtypes)
 
 
-def _trials_one(directory: Path) -> pd.DataFrame:
+def _trials_one(directory: Path | str) -> pd.DataFrame:
     """Trial rows of one campaign with strings as plain str (categoricals come after concat)."""
     spec = _check_spec(directory)
     table = _read_aggregate(directory, R.TRIALS_FILE, REQUIRED_TRIAL_COLUMNS)
@@ -228,6 +232,8 @@ def _trials_one(directory: Path) -> pd.DataFrame:
     frame = table.to_pandas()
     frame["campaign"] = _campaign_name(frame, spec, directory)
     frame["campaign_dir"] = str(directory)
+    for column, default in OPTIONAL_IDENTITY.items():
+        frame[column] = frame[column].fillna(default) if column in frame else default
     return frame
 
 
@@ -245,7 +251,7 @@ def load(source: Source) -> pd.DataFrame:
     return _concat(_load_trial_frames(source), TRIAL_DTYPES)
 
 
-def _join_trials(rows: pd.DataFrame, trials: pd.DataFrame, what: str, directory: Path) -> pd.DataFrame:
+def _join_trials(rows: pd.DataFrame, trials: pd.DataFrame, what: str, directory: Path | str) -> pd.DataFrame:
     """Attach the trial identity columns to per-bit or per-fault rows (inner join on trial_key)."""
     keys = trials[list(TRIAL_KEYS_FOR_ROWS) + ["trial_key"]]
     drop = [c for c in TRIAL_KEYS_FOR_ROWS if c in rows.columns]
@@ -253,10 +259,16 @@ def _join_trials(rows: pd.DataFrame, trials: pd.DataFrame, what: str, directory:
     if len(joined) < len(rows) and what == "bits":
         orphans = sorted(set(rows["trial_key"]) - set(trials["trial_key"]))[:3]
         raise ValueError(
-            f"{directory / R.BITS_FILE} has rows of trials not in {R.TRIALS_FILE} (e.g. {orphans}): "
+            f"{storage.join(directory, R.BITS_FILE)} has rows of trials not in {R.TRIALS_FILE} (e.g. {orphans}): "
             f"run `python -m campaign resume {directory}` to re-aggregate"
         )
     return joined
+
+
+def _directory_of(trials: pd.DataFrame) -> Path | str:
+    """The campaign directory of one campaign's trial rows (a Path, or a URI string)."""
+    directory = str(trials["campaign_dir"].iloc[0])
+    return directory if storage.is_uri(directory) else Path(directory)
 
 
 def load_bits(source: Source) -> pd.DataFrame:
@@ -267,7 +279,7 @@ def load_bits(source: Source) -> pd.DataFrame:
     """
     frames = []
     for trials in _load_trial_frames(source):
-        directory = Path(trials["campaign_dir"].iloc[0])
+        directory = _directory_of(trials)
         bits = _read_aggregate(directory, R.BITS_FILE, REQUIRED_BIT_COLUMNS).to_pandas()
         bits = bits[bits["images"] > 0]
         frames.append(_join_trials(bits, trials, "bits", directory))
@@ -279,13 +291,14 @@ def load_faults(source: Source) -> pd.DataFrame:
     identity columns; an empty frame with the same columns when no faults were recorded."""
     frames = []
     for trials in _load_trial_frames(source):
-        directory = Path(trials["campaign_dir"].iloc[0])
+        directory = _directory_of(trials)
         wanted = set(trials["trial_key"])
         tables = []
-        for path in sorted((directory / R.FAULTS_DIR).glob("*.parquet")):
-            if path.stem not in wanted:
+        for file_name in storage.list_names(storage.join(directory, R.FAULTS_DIR), ".parquet"):
+            if file_name[: -len(".parquet")] not in wanted:
                 continue  # a trial not aggregated (yet): skip its faults like its counts
-            table = pq.read_table(path)
+            path = storage.join(directory, R.FAULTS_DIR, file_name)
+            table = storage.read_table(path)
             _check_version(path, table.schema)
             missing = [c for c in REQUIRED_FAULT_COLUMNS if c not in table.column_names]
             if missing:

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from analysis.tables import FORMATS, field_bits, group_title, groups
+from analysis.tables import FORMATS, INT_FORMATS, field_bits, group_title, groups, row_formats
 
 PathArg = Union[str, Path]
 ZERO_COLOR, EMPTY_COLOR = "#c8c8c8", "#ffffff"
@@ -67,21 +67,27 @@ def plot_site_rates(site_table: pd.DataFrame, path: PathArg) -> Path:
     return _save(fig, path)
 
 
+def _format_width(fmt: str) -> int | None:
+    return FORMATS[fmt][0] if fmt in FORMATS else INT_FORMATS[fmt][0] if fmt in INT_FORMATS else None
+
+
 def _bit_range(rows: pd.DataFrame) -> tuple[int, str | None]:
-    """(width, mode) of a group: the widest format among its modes, the mode if there is one."""
-    modes = sorted({str(m) for m in rows["mode"].dropna()}) if "mode" in rows else []
-    widths = [FORMATS[m][0] for m in modes if m in FORMATS]
+    """(width, format) of a group: the widest element format among its rows (the mode, or an
+    fp8 / int8 format: tables.element_format), the format if there is one."""
+    formats = sorted(set(row_formats(rows.dropna(subset=["mode"])))) if "mode" in rows else []
+    widths = [_format_width(f) for f in formats if _format_width(f)]
     width = max(widths) if widths else int(rows["bit"].max()) + 1
-    return width, modes[0] if len(modes) == 1 and modes[0] in FORMATS else None
+    return width, formats[0] if len(formats) == 1 and _format_width(formats[0]) else None
 
 
 def _field_marks(ax, mode: str, vertical: bool = True) -> None:
-    """Dashed lines between sign / exponent / mantissa and their names above the axes."""
-    for field in ("sign", "exponent", "mantissa"):
+    """Dashed lines between sign / exponent / mantissa (int8: sign / magnitude) and their names above the axes."""
+    fields = ("sign", "exponent", "mantissa") if mode in FORMATS else ("sign", "magnitude")[not INT_FORMATS[mode][1]:]
+    for field in fields:
         high, low = field_bits(mode, field)
         centre = (high + low) / 2
         ax.text(centre, 1.01, field, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="#444444")
-        if field != "mantissa":
+        if field != fields[-1]:
             ax.axvline(low - 0.5, color="#444444", lw=0.8, ls="--")
 
 
@@ -142,9 +148,10 @@ def plot_bit_rates(bit_table: pd.DataFrame, path: PathArg) -> Path:
     top = min(100.0 * 1.8, positive.max() * 1.8) if positive.size else 100.0
     fig = Figure(figsize=(11.0, 5.2), layout="constrained")
     ax = fig.subplots()
-    if mode:
+    if mode in FORMATS:
         _, low = field_bits(mode, "exponent")
         ax.axvspan(width - 1.5, low - 0.5, color="#f2e6c9", alpha=0.6, lw=0)
+    if mode:
         _field_marks(ax, mode)
     colors = [f"C{i % 10}" for i in range(len(parts))]
     offsets = np.linspace(-0.2, 0.2, len(parts)) if len(parts) > 1 else [0.0]

@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from analysis.compare import compare
-from analysis.load import IDENTITY, campaign_dirs, load, load_bits
+from analysis.load import campaign_dirs, load, load_bits
+from analysis.paired import report_lines as report_protection
 from analysis.plots import plot_bit_rates, plot_site_bit_heatmap, plot_site_rates
 from analysis.tables import (
     FORMATS,
     group_title,
     groups,
+    identity_columns,
     per_bit,
     per_bit_field,
     per_seed,
@@ -28,6 +29,7 @@ from analysis.tables import (
     write_seed_csv,
 )
 from trainables import results as R
+from trainables import storage
 
 
 def _pct(x: float) -> str:
@@ -74,8 +76,9 @@ def _summary(trials: pd.DataFrame) -> list[str]:
     """One line per campaign: directory, identity, trials, seeds, bit specs, images."""
     lines = []
     for name, rows in trials.groupby("campaign", observed=True, sort=False):
-        idents = ", ".join(group_title(dict(zip(IDENTITY, map(str, key))))
-                           for key in rows[list(IDENTITY)].drop_duplicates().itertuples(index=False))
+        columns = identity_columns(rows)  # the fault model too, where not all flip
+        idents = ", ".join(group_title(dict(zip(columns, map(str, key))))
+                           for key in rows[columns].drop_duplicates().itertuples(index=False))
         seeds = ",".join(str(s) for s in sorted(rows["seed"].unique()))
         specs = ",".join(str(s) for s in rows["bit_spec"].astype(str).unique())
         lines.append(f"  {name} ({rows['campaign_dir'].iloc[0]}): {idents}; {len(rows)} trials, "
@@ -83,7 +86,15 @@ def _summary(trials: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _completeness(paths: Sequence[Path]) -> list[str]:
+def _fault_model_note(trials: pd.DataFrame) -> list[str]:
+    """How per-bit tables count faults of other models than the single-bit flip (nothing when all flip)."""
+    if "fault" not in trials or set(trials["fault"].astype(str)) <= {"flip", "nan"}:
+        return []
+    return ["(Fault models are never pooled. A multi-bit fault (flip:K, burst:K) counts under its first, lowest",
+            "bit; random and zero replace every bit and have no bit position, so they are left out of per-bit tables.)"]
+
+
+def _completeness(paths: Sequence[Path | str]) -> list[str]:
     """'PARTIAL' lines for campaigns with fewer finished, intact trials than planned (or with
     damaged files); nothing for complete campaigns."""
     lines = []
@@ -91,7 +102,7 @@ def _completeness(paths: Sequence[Path]) -> list[str]:
         spec = R.read_spec(directory)
         planned = spec.get("num_trials")
         check = R.check_trials(directory)
-        aggregated = len(pq.read_table(directory / R.TRIALS_FILE, columns=["trial_key"]))
+        aggregated = len(storage.read_table(storage.join(directory, R.TRIALS_FILE), columns=["trial_key"]))
         if not check.damaged and aggregated == len(check.finished) and (planned is None or aggregated >= planned):
             continue
         state = [f"{len(check.finished)} of {planned if planned is not None else '?'} trials finished"]
@@ -112,6 +123,8 @@ def _comparisons(trials: pd.DataFrame, bits: pd.DataFrame, out: Path, written: l
                 ("site", trials, ["site_index", "site_type"]))
     for by, frame, keys in sections:
         table = compare(frame, by=by)
+        if "sides" not in table.attrs:  # protected campaigns: the protection section shows them paired
+            continue
         idents = list(table.attrs["sides"].values())
         lines += ["", f"Comparison by {by} (rate %, Wilson 95% interval; diff to the baseline in percentage points)"]
         if by == "site" and len({(i.get("model"), i.get("kind")) for i in idents}) > 1:
@@ -138,6 +151,10 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     """Build the report of one or more campaigns, write its files into ``out_dir`` (default
     ``<first dir>/report``) and return the text. Several campaigns are reported apart, then compared."""
     paths = campaign_dirs(dirs)
+    if out_dir is None and storage.is_uri(paths[0]):
+        raise ValueError(f"{paths[0]} is on object storage: pass --out with a local folder for the report")
+    if out_dir is not None and (storage.is_uri(out_dir) or storage.uri_problem(str(out_dir))):
+        raise ValueError(f"report --out {out_dir}: the report is written to a local folder; name one")
     trials, bits = load(paths), load_bits(paths)
     several = trials["campaign"].nunique() > 1
     out = Path(out_dir) if out_dir is not None else paths[0] / "report"
@@ -162,11 +179,15 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
              "same golden-correct images.", "",
              "Per layer type:", *format_table(type_table, ["site_type"]), "",
              "Per bit position (random-bit trials split by the bit actually flipped):",
+             *_fault_model_note(trials),
              *format_table(bit_table, ["bit", "field"]), "",
              "Per bit field:", *format_table(field_table, ["field", "bit_range"]), "",
              "Per seed:", *format_table(seed_table, ["seed"])]
     if several:
         lines += _comparisons(trials, bits, out, written)
+    protection_text, protection_files = report_protection(trials, out)  # --protect campaigns only
+    lines += [""] * bool(protection_text) + protection_text
+    written += protection_files
     written += _plots(site_table, site_bits, bit_table, out)
     lines += ["", f"Files written to {out}:", *(f"  {p.name}" for p in written)]
     return "\n".join(lines) + "\n"

@@ -15,16 +15,24 @@ from typing import Sequence, Union
 import numpy as np
 import pandas as pd
 
-from analysis.load import CLASS_COUNTS, COUNTS, IDENTITY, Source, bit_spec_order, load, load_bits
+from analysis.load import CLASS_COUNTS, COUNTS, IDENTITY, OPTIONAL_IDENTITY, Source, bit_spec_order, load, load_bits
 from trainables.stats import wilson_interval
 
 Data = Union[pd.DataFrame, Source]
 
 SITE_KEYS = ("site_index", "site_name", "site_type")
 SAMPLING = "bit_sampling"  # 'random' (one random bit per fault) or 'fixed' (a bit number per trial)
-FIELDS = ("sign", "exponent", "mantissa")
-# mode -> (width, exponent bits); the sign is the top bit, the mantissa the rest (IEEE-754, LSB = 0)
-FORMATS: dict[str, tuple[int, int]] = {"fp32": (32, 8), "tf32": (32, 8), "fp16": (16, 5), "bf16": (16, 8)}
+FIELDS = ("sign", "exponent", "mantissa", "magnitude")  # magnitude: the value bits of an integer format
+# mode -> (width, exponent bits); the sign is the top bit, the mantissa the rest (IEEE-754, LSB = 0);
+# fp8 weight storage: e4m3fn (sign 7, exponent 6-3, mantissa 2-0), e5m2 (sign 7, exponent 6-2, mantissa 1-0)
+FORMATS: dict[str, tuple[int, int]] = {"fp32": (32, 8), "tf32": (32, 8), "fp16": (16, 5), "bf16": (16, 8),
+                                       "fp8_e4m3fn": (8, 4), "fp8_e5m2": (8, 5)}
+# Integer formats of int8 models -> (width, signed). Weights are qint8, two's complement: bit 7 is the
+# sign, 6-0 magnitude. Activations are quint8 codes (value = (code - zero point) x scale): no sign,
+# bits 7-0 are magnitude and bit 7 is worth 128 x scale (the x86 backend's reduced range keeps clean
+# codes in 0..127, so a flip of bit 7 always adds 128 x scale).
+INT_FORMATS: dict[str, tuple[int, bool]] = {"int8": (8, True), "uint8": (8, False)}
+WHOLE_ELEMENT_FAULTS = ("random", "zero")  # fault models that replace every bit (left out of per-bit tables)
 RATE_COLUMNS = ("misclassification_rate", "ci_low", "ci_high", "sdc_rate", "nonfinite_rate", "masked_rate", "failure_rate")
 
 
@@ -43,7 +51,23 @@ def _bits(data: Data) -> pd.DataFrame:
             "frame holds random-bit trial rows (bit = -1): per-bit tables need them split by the bit "
             "actually flipped; pass analysis.load_bits(...) rows or the campaign directories"
         )
+    if "fault" in frame:  # random and zero replace every bit: they have no bit position
+        frame = frame[~frame["fault"].astype(str).isin(WHOLE_ELEMENT_FAULTS)]
     return frame
+
+
+def identity_columns(frame: pd.DataFrame) -> list[str]:
+    """IDENTITY plus each optional identity column (the fault model) that some row of ``frame``
+    holds with a value other than its default: different fault models are never pooled."""
+    extra = [c for c, default in OPTIONAL_IDENTITY.items()
+             if c in frame and (frame[c].astype(object).where(frame[c].notna(), default) != default).any()]
+    return [*IDENTITY, *extra]
+
+
+def _fault_filled(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with missing optional identity values (older rows) set to their default."""
+    fill = {c: d for c, d in OPTIONAL_IDENTITY.items() if c in frame and frame[c].isna().any()}
+    return frame.assign(**{c: frame[c].astype(object).where(frame[c].notna(), d) for c, d in fill.items()}) if fill else frame
 
 
 def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
@@ -106,7 +130,9 @@ def pool(frame: pd.DataFrame, keys: Sequence[str], by_campaign: bool = False, sp
     if split_sampling:
         frame = with_sampling(frame)
     sampling = [SAMPLING] if split_sampling and SAMPLING in frame else []
-    group = (["campaign"] if by_campaign else []) + list(IDENTITY) + sampling + [k for k in keys if k not in IDENTITY]
+    frame = _fault_filled(frame)
+    identity = identity_columns(frame)
+    group = (["campaign"] if by_campaign else []) + identity + sampling + [k for k in keys if k not in identity]
     _require(frame, [*group, *COUNTS])
     if "trial_key" not in frame:
         work = frame.assign(_trial=np.arange(len(frame)))  # no keys: count rows as trials
@@ -145,8 +171,26 @@ def per_seed(data: Data, by_campaign: bool = False) -> pd.DataFrame:
     return pool(_trials(data), ("seed",), by_campaign, split_sampling=True)
 
 
+def element_format(mode: str, kind: str, weight_format: object = None) -> str:
+    """The storage format of the elements a row's faults hit: an fp8 weight format for weight
+    faults under fp8 storage; int8 (qint8 weights) or uint8 (quint8 activations) in mode int8; else the mode."""
+    if kind == "weight" and isinstance(weight_format, str) and weight_format not in ("", "none"):
+        return weight_format
+    if kind == "qparam":  # an int8 model's scales (float32 words) and zero points (int32): fields by the float32 layout
+        return "fp32"
+    if mode == "int8":
+        return "int8" if kind == "weight" else "uint8"
+    return mode
+
+
 def bit_field(mode: str, bit: int) -> str:
-    """'sign', 'exponent' or 'mantissa' of bit ``bit`` (LSB = 0) in the storage format of ``mode``."""
+    """'sign', 'exponent' or 'mantissa' of bit ``bit`` (LSB = 0) in the storage format ``mode``
+    (a math mode or an element format: fp8_e4m3fn, fp8_e5m2, int8, uint8 -> 'sign'/'magnitude')."""
+    if mode in INT_FORMATS:
+        width, signed = INT_FORMATS[mode]
+        if not 0 <= bit < width:
+            raise ValueError(f"bit {bit} out of range for format {mode!r} ({width} bits)")
+        return "sign" if signed and bit == width - 1 else "magnitude"
     if mode not in FORMATS:
         raise ValueError(f"unknown math mode {mode!r}: expected one of {sorted(FORMATS)}")
     width, exponent = FORMATS[mode]
@@ -157,17 +201,27 @@ def bit_field(mode: str, bit: int) -> str:
 
 def field_bits(mode: str, field: str) -> tuple[int, int]:
     """(highest, lowest) bit of a field in the storage format of ``mode``."""
+    if mode in INT_FORMATS:
+        width, signed = INT_FORMATS[mode]
+        return {"sign": (width - 1, width - 1), "magnitude": (width - 1 - signed, 0)}[field]
     width, exponent = FORMATS[mode]
     return {"sign": (width - 1, width - 1), "exponent": (width - 2, width - 1 - exponent),
             "mantissa": (width - 2 - exponent, 0)}[field]
 
 
+def row_formats(frame: pd.DataFrame) -> list[str]:
+    """Each row's element format (element_format of its mode, kind and weight_format)."""
+    kinds = frame["kind"].astype(str) if "kind" in frame else [""] * len(frame)
+    weights = frame["weight_format"].astype(object) if "weight_format" in frame else [None] * len(frame)
+    return [element_format(m, k, w) for m, k, w in zip(frame["mode"].astype(str), kinds, weights)]
+
+
 def _with_field(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add a categorical 'field' column (sign/exponent/mantissa) from mode and bit."""
+    """Add a categorical 'field' column (sign/exponent/mantissa/magnitude) from the element format and bit."""
     _require(frame, ["mode", "bit"])
-    pairs = frame[["mode", "bit"]].astype({"mode": str}).drop_duplicates()
-    lookup = {(m, int(b)): bit_field(m, int(b)) for m, b in pairs.itertuples(index=False)}
-    fields = [lookup[(m, int(b))] for m, b in zip(frame["mode"].astype(str), frame["bit"])]
+    formats = row_formats(frame)
+    lookup = {(f, int(b)): bit_field(f, int(b)) for f, b in set(zip(formats, frame["bit"]))}
+    fields = [lookup[(f, int(b))] for f, b in zip(formats, frame["bit"])]
     return frame.assign(field=pd.Categorical(fields, categories=list(FIELDS), ordered=True))
 
 
@@ -183,7 +237,7 @@ def per_bit_field(data: Data, by_campaign: bool = False) -> pd.DataFrame:
     ``bit_range`` is 'high-low' (LSB = 0) and ``width`` the field's number of bits.
     """
     table = pool(_with_field(_bits(data)), ("field",), by_campaign)
-    ranges = [field_bits(str(m), str(f)) for m, f in zip(table["mode"], table["field"])]
+    ranges = [field_bits(e, str(f)) for e, f in zip(row_formats(table), table["field"])]
     table.insert(table.columns.get_loc("field") + 1, "bit_range", [f"{h}" if h == l else f"{h}-{l}" for h, l in ranges])
     table.insert(table.columns.get_loc("bit_range") + 1, "width", [h - l + 1 for h, l in ranges])
     return table
@@ -196,7 +250,7 @@ def site_by_bit(data: Data, by_campaign: bool = False) -> pd.DataFrame:
 
 def group_columns(table: pd.DataFrame) -> list[str]:
     """The identity columns of a table (campaign and bit_sampling when present), to split it per group."""
-    return [c for c in ("campaign", *IDENTITY, SAMPLING) if c in table.columns]
+    return [c for c in ("campaign", *IDENTITY, *OPTIONAL_IDENTITY, SAMPLING) if c in table.columns]
 
 
 def groups(table: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
@@ -215,12 +269,19 @@ def group_title(ident: dict, rows: pd.DataFrame | None = None) -> str:
     """'model / dataset / mode / kind faults', '[campaign] ' first when present, ' (bit: ...)'
     after when ``rows`` list their bit specs."""
     parts = [ident.get(c) or "?" for c in ("model", "dataset", "mode")]
-    text = " / ".join(parts) + f" / {ident.get('kind') or '?'} faults"
+    fault = ident.get("fault")
+    model = f" {fault}" if fault else ""  # present where the table holds several fault models
+    text = " / ".join(parts) + f" / {ident.get('kind') or '?'}{model} faults"
     text = f"[{ident['campaign']}] {text}" if ident.get("campaign") else text
-    if rows is not None and "bit_specs" in rows:
+    notes = []
+    if fault in WHOLE_ELEMENT_FAULTS:
+        notes.append("every bit of the element")
+    elif rows is not None and "bit_specs" in rows:
         specs = {s for v in rows["bit_specs"].dropna() for s in str(v).split(",")}
-        text += f" (bit: {','.join(sorted(specs, key=bit_spec_order))})" if specs else ""
-    return text
+        notes += [f"bit: {','.join(sorted(specs, key=bit_spec_order))}"] if specs else []
+    if model and rows is not None and "bit" in rows and str(fault).startswith(("flip:", "burst:")):
+        notes.append("per-bit rows count each fault under its lowest bit")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def seed_layer_lines(site_table: pd.DataFrame) -> list[str]:
@@ -236,8 +297,9 @@ def seed_layer_lines(site_table: pd.DataFrame) -> list[str]:
         for row in rows.sort_values("site_index").itertuples(index=False):
             a, b = int(row.mismatches), int(row.golden_correct)
             r = 100.0 * a / b if b else float("nan")
-            if str(getattr(row, "kind", "")) == "param":
-                lines.append(f"Param #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type} {row.site_name}")
+            if str(getattr(row, "kind", "")) in ("param", "qparam"):  # qparam: an int8 model's scales and zero points
+                label = "QParam" if str(row.kind) == "qparam" else "Param"
+                lines.append(f"{label} #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type} {row.site_name}")
             else:
                 lines.append(f"Layer #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type}")
     return lines
@@ -278,7 +340,7 @@ def split_paths(frame: pd.DataFrame, path: Path) -> list[tuple[dict, pd.DataFram
     parts = groups(frame[[c for c in frame.columns if c != "campaign"]]) if "campaign" in frame else groups(frame)
     if len(parts) == 1:
         return [(parts[0][0], parts[0][1], path)]
-    varying = [c for c in (*IDENTITY, SAMPLING) if len({ident.get(c) for ident, _ in parts}) > 1]
+    varying = [c for c in (*IDENTITY, *OPTIONAL_IDENTITY, SAMPLING) if len({ident.get(c) for ident, _ in parts}) > 1]
     out = []
     for ident, rows in parts:
         suffix = "_".join(_safe(ident.get(c) or "none") for c in varying)

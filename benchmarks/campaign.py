@@ -3,6 +3,7 @@ process, then as a Ray Tune campaign. Prints campaign_inj_s / engine_inj_s (the 
 key of the last line's JSON); the target is >= 0.8.
 
     python benchmarks/campaign.py                     # demo:vgg, 51 trials of 10,000 images
+    python benchmarks/campaign.py --out s3://bucket/prefix   # the campaign to S3 (AWS_* env), then to a local folder
     python benchmarks/campaign.py --no-ray --device cuda --model torchvision:resnet18 \
         --dataset synthetic:3x32x32:10:10000          # GPU box without Ray: trials vs clean
 
@@ -30,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from campaign.spec import CampaignSpec, resolve  # noqa: E402
+from trainables import storage  # noqa: E402
 from trainables import trial as trial_mod  # noqa: E402
 from trainables.inject.engine import math_mode  # noqa: E402
 from trainables.trial import CampaignSettings, TrialPoint, run_trial  # noqa: E402
@@ -141,6 +144,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefix", action="store_true", help="prefix reuse vs the full path (see above)")
     parser.add_argument("--hub-dir", default=None, help="a local copy of the chenyaofo zoo (--prefix)")
     parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix cache budget (--prefix)")
+    parser.add_argument("--out", default=None, help="where the Ray campaign writes: an object-store URI "
+                        "(s3://bucket/prefix, configured by the AWS_* environment) is measured beside a local folder")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.prefix:
@@ -171,11 +176,20 @@ def main(argv=None) -> dict:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
         ray_start = time.perf_counter() - t0
-        outcome = run_campaign(dataclasses.replace(spec, out=tmp, name="campaign"), progress_every_s=30)
+        name = f"campaign-{uuid.uuid4().hex[:8]}"  # a fresh campaign wherever --out points
+        if args.out and storage.is_uri(args.out):  # then the same campaign to a local folder, side by side
+            outcome = run_campaign(dataclasses.replace(spec, out=args.out, name=name), progress_every_s=30)
+            local = run_campaign(dataclasses.replace(spec, out=tmp, name=name), progress_every_s=30)
+            result.update(out=str(outcome.directory), local_campaign_inj_s=local.injections / local.seconds,
+                          local_ratio=local.injections / local.seconds / result["engine_inj_s"])
+            print(f"campaign to {tmp}: {local.injections:,} injections in {local.seconds:.1f} s = "
+                  f"{result['local_campaign_inj_s']:,.0f}/s, ratio {result['local_ratio']:.2f}")
+        else:
+            outcome = run_campaign(dataclasses.replace(spec, out=args.out or tmp, name=name), progress_every_s=30)
         ray.shutdown()
     result.update(campaign_inj_s=outcome.injections / outcome.seconds, campaign_s=outcome.seconds,
                   ray_start_s=ray_start, ratio=outcome.injections / outcome.seconds / result["engine_inj_s"])
-    print(f"campaign: {outcome.finished} trials, {outcome.injections:,} injections in {outcome.seconds:.1f} s = "
+    print(f"campaign to {outcome.directory}: {outcome.finished} trials, {outcome.injections:,} injections in {outcome.seconds:.1f} s = "
           f"{result['campaign_inj_s']:,.0f}/s (Ray start {ray_start:.1f} s, not counted)")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return result

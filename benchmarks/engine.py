@@ -5,6 +5,7 @@ has them, and the seed's PyTorchFI + bitstring procedure (trainables.inject.refe
 
     python benchmarks/engine.py --model torchvision:resnet18 --batch-size 256
     python benchmarks/engine.py --model torchvision:vit_b_16 --input-shape 3x224x224 --batch-size 32 --images 128 --reference-images 0
+    python benchmarks/engine.py --model demo:vgg --input-shape 1x28x28 --quantize int8   # int8, CPU
 
 Random inputs (3x32x32 unless --input-shape) (throughput does not depend on them). Weight
 and param faults use images_per_weight_fault = batch size, so all run one forward per batch.
@@ -24,8 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from trainables.inject import engine  # noqa: E402
+from trainables.inject import protection  # noqa: E402
+from trainables.inject.fault_models import parse_fault  # noqa: E402
 from trainables.inject.reference import reference_run  # noqa: E402
 from trainables.inject.sites import select_sites  # noqa: E402
+from trainables.zoo import quantization  # noqa: E402
 from trainables.zoo.models import load_model  # noqa: E402
 
 
@@ -52,6 +56,17 @@ def clean_pass(bench: engine.Workbench) -> None:
             bench.model(bench.images[lo : lo + bench.batch_size]).argmax(dim=1)
 
 
+def protected_bench(bench: engine.Workbench, text: str, shape: tuple[int, ...]) -> protection.ProtectedBench:
+    """The workbench under ``--protect``; Ranger bounds are profiled on 512 other random inputs."""
+    spec = protection.parse_protect(text)
+    if spec.kind != "ranger":
+        return protection.protect_bench(bench, protection.fixed_guard(spec, bench.sites))
+    sites = protection.protected_sites(spec, bench.sites)
+    calibration = torch.randn(512, *shape, generator=torch.Generator().manual_seed(1))
+    bounds = protection.profile_bounds(bench.model, sites, calibration, bench.batch_size, bench.mode)
+    return protection.protect_bench(bench, protection.Guard(spec, tuple(sites), bounds))
+
+
 def measure(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -60,31 +75,43 @@ def measure(args) -> dict:
     shape = tuple(int(d) for d in args.input_shape.split("x"))
     images = torch.randn(args.images, *shape, generator=g)
     labels = torch.randint(0, 10, (args.images,), generator=g)
-    bench = engine.prepare(model, (images, labels), mode=args.mode, batch_size=args.batch_size, device=device)
+    if args.quantize:  # int8: calibrated on other random inputs, run on the CPU (x86 backend)
+        calibration = torch.randn(quantization.CALIBRATION_IMAGES, *shape, generator=torch.Generator().manual_seed(1))
+        model, device = quantization.quantize_int8(model, calibration, args.model), torch.device("cpu")
+    bench = engine.prepare(model, (images, labels), mode=args.mode, batch_size=args.batch_size, device=device,
+                           weight_format=args.weight_format)
     neuron_sites = spread(select_sites(bench.sites, "neuron"), args.sites)
     weight_sites = spread(select_sites(bench.sites, "weight"), args.sites)
-    param_sites = spread([p for p in bench.params if not p.buffer], args.sites)
+    param_sites = spread([p for p in bench.params if not p.buffer], args.sites) if not args.quantize else []
     tuple_sites = spread([s for s in select_sites(bench.sites, "neuron") if s.output_index is not None], args.sites)
 
     def neuron_round():
         for i, site in enumerate(neuron_sites):
-            engine.run_faults(bench, site, "neuron", "random", seed=i)
+            engine.run_faults(bench, site, "neuron", "random", seed=i, fault=args.fault)
 
     def weight_round():
         for i, site in enumerate(weight_sites):
-            engine.run_faults(bench, site, "weight", "random", seed=i, images_per_weight_fault=args.batch_size)
+            engine.run_faults(bench, site, "weight", "random", seed=i, images_per_weight_fault=args.batch_size, fault=args.fault)
 
     def param_round():
         for i, site in enumerate(param_sites):
-            engine.run_faults(bench, site, "param", "random", seed=i, images_per_weight_fault=args.batch_size)
+            engine.run_faults(bench, site, "param", "random", seed=i, images_per_weight_fault=args.batch_size, fault=args.fault)
 
     def tuple_round():
         for i, site in enumerate(tuple_sites):
-            engine.run_faults(bench, site, "neuron", "random", seed=i)
+            engine.run_faults(bench, site, "neuron", "random", seed=i, fault=args.fault)
+
+    guarded = protected_bench(bench, args.protect, shape) if args.protect != "none" else None
+
+    def protected_round():  # each fault through the unprotected and the protected model (paired trials)
+        for i, site in enumerate(neuron_sites):
+            protection.run_paired(guarded, site, "neuron", "random", seed=i, fault=args.fault)
 
     kinds = {"neuron": neuron_round, "weight": weight_round, "param": param_round, "tuple_neuron": tuple_round}
     rounds = {"clean": lambda: clean_pass(bench)}
     rounds.update({k: run for k, run in kinds.items() if k in args.kinds.split(",") and (k != "tuple_neuron" or tuple_sites)})
+    if guarded is not None:
+        rounds["protected_neuron"] = protected_round
     for run in rounds.values():  # warm-up (cuDNN autotune, allocator)
         run()
     times: dict[str, list[float]] = {name: [] for name in rounds}
@@ -93,9 +120,9 @@ def measure(args) -> dict:
             times[name].append(timed(run, device))
     n = bench.num_images
     per_round = {"neuron": len(neuron_sites), "weight": len(weight_sites), "param": len(param_sites),
-                 "tuple_neuron": len(tuple_sites)}
+                 "tuple_neuron": len(tuple_sites), "protected_neuron": len(neuron_sites)}
     rates = {f"{name}_inj_s": n * per_round[name] / statistics.median(t) for name, t in times.items() if name != "clean"}
-    ref_images = images[: args.reference_images]
+    ref_images = images[: args.reference_images if not args.quantize else 0]  # PyTorchFI cannot run int8 models
     ref_site = neuron_sites[len(neuron_sites) // 2] if neuron_sites else None
     ref_t = timed(lambda: reference_run(bench.model, ref_images, ref_site, "neuron", "random", 0, args.batch_size, mode=args.mode),
                   device) if len(ref_images) else float("nan")
@@ -104,6 +131,9 @@ def measure(args) -> dict:
         "model": args.model,
         "batch_size": args.batch_size,
         "mode": args.mode,
+        "fault": args.fault,
+        "protect": args.protect,
+        "weight_format": args.weight_format,
         "images": n,
         "neuron_sites": [s.index for s in neuron_sites],
         "weight_sites": [s.index for s in weight_sites],
@@ -129,18 +159,38 @@ def main(argv=None) -> dict:
     parser.add_argument("--kinds", default="neuron,weight,param,tuple_neuron",
                         help="what to measure beside clean inference (tuple_neuron: sites on tuple outputs, if any)")
     parser.add_argument("--reference-images", type=int, default=512, help="images for the seed's procedure (0: skip it)")
+    parser.add_argument("--fault", default="flip", help="fault model of the engine's injections: flip (default), flip:K, "
+                                                        "burst:K, stuck0, stuck1, random, zero (the seed's procedure always flips)")
+    parser.add_argument("--protect", default="none", help="also measure paired protected neuron injections (each fault "
+                                                          "through the model without and with it): clamp:<types>:<lo>:<hi>, "
+                                                          "relu6, ranger[:<targets>]")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8: measure the post-training-quantized model (CPU, x86 backend; no seed procedure)")
+    parser.add_argument("--weight-format", choices=["fp8_e4m3fn", "fp8_e5m2"], default=None,
+                        help="store the weights in fp8 (upcast for compute), clean inference included")
     args = parser.parse_args(argv)
+    if args.quantize:
+        args.mode = "int8"
+    try:
+        args.fault = str(parse_fault(args.fault))
+    except ValueError as exc:
+        parser.error(str(exc))
     result = measure(args)
-    for kind in ("neuron", "weight", "param", "tuple_neuron"):
+    for kind in ("neuron", "weight", "param", "tuple_neuron", "protected_neuron"):
         if f"{kind}_inj_s" in result:
             result[f"{kind}_vs_clean"] = result[f"{kind}_inj_s"] / result["clean_img_s"]
+    if "protected_neuron_inj_s" in result and "neuron_inj_s" in result:  # 0.5 = the cost of two faulty passes
+        result["protected_vs_neuron"] = result["protected_neuron_inj_s"] / result["neuron_inj_s"]
     engine_rates = [result[k] for k in ("neuron_inj_s", "weight_inj_s") if k in result]
     result["engine_vs_reference"] = min(engine_rates) / result["reference_inj_s"] if engine_rates else float("nan")
-    print(f"{result['model']} on {result['device']}, {result['mode']}, batch {result['batch_size']}, {result['images']} images")
+    print(f"{result['model']} on {result['device']}, {result['mode']}"
+          f"{', weights ' + args.weight_format if args.weight_format else ''}, batch {result['batch_size']}, "
+          f"{result['images']} images, fault model {result['fault']}")
     print(f"{'measure':<28}{'per s':>12}{'vs clean':>10}")
     for key, label in [("clean_img_s", "clean inference (img)"), ("neuron_inj_s", "neuron injections"),
                        ("tuple_neuron_inj_s", "neuron, tuple outputs"), ("weight_inj_s", "weight injections"),
-                       ("param_inj_s", "param injections"), ("reference_inj_s", "seed procedure (PyTorchFI)")]:
+                       ("param_inj_s", "param injections"),
+                       ("protected_neuron_inj_s", f"paired, {result['protect']}"), ("reference_inj_s", "seed procedure (PyTorchFI)")]:
         if key not in result:
             continue
         rate = f"{result[key]:>12,.0f}" if result[key] >= 100 else f"{result[key]:>12.3g}"

@@ -30,6 +30,12 @@ for args in "${VIT_RUNS[@]}"; do  # transformers: param and tuple-output faults;
   echo "== engine.py $args" | tee -a "$OUT/engine.txt"
   timeout 300 python3 benchmarks/engine.py $args --reference-images 0 2>&1 | grep -v Warning | tee -a "$OUT/engine.txt"
 done
+for args in "--model demo:vgg --input-shape 1x28x28 --batch-size 4096 --images 65536" \
+            "--model torchvision:resnet18 --batch-size 4096 --images 32768"; do  # paired trials under --protect ranger
+  echo "== engine.py $args --protect ranger" | tee -a "$OUT/engine.txt"
+  timeout 300 python3 benchmarks/engine.py $args --kinds neuron --reference-images 0 --protect ranger 2>&1 \
+    | grep -v Warning | tee -a "$OUT/engine.txt"
+done
 echo "== campaign trials (trial function driven directly, no Ray)" | tee "$OUT/campaign.txt"
 timeout 120 python3 benchmarks/campaign.py --no-ray --device cuda --model demo:vgg --images 10000 --batch-size 2048 \
   --bits random,30 --sites neuron 2>&1 | grep -v Warning | tee -a "$OUT/campaign.txt"

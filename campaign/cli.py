@@ -6,6 +6,14 @@ import os
 import signal
 import sys
 
+from campaign.numformats import (
+    QUANTIZE_MODES,
+    WEIGHT_FORMATS,
+    effective_mode,
+    format_problems,
+    name_suffix,
+    quantized_model,
+)
 from campaign.spec import (
     MODES,
     RECORD_LEVELS,
@@ -36,6 +44,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="directory holding cifar-10-batches-py / cifar-100-python")
     parser.add_argument("--download", action="store_true", default=None, help="download CIFAR if it is missing (needs network)")
     parser.add_argument("--dtype", choices=MODES, help="math mode: fp32 (strict, TF32 off; default), tf32, fp16, bf16")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES,
+                        help="int8: post-training static int8 quantization (torch.ao FX, x86 backend, CPU), calibrated on "
+                             "images disjoint from the evaluated ones; recorded as mode int8")
+    parser.add_argument("--weight-format", choices=WEIGHT_FORMATS,
+                        help="store each weight site's weight in fp8 (fp8_e4m3fn or fp8_e5m2), upcast for compute; "
+                             "weight faults flip its 8 stored bits")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default 256)")
     parser.add_argument("--images", help="use the first N test images, or 'all' (default)")
 
@@ -57,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(run)
     _site_flags(run)
     run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering)")
+    run.add_argument("--fault", help="fault model(s), one trial set each: flip (default), flip:K (K distinct bits, the given "
+                                     "or drawn one the lowest), burst:K (K adjacent bits up from it), stuck0, stuck1, "
+                                     "random (all bits random), zero; a list like flip,burst:2")
+    run.add_argument("--protect", help="mitigation, run as paired trials on the same faults: none (default), "
+                                       "clamp:<types>:<lo>:<hi> (fmin/fmax, NaN -> bound), relu6, ranger[:<types or module "
+                                       "patterns>] (bounds profiled on --calibration)")
+    run.add_argument("--bounds", help="ranger: reuse the bounds of this file (a bounds file or a ranger campaign's spec.json)")
+    run.add_argument("--calibration", help="ranger: the data set to profile bounds on (default: the evaluation set's "
+                                           "training split: fashion-mnist-calib, cifar10-train, cifar100-train)")
     run.add_argument("--seeds", help="explicit seeds, e.g. 1,2,3 (default: --num-seeds drawn from --master-seed)")
     run.add_argument("--num-seeds", type=int, help="how many seeds to draw from --master-seed (default 1)")
     run.add_argument("--master-seed", type=int, help="master seed (default 0; -1 = from the clock, recorded)")
@@ -69,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-prefix", dest="prefix", action="store_false", default=None,
                      help="run every fault through the whole forward pass (same results, slower)")
     _resource_flags(run)
-    run.add_argument("--out", help="parent directory of campaign directories (default runs)")
+    run.add_argument("--out", help="parent directory of campaign directories (default runs), or an object-store URI "
+                                    "such as s3://bucket/prefix (configured by the store's environment: AWS_*)")
     run.add_argument("--name", help="campaign directory name (default <model>-<dataset>-<dtype>)")
 
     resume = sub.add_parser("resume", help="finish an interrupted campaign")
@@ -87,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="tables, the seed's CSV and plots for campaign directories")
     report.add_argument("directories", nargs="+")
-    report.add_argument("--out", help="output directory (default <first directory>/report)")
+    report.add_argument("--out", help="output directory (default <first directory>/report; a local folder, needed "
+                                       "when the campaign is on object storage)")
     return parser
 
 
 def _site_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", help="neuron, weight, param or a list like neuron,weight,param (default neuron,weight)")
+    parser.add_argument("--sites", help="neuron, weight, param or a list like neuron,weight,param (default neuron,weight); "
+                                        "qparam (with --quantize int8): the scales and zero points")
     parser.add_argument("--layers", help="neuron/weight site indices: all (default), 3, 1,4-7")
     parser.add_argument("--layer-types", help="module class names: all (default), Conv2d,Linear; for param sites the "
                                               "type of the module owning the tensor")
@@ -142,7 +168,10 @@ def _finish(outcome) -> int:
 
     print()
     if outcome.finished:
-        print("\n".join(analysis.seed_layer_lines(analysis.per_site(analysis.load(outcome.directory)))))
+        trials = analysis.load(outcome.directory)
+        protected = analysis.is_protected(trials).any()  # two lines per layer, as the seed's
+        print("\n".join(analysis.seed_protection_lines(analysis.protection_table(trials)) if protected
+                        else analysis.seed_layer_lines(analysis.per_site(trials))))
     if not outcome.launched:
         print(f"\nnothing left to run: {outcome.finished}/{outcome.total} trials were already finished; "
               f"results in {outcome.directory}")
@@ -165,6 +194,8 @@ def _load_for_inspection(args, shape_only: bool = False):
     from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
     spec = spec_from_mapping(_flags(args), source="flags")
+    if problems := format_problems(spec):
+        raise SpecError("\n".join(problems))
     try:
         check_model_name(spec.model, hub_dir=spec.hub_dir)  # an unknown model is reported as such first
     except ValueError as exc:
@@ -181,6 +212,7 @@ def _load_for_inspection(args, shape_only: bool = False):
         else:
             data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
         model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
+        model = quantized_model(spec, dataset, model)  # --quantize int8; else unchanged
     except (ValueError, FileNotFoundError) as exc:
         raise SpecError(str(exc)) from None
     return spec, dataset, data, model
@@ -189,22 +221,28 @@ def _load_for_inspection(args, shape_only: bool = False):
 def cmd_layers(args) -> int:
     from campaign.spec import check_plain_fields, shape_mismatch
     from trainables.inject.engine import MATH_MODES
+    from trainables.inject import qparams
     from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
+    from trainables.inject.sites import parse_index_list, parse_type_list
 
     spec, dataset, data, model = _load_for_inspection(args, shape_only=True)
     bad_kinds = [p for p in check_plain_fields(spec) if p.startswith("sites:")]
     if bad_kinds:
         raise SpecError("\n".join(bad_kinds))
-    dtype = MATH_MODES[spec.dtype]
+    dtype = MATH_MODES[effective_mode(spec)]
     floating = data.images.is_floating_point()
     try:
-        found = survey(model.to(dtype), data.input_shape, dtype, input_dtype=dtype if floating else data.images.dtype)
+        found = survey(model if spec.quantize else model.to(dtype), data.input_shape, dtype, input_dtype=dtype if floating else data.images.dtype)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     except Exception as exc:  # the model's own forward refused the input
         raise SpecError(shape_mismatch(spec.model, dataset, data.input_shape, exc)) from None
     selected, problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                spec.modules, spec.buffers)
+    qsites = qparams.qparam_sites(model, found.sites)  # an int8 model's scales and zero points; [] otherwise
+    if "qparam" in spec.sites:
+        selected["qparam"], more = qparams.select_qparams(qsites, parse_index_list(spec.layers), parse_type_list(spec.layer_types))
+        problems += more
     if problems:
         raise SpecError("\n".join(problems))
     leaves = [s for s in found.sites if not s.container]
@@ -216,10 +254,15 @@ def cmd_layers(args) -> int:
     if "param" in spec.sites:
         print()
         print(param_table(found.params))
+    if "qparam" in spec.sites:
+        print()
+        print(qparams.qparam_table(selected["qparam"]))
     print()
     print("selected: " + ", ".join(f"{len(chosen)} {kind}" for kind, chosen in selected.items()) + " sites")
     for line in coverage_lines(model, found, selected, show_containers=spec.modules is not None):
         print(line)
+    if qsites:
+        print(qparams.summary_line(qsites))
     return 0
 
 
@@ -229,7 +272,8 @@ def cmd_eval(args) -> int:
     device = _check_device(args.device)
     spec, dataset, data, model = _load_for_inspection(args)
     try:
-        bench = prepare(model, (data.images, data.labels), spec.dtype, spec.batch_size, device)
+        bench = prepare(model, (data.images, data.labels), effective_mode(spec), spec.batch_size,
+                        "cpu" if spec.quantize and device is None else device, weight_format=spec.weight_format)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     except Exception as exc:  # the model's own forward refused the input
@@ -238,7 +282,7 @@ def cmd_eval(args) -> int:
         raise SpecError(shape_mismatch(spec.model, dataset, tuple(data.images.shape[1:]), exc)) from None
     correct = int(bench.golden_correct.sum())
     synthetic = " (synthetic data: meaningless)" if data.synthetic else ""
-    print(f"clean accuracy of {spec.model} on {dataset} ({bench.num_images} images, {spec.dtype}, {bench.device}): "
+    print(f"clean accuracy of {spec.model} on {dataset} ({bench.num_images} images, {name_suffix(spec)}, {bench.device}): "
           f"{100 * correct / bench.num_images:.2f}% ({correct}/{bench.num_images}){synthetic}")
     return 0
 

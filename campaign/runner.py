@@ -25,7 +25,10 @@ from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 from ray.tune.logger import JsonLoggerCallback
 
 from campaign import processes
+from campaign.numformats import effective_mode, name_suffix
+from campaign.probe import check_shared
 from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecError, resolve
+from trainables import storage
 from trainables.results import (
     SPEC_FILE,
     aggregate,
@@ -44,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class CampaignOutcome:
-    directory: Path
+    directory: Path | str  # a URI string for campaigns on object storage
     total: int
     finished: int
     errors: tuple[str, ...]  # one line per trial that failed after its retries
@@ -116,7 +119,7 @@ def versions() -> dict[str, str]:
 def check_directory(plan: ResolvedCampaign) -> None:
     """Refuse a directory that holds a different campaign, or anything else (read only)."""
     directory = plan.directory
-    if (directory / SPEC_FILE).exists():
+    if storage.exists(storage.join(directory, SPEC_FILE)):
         stored = read_spec(directory).get("identity", {})
         current = json.loads(json.dumps(plan.identity()))
         # digests absent from an older spec.json are not compared (recorded from now on)
@@ -125,7 +128,7 @@ def check_directory(plan: ResolvedCampaign) -> None:
             raise SpecError(f"{directory} holds a different campaign (differs in: "
                             f"{', '.join(_difference(k, stored.get(k), current[k]) for k in differs)}); "
                             "choose another --name or --out, or `resume` it with the inputs it was run with")
-    elif directory.exists() and any(directory.iterdir()):
+    elif storage.list_entries(directory):
         raise SpecError(f"{directory} exists and is not a campaign directory; choose another --name or --out")
 
 
@@ -140,7 +143,7 @@ def _difference(key: str, then, now) -> str:
 def record_spec(plan: ResolvedCampaign) -> None:
     """Write spec.json: the resolved spec, seeds, sites and library versions."""
     write_spec(plan.directory, {
-        "name": plan.directory.name,
+        "name": storage.name(plan.directory),
         "identity": plan.identity(),
         "spec": dataclasses.asdict(plan.spec),
         "seeds": list(plan.seeds),
@@ -148,6 +151,7 @@ def record_spec(plan: ResolvedCampaign) -> None:
         "num_trials": len(plan.trials),
         "sites": plan.sites_by_kind,
         "site_table": plan.site_table,
+        "protection": plan.protection,  # protected campaigns: the protected sites and their bounds
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
@@ -155,30 +159,36 @@ def record_spec(plan: ResolvedCampaign) -> None:
 
 def spec_from_directory(directory: str | Path, **overrides) -> CampaignSpec:
     """The spec stored in a campaign directory (seeds fixed), for ``resume``."""
-    directory = Path(directory).expanduser().resolve()
+    directory = storage.location(directory)
     stored = read_spec(directory)
     try:
         values = dict(stored["spec"])
-        values.update(out=str(directory.parent), name=directory.name, seeds=tuple(stored["seeds"]), sites=tuple(values["sites"]))
+        values.update(out=str(storage.parent(directory)), name=storage.name(directory), seeds=tuple(stored["seeds"]),
+                      sites=tuple(values["sites"]))
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if (stored.get("protection") or {}).get("calibration") and not values.get("bounds"):
+            values.update(bounds=str(storage.join(directory, SPEC_FILE)), calibration=None)  # resume on the profiled bounds
         return CampaignSpec(**values)
     except (KeyError, TypeError, ValueError) as exc:
-        raise SpecError(f"{directory / SPEC_FILE} is not a complete campaign spec ({type(exc).__name__}: {exc}): "
+        raise SpecError(f"{storage.join(directory, SPEC_FILE)} is not a complete campaign spec ({type(exc).__name__}: {exc}): "
                         "it was not written by `python -m campaign run`, or it was edited") from None
 
 
 def settings_for(plan: ResolvedCampaign) -> dict:
     s = plan.spec
     return dataclasses.asdict(CampaignSettings(
-        name=plan.directory.name, directory=str(plan.directory), model=s.model, dataset=plan.dataset,
+        name=storage.name(plan.directory), directory=str(plan.directory), model=s.model, dataset=plan.dataset,
         hub_dir=s.hub_dir, hub_ref=s.hub_ref, weights=s.weights, data_root=s.data_root, images=s.images,
-        mode=s.dtype, batch_size=s.batch_size, images_per_weight_fault=s.images_per_weight_fault, record=s.record,
+        mode=effective_mode(s), batch_size=s.batch_size, images_per_weight_fault=s.images_per_weight_fault, record=s.record,
         target_margin=s.target_margin, report_every=s.report_every, cpus_per_trial=s.cpus_per_trial,
         inputs=dict(plan.inputs),
         prefix=plan.reuses_prefix, prefix_cache_mb=s.prefix_cache_mb,
+        protect=plan.protection["protect"] if plan.protection else None, protection=plan.protection,
+        weight_format=s.weight_format,
     ))
 
 
+TUNE_SNAPSHOT_S_ON_STORES = 300  # Tune's experiment-state snapshots when the campaign is on an object store
 ADDRESS_TIMEOUT_S = 5.0  # how long to wait for a cluster address to accept a connection
 
 
@@ -221,7 +231,8 @@ def connect(spec: CampaignSpec) -> None:
     """Join the given or running Ray cluster, else start a local one; check it can host a trial."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NOTICE_FILTER)
     if not ray.is_initialized():
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               **storage.environment(spec.out)}  # an object store's standard variables, for the trials' writes
         in_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_ADDRESS")
         stopped = processes.stop_orphans()
         if stopped:
@@ -286,11 +297,12 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
                  progress_every_s: float = 5.0) -> CampaignOutcome:
     """Validate, run the missing trials on Ray Tune, aggregate the parquet files."""
     started = time.monotonic()
+    check_store(spec)
     plan = resolve(spec)
     check_directory(plan)
     check_writable(plan.directory)
     check_address(plan.spec.address)
-    wanted = {trial_key(t.kind, t.site, t.bit, t.seed): t for t in plan.trials}
+    wanted = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault): t for t in plan.trials}
     state = check_trials(plan.directory, wanted)
     damaged = dict(sorted(state.damaged.items()))
     pending = [t for key, t in wanted.items() if key not in state.finished]
@@ -298,15 +310,16 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
     if pending:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, only our progress line
-        connect(plan.spec)  # the last check (cluster resources) before anything is written
+        connect(plan.spec)  # the last checks (cluster resources, shared storage) before anything is written
+        check_shared(plan.directory)
     for key in damaged:  # no damaged file may stay behind, even if its trial fails again
         discard_trial(plan.directory, key)
     if damaged:
         print(f"[campaign] {len(damaged)} finished trial(s) have missing or damaged files and run again: "
               + "; ".join(f"{key} ({why})" for key, why in damaged.items()), flush=True)
-    parts = plan.directory / "parts" / "trials"
-    uncommitted = sorted(p.stem for p in parts.glob("*.parquet") if p.stem in wanted and p.stem not in state.finished
-                         and p.stem not in damaged) if parts.is_dir() else []
+    parts = storage.list_names(storage.join(plan.directory, "parts", "trials"), ".parquet")
+    uncommitted = sorted(stem for stem in (n[: -len(".parquet")] for n in parts)
+                         if stem in wanted and stem not in state.finished and stem not in damaged)
     if uncommitted:
         print(f"[campaign] {len(uncommitted)} trial(s) have files but no commit marker (interrupted while writing, or "
               f"written by an older version) and run again: {', '.join(uncommitted[:5])}"
@@ -320,22 +333,29 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
         if _barrier:
             settings["_barrier"] = _barrier
         trainable = tune.with_resources(_trainable, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
-        attempt = len(list((plan.directory / "ray").glob("tune-*"))) if (plan.directory / "ray").exists() else 0
+        tune_dir = storage.join(plan.directory, "ray")
+        attempt = sum(name.startswith("tune-") for name in storage.list_entries(tune_dir))
+        tune_fs, tune_path = storage.resolve(tune_dir) if storage.is_uri(tune_dir) else (None, str(tune_dir))
         progress = Progress(len(wanted), len(wanted) - len(pending), plan.num_images, progress_every_s)
         tuner = Tuner(
             trainable,
             param_space={"campaign": settings, "trial": tune.grid_search([dataclasses.asdict(t) for t in pending])},
             tune_config=TuneConfig(reuse_actors=True, max_concurrent_trials=plan.spec.max_concurrent,
                                    trial_dirname_creator=lambda trial: trial.trial_id),
-            run_config=RunConfig(name=f"tune-{attempt}", storage_path=str(plan.directory / "ray"), verbose=0,
+            run_config=RunConfig(name=f"tune-{attempt}", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
                                  failure_config=FailureConfig(max_failures=plan.spec.max_failures),
                                  callbacks=[progress, JsonLoggerCallback()]),
         )
-        print(f"[campaign] {plan.spec.model} on {plan.dataset} ({plan.spec.dtype}): {len(pending)} of {len(wanted)} "
+        print(f"[campaign] {plan.spec.model} on {plan.dataset} ({name_suffix(plan.spec)}): {len(pending)} of {len(wanted)} "
               f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
         for note in plan.notes:  # once per campaign; the trial rows say which path ran (column path)
             print(f"[campaign] {note}", flush=True)
         os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C: our resume hint, not Tune's restore advice
+        # On an object store Tune uploads its whole experiment state at every snapshot (every 10 s or more):
+        # snapshot rarely there; the part files, not Tune's state, are what a resume reads.
+        tune_env = ({"TUNE_GLOBAL_CHECKPOINT_S": str(TUNE_SNAPSHOT_S_ON_STORES)}
+                    if storage.is_uri(plan.directory) and "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ else {})
+        os.environ.update(tune_env)
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
@@ -343,19 +363,33 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
             raise CampaignInterrupted(plan.directory) from None
         finally:
             processes.forget()
+            for key in tune_env:
+                os.environ.pop(key, None)
         errors = tuple(f"{TrialPoint(**r.config['trial']).key}: {str(r.error).strip().splitlines()[-1]}"
                        for r in results if r.error is not None)
     done = finished_keys(plan.directory) & set(wanted)
     trials = aggregate(plan.directory, keys=done)
-    launched = {trial_key(t.kind, t.site, t.bit, t.seed) for t in pending}
+    launched = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending}
     injections = sum(n for key, n in zip(trials.column("trial_key").to_pylist(), trials.column("images").to_pylist())
                      if key in launched)
     return CampaignOutcome(plan.directory, len(wanted), len(done), errors, time.monotonic() - started,
                            int(injections), len(pending), tuple(damaged))
 
 
-def check_writable(directory: Path) -> None:
+def check_store(spec: CampaignSpec) -> None:
+    """An --out on object storage: refuse, in one line and within bounded time, a location
+    that is malformed, has no bucket, refuses the credentials or cannot be reached (before
+    the model is loaded; local paths are checked by check_writable)."""
+    try:
+        storage.check_location(spec.out)
+    except ValueError as exc:
+        raise SpecError(f"out: {exc}") from None
+
+
+def check_writable(directory: Path | str) -> None:
     """Refuse an output directory that cannot be created or written, before Ray starts."""
+    if storage.is_uri(directory):
+        return  # written and deleted a probe object already (check_store)
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -371,11 +405,12 @@ def check_writable(directory: Path) -> None:
 
 def _adopt_location(plan: ResolvedCampaign) -> None:
     """A campaign directory that was moved or copied takes its new name in every row."""
-    if not (plan.directory / SPEC_FILE).exists():
+    if not storage.exists(storage.join(plan.directory, SPEC_FILE)):
         return
+    name = storage.name(plan.directory)
     old = read_spec(plan.directory).get("name")
-    if old is not None and old != plan.directory.name:
-        renamed = rename_campaign(plan.directory, plan.directory.name)
+    if old is not None and old != name:
+        renamed = rename_campaign(plan.directory, name)
         if renamed:
             print(f"[campaign] {plan.directory} was moved or copied from a campaign named {old!r}: "
                   f"renamed it in the files of {renamed} trial(s)", flush=True)

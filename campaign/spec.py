@@ -11,15 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from campaign.numformats import effective_mode, format_problems, name_suffix
+from trainables import storage
+
 SITE_KINDS = ("neuron", "weight")  # the default kinds
-ALL_SITE_KINDS = ("neuron", "weight", "param")
+ALL_SITE_KINDS = ("neuron", "weight", "param", "qparam")  # qparam: an int8 model's scales and zero points
 RECORD_LEVELS = ("none", "changed", "all")
 MODES = ("fp32", "tf32", "fp16", "bf16")
 # What decides a campaign's results: a directory holding a campaign that differs in any of
 # these is a different campaign. Batch size, resources and names may change between runs.
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
-                   "params", "modules", "buffers")
+                   "params", "modules", "buffers", "fault", "quantize", "weight_format")
 
 
 MAX_SEED = 2**63 - 1  # seeds are stored as int64
@@ -54,6 +57,7 @@ class CampaignSpec:
     modules: str | None = None  # neuron sites on these modules' outputs (type names, globs, re:), containers included
     buffers: bool = False  # param sites include floating buffers (BatchNorm running mean/var)
     bits: str = "random"  # "random", "all", "30", "0-31", "23,30", "msb:1" (the seed's MSB-first numbering)
+    fault: str = "flip"  # fault model(s), a campaign dimension: flip, flip:K, burst:K, stuck0, stuck1, random, zero
     seeds: tuple[int, ...] | None = None  # explicit seeds; else num_seeds drawn from master_seed
     num_seeds: int = 1
     master_seed: int = 0  # -1: from the clock (the value used is recorded)
@@ -75,15 +79,21 @@ class CampaignSpec:
     channels: int | None = None
     prefix: bool = True  # prefix reuse: trials run only the suffix after the site on cached golden activations
     prefix_cache_mb: float | None = None  # that cache's budget per worker, MiB; None: a quarter of free memory
+    protect: str = "none"  # mitigation, run as paired trials: none, clamp:<types>:<lo>:<hi>, relu6, ranger[:<targets>]
+    bounds: str | None = None  # ranger: reuse the bounds of this file (a bounds file or a ranger campaign's spec.json)
+    calibration: str | None = None  # ranger: the data set profiled (default: the evaluation set's training split)
+    quantize: str | None = None  # int8: post-training static int8 quantization (campaign.numformats); mode int8
+    weight_format: str | None = None  # fp8_e4m3fn | fp8_e5m2: weights stored in fp8, upcast for compute
 
     @property
-    def directory(self) -> Path:
-        return Path(self.out).expanduser().resolve() / (self.name or default_name(self))
+    def directory(self) -> Path | str:
+        """<out>/<name>: a Path, or a URI string when ``out`` is one (s3://bucket/prefix)."""
+        return storage.join(storage.location(self.out), self.name or default_name(self))
 
 
 def default_name(spec: CampaignSpec) -> str:
     """A readable campaign directory name from the model, data set and math mode."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.model}-{spec.dataset or 'default'}-{spec.dtype}").strip("_")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.model}-{spec.dataset or 'default'}-{name_suffix(spec)}").strip("_")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CampaignSpec)}
@@ -123,6 +133,8 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
             return tuple(int(v) for v in _as_list(value))
         if name in ("layers", "layer_types", "bits"):
             return ",".join(_as_list(value))
+        if name == "fault":
+            return ",".join(v.lower() for v in _as_list(value))
         if name in ("params", "modules") and isinstance(value, (list, tuple)):
             return ",".join(str(v).strip() for v in value)  # a re: item runs to the end: put it last
         return str(value)
@@ -283,6 +295,7 @@ class TrialPlan:
     site: int
     bit: int | str
     seed: int
+    fault: str = "flip"  # the fault model (trainables.inject.fault_models); part of the key unless flip
 
 
 @dataclass(frozen=True)
@@ -299,9 +312,10 @@ class ResolvedCampaign:
     num_images: int = 0
     inputs: dict[str, str] = field(default_factory=dict)  # content digests (DIGEST_FIELDS)
     notes: tuple[str, ...] = ()  # said once per campaign before it runs (sites that cannot reuse the prefix)
+    protection: dict | None = None  # the guard record of a protected campaign: sites and bounds (spec.json)
 
     @property
-    def directory(self) -> Path:
+    def directory(self) -> Path | str:
         return self.spec.directory
 
     @property
@@ -315,8 +329,9 @@ class ResolvedCampaign:
         values.update(dataset=self.dataset, seeds=list(self.seeds), sites=list(self.spec.sites))
         # fields added later are None at their defaults, so campaigns written before them still match
         values.update(params=None if str(self.spec.params).lower() == "all" else self.spec.params,
-                      buffers=True if self.spec.buffers else None)
-        return {**{k: values[k] for k in IDENTITY_FIELDS}, **self.inputs}
+                      buffers=True if self.spec.buffers else None,
+                      fault=None if self.spec.fault == "flip" else self.spec.fault)
+        return {**{k: values[k] for k in IDENTITY_FIELDS}, **protection_identity(self.protection), **self.inputs}
 
 
 def check_plain_fields(spec: CampaignSpec) -> list[str]:
@@ -324,8 +339,8 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
     problems = []
     unknown_kinds = [k for k in spec.sites if k not in ALL_SITE_KINDS]
     if unknown_kinds or not spec.sites:
-        problems.append(f"sites: {', '.join(unknown_kinds) or 'none given'}: use neuron, weight, param or a list "
-                        "like neuron,weight (the default)")
+        problems.append(f"sites: {', '.join(unknown_kinds) or 'none given'}: use neuron, weight, param, qparam or a "
+                        "list like neuron,weight (the default)")
     elif len(set(spec.sites)) != len(spec.sites):
         problems.append(f"sites: {','.join(spec.sites)} names a kind twice")
     if spec.dtype not in MODES:
@@ -363,6 +378,8 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
             problems.append(f"{name}: must be a finite number, got {value}")
     if (problem := index_list_problem(spec.layers)) is not None:
         problems.append(f"layers: {problem}")
+    if (problem := fault_problem(spec.fault)) is not None:
+        problems.append(f"fault: {problem}")
     if spec.name is not None and (not spec.name.strip() or "/" in spec.name or "\0" in spec.name
                                   or spec.name in (".", "..")):
         problems.append(f"name: {spec.name!r} must be a plain directory name")
@@ -370,6 +387,10 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
         problems.append(f"name: {len(spec.name.encode())} bytes long: a directory name has at most 255")
     if not spec.out.strip() or "\0" in spec.out:
         problems.append(f"out: {spec.out!r} is not a directory path")
+    elif (problem := storage.uri_problem(spec.out)) is not None:
+        problems.append(f"out: {problem}")
+    problems += protect_problems(spec)
+    problems += format_problems(spec)
     return problems
 
 
@@ -378,10 +399,13 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     expand it into trials. Raises SpecError listing every problem found."""
     import torch
 
-    from trainables.inject.bitflip import dtype_width
+    from campaign import numformats
+    from trainables.inject import formats
     from trainables.inject.engine import MATH_MODES
     from trainables.inject.faults import derive_seeds
+    from trainables.inject import qparams
     from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
+    from trainables.inject.sites import parse_index_list, parse_type_list
     from trainables.zoo.data import check_dataset_name, load_dataset
     from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
@@ -408,6 +432,11 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
         model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
                            weights=spec.weights)
+        digests = None
+        if spec.quantize:  # the digests are of the float model, taken before quantizing it
+            numformats.check_quantizable(spec, dataset, data)
+            digests = input_digests(spec, data, model)
+            model = numformats.quantized_model(spec, dataset, model)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise SpecError("\n".join(problems + [str(exc)])) from None
     shape = tuple(data.images.shape[1:])
@@ -418,15 +447,34 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     if spec.img_size is not None and (not is_image or (spec.img_size, spec.img_size) != shape[1:]):
         problems.append(f"img_size: {spec.img_size} given, but {dataset} " + (f"images are {shape[1]}x{shape[2]}" if is_image
                         else f"holds no images (per-example shape {list(shape)})"))
-    dtype = MATH_MODES[spec.dtype]
-    width = dtype_width(dtype)
+    dtype = MATH_MODES[effective_mode(spec)]
+    width = formats.width(dtype) if set(spec.sites) != {"qparam"} else qparams.WIDTH
     try:
         bits = parse_bits(spec.bits, width)
     except SpecError as exc:
         problems.append(str(exc))
         bits = []
+    fault_bits, fault_problems = fault_dimension(spec.fault, bits, width)
+    problems += fault_problems
+    fault_bits_for = {kind: fault_bits for kind in spec.sites}  # fp8-stored weights have 8 bits
+    if spec.weight_format and "weight" in spec.sites and width != numformats.FORMAT_WIDTH:
+        try:
+            weight_bits = parse_bits(spec.bits, numformats.FORMAT_WIDTH)
+        except SpecError as exc:
+            problems.append(f"{exc} for the {spec.weight_format} weights (run wider bits in a neuron-only campaign)")
+            weight_bits = []
+        fault_bits_for["weight"], more = fault_dimension(spec.fault, weight_bits, numformats.FORMAT_WIDTH)
+        problems += [p for p in more if p not in problems]
+    if "qparam" in spec.sites and width != qparams.WIDTH:  # scales and zero points are 32-bit words
+        try:
+            qparam_bits = parse_bits(spec.bits, qparams.WIDTH)
+        except SpecError:  # said once already, by the bits of the other kinds
+            qparam_bits = []
+        fault_bits_for["qparam"], more = fault_dimension(spec.fault, qparam_bits, qparams.WIDTH)
+        problems += [p for p in more if p not in problems]
     try:
-        found = survey(model.to(dtype), shape, dtype, input_dtype=dtype if data.images.is_floating_point() else data.images.dtype)
+        found = survey(model if spec.quantize else model.to(dtype), shape, dtype,
+                       input_dtype=dtype if data.images.is_floating_point() else data.images.dtype)
     except ValueError as exc:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
     except Exception as exc:  # the model's own forward refused the input: a shape mismatch
@@ -435,29 +483,76 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     selected, selection_problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                          spec.modules, spec.buffers)
     problems += selection_problems
+    if "qparam" in spec.sites:  # an int8 model's scales and zero points, of the selected layers
+        selected["qparam"], more = qparams.select_qparams(qparams.qparam_sites(model, found.sites), parse_index_list(spec.layers),
+                                                          parse_type_list(spec.layer_types))
+        problems += more
+    if spec.weight_format and not any(s.is_weight_site for s in found.sites):
+        problems.append(f"weight_format: {spec.model} has no weight sites (leaf modules with a floating weight) to store "
+                        f"in {spec.weight_format}")
     sites_by_kind = {kind: [s.index for s in chosen] for kind, chosen in selected.items()}
     if problems:
         raise SpecError("\n".join(problems))
+    protection = resolve_protection(spec, dataset, model, data, found)
     if spec.seeds is not None:
         seeds = tuple(spec.seeds)
     else:
         master = spec.master_seed if spec.master_seed != -1 else time.time_ns() % (2**31 - 1)
         seeds = tuple(derive_seeds(master, spec.num_seeds))
         spec = dataclasses.replace(spec, master_seed=master)
-    spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds)
+    spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds, fault=",".join(f for f, _ in fault_bits))  # canonical names
     # site-major: a worker's consecutive trials share a site, and with it the prefix cache
-    trials = tuple(TrialPlan(kind, site, bit, seed)
-                   for kind in spec.sites for site in sites_by_kind[kind] for seed in seeds for bit in bits)
+    trials = tuple(TrialPlan(kind, site, bit, seed, fault)
+                   for kind in spec.sites for site in sites_by_kind[kind] for seed in seeds
+                   for fault, its_bits in fault_bits_for[kind] for bit in its_bits)
     sites = [s for s in found.sites if spec.modules is not None or not s.container]
     coverage = coverage_lines(model, found, selected, show_containers=spec.modules is not None)
     table = "\n\n".join([site_table(sites), *([param_table(found.params)] if "param" in spec.sites else []),
+                          *([qparams.qparam_table(selected["qparam"])] if "qparam" in spec.sites else []),
                           "\n".join(coverage)])
-    probe = data.images[:2].to(dtype) if data.images.is_floating_point() else data.images[:2]
+    probe = numformats.probe_images(spec, model, data.images, dtype)
     said = tuple(f"sites: {line}" for line in coverage  # what neuron/weight sites leave out, when anything
                  if line.startswith(("leaf modules that never", "calls that are no")) and not line.endswith(": none"))
     return ResolvedCampaign(spec, dataset, seeds, table, sites_by_kind,
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
-                            input_digests(spec, data, model), notes=said + _prefix_notes(spec, model, probe, selected, trials))
+                            digests or input_digests(spec, data, model), notes=said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
+                            + (numformats.weight_note(spec, selected) if spec.prefix and trials_per_site(trials) > 1 else ()),
+                            protection=protection)
+
+
+def fault_problem(text: str) -> str | None:
+    """Why a fault-model list ('flip', 'flip,burst:2,stuck0') cannot be read, or None (K is checked later)."""
+    from trainables.inject.fault_models import parse_faults
+
+    try:
+        parse_faults(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def fault_dimension(text: str, bits: list[int | str], width: int) -> tuple[list[tuple[str, list[int | str]]], list[str]]:
+    """The campaign's fault models with the bit specs each runs, and the problems found. A
+    whole-element model (random, zero) takes no bit: it runs once per site and seed, with bit
+    spec 'random', and fixed --bits with only such models are refused."""
+    from trainables.inject.fault_models import check_fault, parse_faults
+
+    try:
+        models = parse_faults(text)
+    except ValueError:
+        return [], []  # reported by check_plain_fields
+    problems, out = [], []
+    for model in models:
+        try:
+            check_fault(model, width)
+        except ValueError as exc:
+            problems.append(f"fault: {exc}")
+        out.append((str(model), ["random"] if model.whole_element else bits))
+    if bits and all(m.whole_element for m in models) and bits != ["random"]:
+        verbs = ("replaces", "takes") if len(models) == 1 else ("replace", "take")
+        problems.append(f"fault: {','.join(map(str, models))} {verbs[0]} every bit of an element and {verbs[1]} no bit "
+                        f"position: use bits random, not {','.join(map(str, bits))}")
+    return out, problems
 
 
 def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exception) -> str:
@@ -481,6 +576,11 @@ def trials_per_site(trials: Sequence[TrialPlan]) -> int:
     return max(counts.values(), default=0)
 
 
+def _float_kinds(spec: CampaignSpec, selected: dict[str, list]) -> dict[str, list]:
+    """The selected sites whose prefix reuse can be checked (int8 packed weights never reuse it)."""
+    return {k: v for k, v in selected.items() if k != "qparam" and (k != "weight" or not spec.quantize)}
+
+
 def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list], trials: Sequence[TrialPlan]) -> tuple[str, ...]:
     """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix."""
     if not spec.prefix or trials_per_site(trials) < 2:
@@ -500,3 +600,69 @@ def _ray_declares_gpus() -> bool:
     except ImportError:
         return False
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def protect_problems(spec: CampaignSpec) -> list[str]:
+    """Problems of the protection settings visible without loading anything (one line each)."""
+    from trainables.inject.protection import ProtectError, parse_protect
+
+    try:
+        parsed = parse_protect(spec.protect)
+    except ProtectError as exc:
+        return [str(exc)]
+    problems = []
+    for name in ("bounds", "calibration"):
+        if getattr(spec, name) is not None and (parsed is None or parsed.kind != "ranger"):
+            problems.append(f"{name}: applies to --protect ranger only (protect is {spec.protect})")
+    if spec.bounds is not None and spec.calibration is not None:
+        problems.append("calibration: not used with --bounds (the bounds file was profiled already)")
+    return problems
+
+
+def protection_identity(protection: dict | None) -> dict:
+    """Identity entries of a protected campaign (none for an unprotected one, so campaigns
+    written before protection existed still match): the spec and a digest of its bounds."""
+    if not protection:
+        return {}
+    import hashlib
+    import json
+
+    bounds = json.dumps(protection["sites"], sort_keys=True).encode()
+    return {"protect": protection["protect"], "bounds_sha256": hashlib.sha256(bounds).hexdigest()}
+
+
+def resolve_protection(spec: CampaignSpec, dataset: str, model, data, found) -> dict | None:
+    """The guard record of ``spec.protect`` (None for none): fixed bounds, a ``--bounds``
+    file checked against this model, or Ranger bounds profiled on the calibration data."""
+    from trainables.inject import protection as P
+    from trainables.zoo.data import load_dataset
+
+    parsed = P.parse_protect(spec.protect)
+    if parsed is None:
+        return None
+    shape = tuple(data.images.shape[1:])
+    try:
+        if parsed.kind != "ranger":
+            return P.guard_record(P.fixed_guard(parsed, found.sites), spec.model, spec.dtype)
+        inputs = input_digests(spec, data, model)
+        if spec.bounds is not None:
+            return P.load_bounds(spec.bounds, parsed, spec.model, found.sites, shape, inputs.get("weights_sha256"))
+        calibration = spec.calibration or P.default_calibration(dataset)
+        if calibration is None:
+            raise P.ProtectError(f"calibration: {dataset} has no default calibration split: pass --calibration DATA "
+                                 "(images disjoint from the evaluated ones) or --bounds FILE")
+        if calibration == dataset:
+            raise P.ProtectError(f"calibration: {calibration} is the evaluated data set: calibrate on disjoint images "
+                                 f"(e.g. {P.default_calibration(dataset) or 'a training split'})")
+        try:
+            calib = load_dataset(calibration, root=spec.data_root, download=spec.download)
+        except (ValueError, FileNotFoundError) as exc:
+            raise P.ProtectError(f"calibration: {exc}") from None
+        P.check_calibration(calibration, calib.images, shape)
+        sites = P.protected_sites(parsed, found.sites)
+        bounds = P.profile_bounds(model, sites, calib.images, spec.batch_size, spec.dtype)
+        guard = P.Guard(parsed, tuple(sites), bounds)
+        return P.guard_record(guard, spec.model, spec.dtype,
+                              P.calibration_record(calibration, calib.images, inputs.get("weights_sha256")))
+    except P.ProtectError as exc:
+        raise SpecError(str(exc)) from None

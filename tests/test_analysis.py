@@ -139,6 +139,7 @@ def test_load_faults_empty_and_joined(basic, tmp_path):
                       value_before=1.0, value_after=2.0 ** 128, outcome="sdc" if i == 2 else "masked")
         for c, v in values.items():
             faults[c].append(v)
+    faults.update({c: [None] * 3 for c, v in faults.items() if not v})  # columns added later
     directory = make_campaign(tmp_path / "f", "f", [(row, bit_rows)], faults={row["trial_key"]: faults})
     df = analysis.load_faults(directory)
     assert list(df["image"]) == [0, 1, 2]
@@ -249,7 +250,38 @@ def test_per_bit_field_widths_follow_the_mode(tmp_path):
     assert analysis.bit_field("tf32", 23) == "exponent" and analysis.bit_field("fp16", 10) == "exponent"
     assert analysis.bit_field("fp16", 9) == "mantissa"
     with pytest.raises(ValueError, match="unknown math mode"):
-        analysis.bit_field("int8", 3)
+        analysis.bit_field("int4", 3)
+
+
+def test_bit_fields_of_int8_and_fp8_formats(tmp_path):
+    """int8 weights: sign 7, magnitude 6-0; quint8 activations: magnitude 7-0 (no sign); fp8 weight
+    storage: e4m3fn sign 7, exponent 6-3, mantissa 2-0 and e5m2 exponent 6-2, mantissa 1-0, while
+    the same campaign's neuron rows keep fp32's layout and fp8 rows never pool with fp32 ones."""
+    def camp(name, kind, mode, bits, weight_format=None):
+        row, bit_rows = random_trial(name, 1, "Conv2d", 1, {b: (10, 10, m) for b, m in bits.items()}, mode=mode, kind=kind)
+        row["weight_format"] = weight_format
+        return make_campaign(tmp_path / name, name, [(row, bit_rows)])
+    int8_w = camp("i8w", "weight", "int8", {7: 6, 6: 3, 0: 1})
+    int8_n = camp("i8n", "neuron", "int8", {7: 5, 3: 1})
+    e4m3 = camp("e4", "weight", "fp32", {7: 4, 6: 9, 3: 2, 2: 1}, "fp8_e4m3fn")
+    e5m2 = camp("e5", "weight", "fp32", {6: 8, 2: 3, 1: 2}, "fp8_e5m2")
+    fp32_n = camp("f32n", "neuron", "fp32", {30: 7}, "fp8_e5m2")
+    fp32_w = camp("f32w", "weight", "fp32", {30: 5})
+    table = analysis.per_bit_field(analysis.load_bits([int8_w, int8_n, e4m3, e5m2, fp32_n, fp32_w]))
+    got = {(r.mode, r.kind, r.weight_format, r.field): (r.bit_range, r.width, r.mismatches) for r in table.itertuples()}
+    assert got == {
+        ("int8", "weight", "none", "sign"): ("7", 1, 6), ("int8", "weight", "none", "magnitude"): ("6-0", 7, 4),
+        ("int8", "neuron", "none", "magnitude"): ("7-0", 8, 6),
+        ("fp32", "weight", "fp8_e4m3fn", "sign"): ("7", 1, 4), ("fp32", "weight", "fp8_e4m3fn", "exponent"): ("6-3", 4, 11),
+        ("fp32", "weight", "fp8_e4m3fn", "mantissa"): ("2-0", 3, 1),
+        ("fp32", "weight", "fp8_e5m2", "exponent"): ("6-2", 5, 11), ("fp32", "weight", "fp8_e5m2", "mantissa"): ("1-0", 2, 2),
+        ("fp32", "neuron", "fp8_e5m2", "exponent"): ("30-23", 8, 7),
+        ("fp32", "weight", "none", "exponent"): ("30-23", 8, 5),
+    }
+    assert [analysis.bit_field("fp8_e4m3fn", b) for b in (7, 3, 2)] == ["sign", "exponent", "mantissa"]
+    assert [analysis.bit_field("fp8_e5m2", b) for b in (7, 2, 1)] == ["sign", "exponent", "mantissa"]
+    assert [analysis.bit_field("int8", b) for b in (7, 6)] == ["sign", "magnitude"]
+    assert analysis.bit_field("uint8", 7) == "magnitude"
 
 
 def test_mixed_models_and_kinds_are_grouped_never_merged(tmp_path):

@@ -87,30 +87,34 @@ def test_fractional_gpus_run_four_trials_at_a_time_on_their_assigned_devices(ray
     placed at once (they wait for each other at a barrier), two on each logical GPU."""
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    spec = CampaignSpec(model="demo:vgg", weights="none", images=500, layers="0-7", sites=("neuron",), bits="30",
+    spec = CampaignSpec(model="demo:vgg", weights="none", images=500, layers="0-5", sites=("neuron",), bits="30",
                         record="none", cpus_per_trial=0.5, gpus_per_trial=0.5, out=str(tmp_path), name="gpus")
     outcome = run_campaign(spec, _barrier={"dir": str(barrier), "parties": 4, "timeout_s": 120})
-    assert outcome.complete and outcome.finished == 8
+    assert outcome.complete and outcome.finished == 6
     trials = pd.read_parquet(outcome.directory / "trials.parquet")
     assert trials["device"].str.fullmatch(r"cpu \(CUDA absent; Ray assigned GPU [01]\)").all()
     assert sorted(p.name for p in barrier.glob("met-*")) == ["met-0", "met-1", "met-2", "met-3"]
     first_wave = sorted((barrier / f"slot-{i}").read_text() for i in range(4))
     assert first_wave == ["0", "0", "1", "1"]  # two trials on each GPU while all four ran
-    assert sorted(p.name for p in barrier.glob("slot-*")) == [f"slot-{i}" for i in range(8)]
+    assert sorted(p.name for p in barrier.glob("slot-*")) == [f"slot-{i}" for i in range(6)]
 
 
 def test_crashed_workers_are_retried_and_results_unchanged(reference, tmp_path):
+    """Four of the reference's trials (same seed and keys: site 5, neuron and weight), each of whose first worker dies."""
     crash_dir = tmp_path / "crashes"
     crash_dir.mkdir()
-    spec = CampaignSpec(**SMALL, out=str(tmp_path), name="crashy", max_failures=2)
+    spec = CampaignSpec(**{**SMALL, "layers": "5"}, out=str(tmp_path), name="crashy", max_failures=2)
     outcome = run_campaign(spec, _crash_once_dir=str(crash_dir))
-    assert outcome.complete and outcome.errored == 0
-    assert len(list(crash_dir.iterdir())) == reference.total  # every trial's first worker died
+    assert outcome.complete and outcome.errored == 0 and outcome.total == 2 * (1 + 1)
+    crashed = sorted(p.name for p in crash_dir.iterdir())
+    assert len(crashed) == outcome.total  # every trial's first worker died
     for a, b in zip(result_frames(reference.directory), result_frames(outcome.directory)):
-        pd.testing.assert_frame_equal(a, b)
+        subset = a[a["trial_key"].isin(b["trial_key"])].reset_index(drop=True)
+        assert sorted(set(subset["trial_key"])) == sorted(set(b["trial_key"])) == crashed
+        pd.testing.assert_frame_equal(subset, b)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])  # SIGTERM: test_cli
 def test_resume_after_the_driver_is_stopped_equals_an_uninterrupted_run(reference, ray_address, tmp_path, sig):
     spec = dataclasses.replace(CampaignSpec(**SMALL), max_concurrent=1)
     args = [sys.executable, "-m", "campaign", "run", "--model", spec.model, "--weights", "none", "--images", "600",

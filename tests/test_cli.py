@@ -30,3 +30,29 @@ def test_bad_model_and_missing_weights_file_fail_cleanly():
     assert result.returncode == 2 and result.stderr.startswith("error:") and "demo:vgg" in result.stderr
     result = campaign("layers", "--model", "torchvision:resnet18", "--weights", "/nonexistent.pt", "--dataset", "synthetic:3x32x32:10:8")
     assert result.returncode == 2 and "/nonexistent.pt" in result.stderr
+
+
+def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
+    """SIGTERM raises KeyboardInterrupt in the driver: the same path as Ctrl-C (whose full run,
+    stop and resume test_campaign checks), exit code 128 + 15 and the resume hint only."""
+    import os
+    import signal
+
+    from campaign import cli
+
+    def stopped_run(args):
+        interrupt = KeyboardInterrupt()
+        interrupt.directory = "runs/x"
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0)  # let the handler run
+        except KeyboardInterrupt:
+            raise interrupt from None
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setitem(cli.COMMANDS, "run", stopped_run)
+    monkeypatch.setattr(cli, "_quiet_shutdown", lambda: None)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["run"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "\ninterrupted: run `python -m campaign resume runs/x` to finish the campaign\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed afterwards

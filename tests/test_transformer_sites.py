@@ -479,3 +479,12 @@ def test_layers_command_says_what_the_sites_cover(capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("error: params: '*.gamma' matches no parameter; this model has: class_token, ")
+
+
+def test_a_campaign_of_the_text_demo_resolves_with_a_state_dict_digest(tmp_path):
+    """demo:text ships no weights: its identity is the digest of its seeded random state_dict."""
+    resolved = resolve(CampaignSpec(model="demo:text", dataset="synthetic-tokens:16:1000:4:32", sites=("neuron",),
+                                    layers="1", bits="30", out=str(tmp_path), name="text"))
+    assert [(t.kind, t.site) for t in resolved.trials] == [("neuron", 1)]
+    assert resolved.inputs["weights_sha256"].startswith("state_dict:")
+    assert not any(tmp_path.iterdir())  # resolving writes nothing

@@ -6,7 +6,14 @@ import hashlib
 from pathlib import Path
 
 from trainables.zoo.data import sha256_file
-from trainables.zoo.models import NO_WEIGHTS, ZOO_DEFAULT_REF, demo_weights_path, split_model_name, zoo_cache_dir
+from trainables.zoo.models import (
+    DEMO_WEIGHTS,
+    NO_WEIGHTS,
+    ZOO_DEFAULT_REF,
+    demo_weights_path,
+    split_model_name,
+    zoo_cache_dir,
+)
 
 # The digests and how messages name them.
 DIGEST_FIELDS = {"weights_sha256": "the weights", "data_sha256": "the data (images and labels used)",
@@ -30,7 +37,7 @@ def input_digests(model_name: str, weights: str | None, hub_dir: str | None, hub
     path = weights if weights is not None and weights.lower() != NO_WEIGHTS else None
     if path is None and prefix == "file":
         path = rest
-    if path is None and prefix == "demo" and weights is None:
+    if path is None and prefix == "demo" and weights is None and rest in DEMO_WEIGHTS:  # demo:text ships none
         path = str(demo_weights_path(rest))
     if path is not None:
         out["weights_sha256"] = sha256_file(Path(path).expanduser())

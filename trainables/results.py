@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from trainables import storage
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"bitflip.schema_version"
@@ -70,6 +70,9 @@ TRIAL_SCHEMA = pa.schema(
         ("started_at", pa.float64()),
         ("worker", pa.string()),
         ("path", pa.string()),  # "prefix": the suffix ran on cached golden activations; "full": whole forward passes
+        ("fault", pa.string()),  # the fault model (flip, flip:K, burst:K, stuck0, stuck1, random, zero); null = flip
+        ("effective", pa.int64()),  # faults that changed the stored bits (a stuck-at on a bit already set does not)
+        ("weight_format", pa.string()),  # fp8 weight storage (fp8_e4m3fn, fp8_e5m2) of the campaign; null: the mode's dtype
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -86,6 +89,7 @@ BIT_SCHEMA = pa.schema(
         ("nonfinite", pa.int64()),
         ("sdc", pa.int64()),
         ("failures", pa.int64()),
+        ("effective", pa.int64()),  # faults that changed the stored bits; bit = a multi-bit fault's first (lowest) bit
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -112,26 +116,54 @@ FAULT_SCHEMA = pa.schema(
         ("raw_before", pa.int64()),
         ("value_before", pa.float64()),
         ("value_after", pa.float64()),
+        ("fault", pa.string()),  # the fault model; null = flip
+        ("effective", pa.bool_()),  # the fault changed the stored bits
+        ("fault_mask", pa.int64()),  # the bits the fault targets, signed like raw_before; bit = its lowest
     ],
     metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 
+# Paired trials of a protected campaign (trainables.inject.protection): appended after every
+# other column, null in unprotected campaigns. Counts are against the unprotected golden top-1.
+PROTECTION_TRIAL_FIELDS = [
+    ("protect", pa.string()),  # the protection spec (clamp:..., relu6, ranger[:...]); null = none
+    *[(name, pa.int64()) for name in (
+        "protected_mismatches", "protected_nonfinite", "pair_both", "pair_unprotected_only", "pair_protected_only",
+        "faulty_correct", "protected_faulty_correct", "protected_clean_correct", "detected", "detected_mismatches",
+        "clean_alarms")],
+    ("protected_misclassification_rate", pa.float64()),
+    ("protected_ci_low", pa.float64()),
+    ("protected_ci_high", pa.float64()),
+    ("mcnemar_p", pa.float64()),  # exact two-sided McNemar p of pair_unprotected_only vs pair_protected_only
+]
+PROTECTION_BIT_FIELDS = [(name, pa.int64()) for name in
+                         ("protected_mismatches", "pair_both", "pair_unprotected_only", "pair_protected_only")]
+PROTECTION_FAULT_FIELDS = [("protected_faulty", pa.int64()), ("protected_changed", pa.bool_()),
+                           ("protected_nonfinite", pa.bool_()), ("protected_raw_before", pa.int64()),
+                           ("detected", pa.bool_())]
+
+
+def _extended(schema: pa.Schema, extra: list) -> pa.Schema:
+    return pa.schema(list(schema) + [pa.field(n, t) for n, t in extra], metadata=schema.metadata)
+
+
+TRIAL_SCHEMA = _extended(TRIAL_SCHEMA, PROTECTION_TRIAL_FIELDS)
+BIT_SCHEMA = _extended(BIT_SCHEMA, PROTECTION_BIT_FIELDS)
+FAULT_SCHEMA = _extended(FAULT_SCHEMA, PROTECTION_FAULT_FIELDS)
+
 TRIALS_FILE, BITS_FILE, FAULTS_DIR, PARTS_DIR, SPEC_FILE = "trials.parquet", "bits.parquet", "faults", "parts", "spec.json"
 
-def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int) -> str:
-    """Stable file-name key of one trial, e.g. 'neuron-s0005-b23-seed17' or '...-brandom-...'."""
-    return f"{kind}-s{int(site_index):04d}-b{bit_spec}-seed{int(seed)}"
+def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int, fault: str = "flip") -> str:
+    """Stable file-name key of one trial, e.g. 'neuron-s0005-b23-seed17' or '...-brandom-...';
+    a fault model other than flip is appended ('...-seed17-burst2'), so flip keys never change."""
+    suffix = "" if fault in (None, "flip") else "-" + str(fault).replace(":", "")
+    return f"{kind}-s{int(site_index):04d}-b{bit_spec}-seed{int(seed)}{suffix}"
 
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file and rename: readers never see
-    half a file, and a rewrite replaces the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def atomic_write_bytes(data: bytes, path: Path | str) -> None:
+    """Write ``data`` to ``path`` (a local path or a URI) whole: through a temporary file and
+    a rename on a local disk, one PUT on an object store. Readers never see half a file, and
+    a rewrite replaces the old one."""
+    storage.write_bytes(path, data)
 
 def parquet_bytes(table: pa.Table) -> bytes:
     """``table`` as the bytes of a parquet file."""
@@ -139,7 +171,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
 
-def atomic_write_table(table: pa.Table, path: Path) -> dict:
+def atomic_write_table(table: pa.Table, path: Path | str) -> dict:
     """Write ``table`` to ``path`` atomically; return its size and SHA-256 (for a commit marker)."""
     data = parquet_bytes(table)
     atomic_write_bytes(data, path)
@@ -170,24 +202,32 @@ def _trial_files(key: str) -> dict[str, str]:
             "trial": f"{PARTS_DIR}/trials/{key}.parquet"}
 
 
-def marker_path(campaign_dir: str | Path, key: str) -> Path:
-    return Path(campaign_dir) / PARTS_DIR / DONE_DIR / f"{key}.json"
+def marker_path(campaign_dir: str | Path, key: str) -> Path | str:
+    return storage.join(campaign_dir, PARTS_DIR, DONE_DIR, f"{key}.json")
+
+
+def _campaign_location(campaign_dir: str | Path) -> Path | str:
+    """A campaign directory as given: a Path, or a URI string (never a Path, which would
+    collapse 's3://' into a local folder named 's3:')."""
+    return campaign_dir if storage.is_uri(campaign_dir) else Path(campaign_dir)
 
 
 def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable[Mapping], fault_columns: Mapping | None) -> None:
     """Write one trial's results (faults, per-bit counts, the trial row), then commit them
     with a marker listing each file's size and SHA-256: the trial is finished only then."""
-    campaign_dir = Path(campaign_dir)
+    campaign_dir = _campaign_location(campaign_dir)
     key = trial_row["trial_key"]
-    marker_path(campaign_dir, key).unlink(missing_ok=True)  # uncommitted while its files change
+    storage.delete(marker_path(campaign_dir, key))  # uncommitted while its files change
     paths = _trial_files(key)
     files = {}
     if fault_columns is not None and len(fault_columns["image"]):
-        files[paths["faults"]] = atomic_write_table(table_from_columns(fault_columns, FAULT_SCHEMA), campaign_dir / paths["faults"])
+        files[paths["faults"]] = atomic_write_table(table_from_columns(fault_columns, FAULT_SCHEMA),
+                                                    storage.join(campaign_dir, paths["faults"]))
     else:
-        (campaign_dir / paths["faults"]).unlink(missing_ok=True)
-    files[paths["bits"]] = atomic_write_table(table_from_rows(bit_rows, BIT_SCHEMA), campaign_dir / paths["bits"])
-    files[paths["trial"]] = atomic_write_table(table_from_rows([trial_row], TRIAL_SCHEMA), campaign_dir / paths["trial"])
+        storage.delete(storage.join(campaign_dir, paths["faults"]))
+    files[paths["bits"]] = atomic_write_table(table_from_rows(bit_rows, BIT_SCHEMA), storage.join(campaign_dir, paths["bits"]))
+    files[paths["trial"]] = atomic_write_table(table_from_rows([trial_row], TRIAL_SCHEMA),
+                                               storage.join(campaign_dir, paths["trial"]))
     commit_trial(campaign_dir, key, files)
 
 
@@ -205,37 +245,45 @@ class TrialCheck:
     damaged: dict[str, str]
 
 
-def _file_problem(path: Path, expected: Mapping) -> str | None:
+def _file_problem(path: Path | str, expected: Mapping) -> str | None:
     """Why ``path`` does not match its marker entry, or None when it does."""
-    if not path.is_file():
+    if storage.is_uri(path):  # one GET per object: its size and content at once
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            return "missing"
+        size, digest = len(data), lambda: hashlib.sha256(data).hexdigest()
+    else:
+        size, digest = storage.file_size(path), lambda: storage.sha256(path)
+    if size is None:
         return "missing"
-    size = path.stat().st_size
     if size != expected.get("size"):
         return f"{size} bytes, {expected.get('size')} committed"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return None if digest.hexdigest() == expected.get("sha256") else "content differs from the committed SHA-256"
+    return None if digest() == expected.get("sha256") else "content differs from the committed SHA-256"
 
 
 def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> TrialCheck:
     """Verify the commit markers (of ``keys``, or all): a trial is finished when its marker
     is readable and every file it lists has the committed size and SHA-256."""
-    campaign_dir = Path(campaign_dir)
-    folder = campaign_dir / PARTS_DIR / DONE_DIR
-    markers = {p.stem: p for p in folder.glob("*.json")} if folder.is_dir() else {}
+    campaign_dir = _campaign_location(campaign_dir)
+    folder = storage.join(campaign_dir, PARTS_DIR, DONE_DIR)
+    markers = {n[: -len(".json")]: storage.join(folder, n) for n in storage.list_names(folder, ".json")}
     if keys is not None:
         wanted = set(keys)
         markers = {k: p for k, p in markers.items() if k in wanted}
     finished, damaged = set(), {}
-    for key, path in sorted(markers.items()):
+
+    def marker_problems(item: tuple[str, Path | str]) -> list[str]:
+        key, path = item
         try:
-            files = json.loads(path.read_text())["files"]
-            problems = [f"{name} {why}" for name, expected in sorted(files.items())
-                        if (why := _file_problem(campaign_dir / name, expected)) is not None]
+            files = json.loads(storage.read_bytes(path))["files"]
+            return [f"{name} {why}" for name, expected in sorted(files.items())
+                    if (why := _file_problem(storage.join(campaign_dir, name), expected)) is not None]
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
-            problems = [f"{path.relative_to(campaign_dir)} unreadable"]
+            return [f"{PARTS_DIR}/{DONE_DIR}/{key}.json unreadable"]
+
+    items = sorted(markers.items())
+    for (key, _), problems in zip(items, storage.map_io(marker_problems, items, campaign_dir)):
         if problems:
             damaged[key] = "; ".join(problems)
         else:
@@ -245,9 +293,9 @@ def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None) ->
 
 def discard_trial(campaign_dir: str | Path, key: str) -> None:
     """Remove trial ``key``'s marker and files (so no damaged file stays in faults/)."""
-    marker_path(campaign_dir, key).unlink(missing_ok=True)
+    storage.delete(marker_path(campaign_dir, key))
     for name in _trial_files(key).values():
-        (Path(campaign_dir) / name).unlink(missing_ok=True)
+        storage.delete(storage.join(campaign_dir, name))
 
 
 def finished_keys(campaign_dir: str | Path) -> set[str]:
@@ -258,61 +306,55 @@ def finished_keys(campaign_dir: str | Path) -> set[str]:
 def rename_campaign(campaign_dir: str | Path, name: str) -> int:
     """Set the ``campaign`` column of every finished trial's files to ``name`` and recommit
     them (a moved or copied campaign keeps one name); returns how many trials changed."""
-    campaign_dir = Path(campaign_dir)
+    campaign_dir = _campaign_location(campaign_dir)
     changed = 0
     for key in sorted(check_trials(campaign_dir).finished):
-        files = json.loads(marker_path(campaign_dir, key).read_text())["files"]
-        tables = {f: pq.read_table(campaign_dir / f) for f in files}
+        files = json.loads(storage.read_bytes(marker_path(campaign_dir, key)))["files"]
+        tables = {f: storage.read_table(storage.join(campaign_dir, f)) for f in files}
         if all(set(t.column("campaign").to_pylist()) <= {name} for t in tables.values()):
             continue
-        marker_path(campaign_dir, key).unlink()
+        storage.delete(marker_path(campaign_dir, key))
         new = {}
         for f, table in tables.items():
             index = table.schema.get_field_index("campaign")
             table = table.set_column(index, table.schema.field(index), pa.array([name] * table.num_rows, pa.string()))
-            new[f] = atomic_write_table(table, campaign_dir / f)
+            new[f] = atomic_write_table(table, storage.join(campaign_dir, f))
         commit_trial(campaign_dir, key, new)
         changed += 1
     return changed
 
-def _concat_parts(folder: Path, schema: pa.Schema, keys: set[str] | None) -> pa.Table:
-    paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    tables = [pq.read_table(p, schema=schema) for p in paths if keys is None or p.stem in keys]
+def _concat_parts(folder: Path | str, schema: pa.Schema, keys: set[str] | None) -> pa.Table:
+    names = [n for n in storage.list_names(folder, ".parquet") if keys is None or n[: -len(".parquet")] in keys]
+    tables = storage.map_io(lambda n: storage.read_table(storage.join(folder, n), schema=schema), names, folder)
     return pa.concat_tables(tables).replace_schema_metadata(schema.metadata) if tables else schema.empty_table()
 
 def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> pa.Table:
     """Gather finished trials (``keys``, default: every committed and intact trial) into trials.parquet and bits.parquet,
     sorted by kind, site, bit spec and seed. Returns the trials table."""
-    campaign_dir = Path(campaign_dir)
+    campaign_dir = _campaign_location(campaign_dir)
     wanted = set(keys) if keys is not None else finished_keys(campaign_dir)
-    trials = _concat_parts(campaign_dir / PARTS_DIR / "trials", TRIAL_SCHEMA, wanted)
+    trials = _concat_parts(storage.join(campaign_dir, PARTS_DIR, "trials"), TRIAL_SCHEMA, wanted)
     trials = trials.sort_by([("kind", "ascending"), ("site_index", "ascending"), ("bit", "ascending"), ("seed", "ascending")])
     done = set(trials.column("trial_key").to_pylist())
-    bits = _concat_parts(campaign_dir / PARTS_DIR / "bits", BIT_SCHEMA, done)
+    bits = _concat_parts(storage.join(campaign_dir, PARTS_DIR, "bits"), BIT_SCHEMA, done)
     bits = bits.sort_by([("trial_key", "ascending"), ("bit", "ascending")])
-    atomic_write_table(trials, campaign_dir / TRIALS_FILE)
-    atomic_write_table(bits, campaign_dir / BITS_FILE)
+    atomic_write_table(trials, storage.join(campaign_dir, TRIALS_FILE))
+    atomic_write_table(bits, storage.join(campaign_dir, BITS_FILE))
     return trials
 
 def write_spec(campaign_dir: str | Path, spec: Mapping) -> None:
     """Write spec.json atomically, stamped with the schema version."""
 
-    path = Path(campaign_dir) / SPEC_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps({**spec, "schema_version": SCHEMA_VERSION}, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps({**spec, "schema_version": SCHEMA_VERSION}, indent=2, sort_keys=True, default=str)
+    storage.write_bytes(storage.join(campaign_dir, SPEC_FILE), text.encode())
 
 def read_spec(campaign_dir: str | Path) -> dict:
     """Read spec.json; ValueError if the directory is not a campaign."""
 
-    path = Path(campaign_dir) / SPEC_FILE
-    if not path.is_file():
+    path = storage.join(campaign_dir, SPEC_FILE)
+    if not storage.is_file(path):
         raise ValueError(f"{campaign_dir} is not a campaign directory: no {SPEC_FILE}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None

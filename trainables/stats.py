@@ -26,3 +26,26 @@ def wilson_interval(successes, trials, z: float = Z95):
     if low.ndim == 0:
         return float(low), float(high)
     return low, high
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value of a paired 2x2 table with discordant counts ``b`` and
+    ``c``: the two-sided binomial test of min(b, c) among b + c with p = 1/2, capped at 1.
+    Below the smallest double (about 1e-308) it is 0.0."""
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b} and {c}")
+    n, k = b + c, min(b, c)
+    if n == 0 or 2 * k == n:
+        return 1.0
+    if n <= 1000:  # exact in integers
+        from math import comb
+
+        tail = sum(comb(n, i) for i in range(k + 1))
+        return min(1.0, 2 * tail / 2**n)
+    from math import lgamma, log
+
+    i = np.arange(k + 1, dtype=np.float64)
+    logs = lgamma(n + 1) - np.array([lgamma(x + 1) + lgamma(n - x + 1) for x in i]) - n * log(2.0)
+    top = logs.max()
+    return float(min(1.0, 2 * np.exp(top) * np.exp(logs - top).sum()))

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from trainables.digests import changed_inputs, input_digests
-from trainables.inject import engine
-from trainables.inject.bitflip import check_bit
+from trainables.inject import engine, formats, protection, qparams
+from trainables.inject.fault_models import check_fault, parse_fault
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, write_trial
 from trainables.zoo.data import load_dataset
+from trainables.zoo import quantization
 from trainables.zoo.models import load_model
 
 _WORKBENCH: dict[tuple, tuple[engine.Workbench, bool]] = {}
@@ -51,6 +52,9 @@ class CampaignSettings:
     prefix: bool = True  # prefix reuse (same results; see trainables.inject.suffix)
     prefix_cache_mb: float | None = None  # its cache budget per worker; None: a quarter of free memory
     inputs: dict | None = None  # content digests the driver planned with (trainables.digests); checked on load
+    protect: str | None = None  # the protection spec of a paired campaign (trainables.inject.protection)
+    protection: dict | None = None  # its guard record: protected sites and their bounds
+    weight_format: str | None = None  # fp8 weight storage (fp8_e4m3fn, fp8_e5m2); mode "int8": a quantized model
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -64,10 +68,11 @@ class TrialPoint:
     site: int
     bit: int | str  # an LSB-0 bit index or "random"
     seed: int
+    fault: str = "flip"  # the fault model (trainables.inject.fault_models); in the key unless flip
 
     @property
     def key(self) -> str:
-        return trial_key(self.kind, self.site, self.bit, self.seed)
+        return trial_key(self.kind, self.site, self.bit, self.seed, self.fault)
 
 
 def pick_device(assigned_gpus) -> tuple[torch.device, str]:
@@ -83,7 +88,8 @@ def pick_device(assigned_gpus) -> tuple[torch.device, str]:
 def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.Workbench, bool]:
     """The per-process cached model + data + golden pass; (bench, synthetic)."""
     key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
-           settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb)
+           settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb,
+           settings.weight_format)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
         data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images)
@@ -95,8 +101,13 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
             if changed:
                 raise ValueError(f"inputs changed since the campaign was planned ({'; '.join(changed)}): "
                                  f"restore them, or start a new campaign")
+        if settings.mode == "int8":  # calibrated on images disjoint from the evaluated ones, on the CPU
+            model = quantization.quantize_int8(model, quantization.calibration_data(settings.dataset, settings.data_root),
+                                               settings.model)
+            device = torch.device("cpu")
         bench = engine.prepare(model, (data.images, data.labels), settings.mode, settings.batch_size, device,
-                               prefix=settings.prefix, prefix_cache_mb=settings.prefix_cache_mb)
+                               prefix=settings.prefix, prefix_cache_mb=settings.prefix_cache_mb,
+                               weight_format=settings.weight_format)
         _WORKBENCH[key] = (bench, data.synthetic)
     return _WORKBENCH[key]
 
@@ -117,9 +128,14 @@ def run_trial(
     if site is None:
         raise ValueError(f"{point.kind} site {point.site} does not exist in {settings.model}")
     bit = parse_bit_spec(point.bit)
-    if bit != "random":
-        check_bit(bit, bench.dtype)
-    counts = engine.Counts.zeros(bench.width)
+    if bit != "random":  # qparam elements: float32 scales and int32 zero points (trainables.inject.qparams)
+        qparams.check_bit(bit) if point.kind == "qparam" else formats.check_bit(bit, bench.dtype_for(point.kind))
+    fault = parse_fault(point.fault)
+    check_fault(fault, bench.width_for(point.kind), bit)
+    counts = engine.Counts.zeros(bench.width_for(point.kind))
+    guarded = protection.bench_for(bench, settings.protection)  # None unless the campaign is protected
+    pairs = protection.PairCounts.zeros(bench.width_for(point.kind)) if guarded is not None else None
+    run = engine.run_faults if guarded is None else protection.paired_runner(guarded)
     record_parts = []
     paths = set()
     stopped_early = False
@@ -127,9 +143,11 @@ def run_trial(
     t0 = time.perf_counter()
     for start in range(0, n, settings.report_every):
         stop = min(start + settings.report_every, n)
-        outcome = engine.run_faults(bench, site, point.kind, bit, point.seed, start, stop,
-                                    settings.images_per_weight_fault, settings.record)
+        outcome = run(bench, site, point.kind, bit, point.seed, start, stop,
+                      settings.images_per_weight_fault, settings.record, fault=fault)
         counts = counts + outcome.counts
+        if pairs is not None:
+            pairs = pairs + outcome.pairs
         paths.add(outcome.path)
         if outcome.records is not None:
             record_parts.append(outcome.records)
@@ -143,7 +161,7 @@ def run_trial(
     row = {
         "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
         "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
-        "site_name": site.name, "site_call": None if point.kind == "param" else site.call, "site_type": site.module_type,
+        "site_name": site.name, "site_call": None if point.kind in ("param", "qparam") else site.call, "site_type": site.module_type,
         "site_output_index": getattr(site, "output_index", None), "bit_spec": str(bit),
         "bit": -1 if bit == "random" else bit, "seed": point.seed,
         "images_per_weight_fault": settings.images_per_weight_fault if point.kind != "neuron" else None,
@@ -155,12 +173,17 @@ def run_trial(
         "wall_s": time.time() - started, "device": device_label,
         "started_at": started, "worker": f"{socket.gethostname()}:{os.getpid()}",
         "path": paths.pop() if len(paths) == 1 else "mixed",
+        "fault": str(fault), "effective": counts.total("effective"),
     }
+    row["weight_format"] = settings.weight_format  # fp8 weight storage (every row of the campaign); null: none
+    row.update(protection.row_columns(settings.protect, pairs, counts.golden_correct))
     bit_rows = [
         {"campaign": settings.name, "trial_key": point.key, "bit": b,
          **{name: int(counts.by_bit[i, b]) for i, name in enumerate(engine.COUNT_FIELDS)}}
         for b in np.nonzero(counts.by_bit[0])[0].tolist()
     ]
+    for bit_row in bit_rows:
+        bit_row.update(protection.bit_columns(pairs, bit_row["bit"]))
     write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, record_parts))
     return row
 
@@ -180,5 +203,6 @@ def _fault_columns(campaign: str, point: TrialPoint, site, parts: list) -> dict 
     n = len(columns["image"])
     outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
     columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
-                   site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed))
-    return columns
+                   site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed),
+                   fault=[str(parse_fault(point.fault))] * n)
+    return protection.fault_columns(columns)

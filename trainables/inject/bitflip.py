@@ -96,3 +96,14 @@ def flip_bit(t: torch.Tensor, bit: int | torch.Tensor) -> torch.Tensor:
     else:
         bits = torch.tensor(check_bit(bit, t.dtype), device=t.device)
     return xor_masks(t, bit_masks(bits, t.dtype))
+
+
+def apply_fault(raw: torch.Tensor, keep: torch.Tensor | None, toggle: torch.Tensor) -> torch.Tensor:
+    """The faulty bits of integer ``raw``: ``(raw & keep) ^ toggle``, every operand of one width.
+
+    Every fault model is such a pair of masks (trainables.inject.fault_models): flip keeps all
+    bits and toggles m; stuck0 keeps ~m; stuck1 keeps ~m and toggles m; random keeps nothing
+    and toggles random bits; zero keeps and toggles nothing. ``keep=None`` means all ones (a
+    pure XOR: the flip, with no extra kernel).
+    """
+    return raw ^ toggle if keep is None else (raw & keep) ^ toggle

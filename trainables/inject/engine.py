@@ -1,11 +1,14 @@
 """The injection engine: golden pass once, then one faulty forward per image batch.
 
-Neuron faults: a forward hook on the site's module flips one element of its output per
-image (all images of a batch in one vectorized gather/XOR/scatter). Weight faults: one
-weight element per group of ``images_per_weight_fault`` consecutive images is flipped in
-place, the group's images run, and the same XOR restores it bit for bit. No model copies.
+Neuron faults: a forward hook on the site's module faults one element of its output per
+image (all images of a batch in one vectorized gather/mask/scatter). Weight faults: one
+weight element per group of ``images_per_weight_fault`` consecutive images is faulted in
+place, the group's images run, and its saved bits are written back. No model copies.
+A fault is a pair of integer masks, new = (raw & keep) ^ toggle (bitflip.apply_fault): the
+flip (the default) and the other fault models of trainables.inject.fault_models.
 With ``prefix=True`` (trainables.inject.suffix) the fault-free part before the site is computed
 once per batch and cached, and each fault runs only the rest: same results, less work.
+Mode "int8" (a quantized model) and fp8 weight storage edit 8-bit elements (trainables.inject.formats).
 
 Usable without Ray::
 
@@ -25,8 +28,12 @@ import torch
 from torch import nn
 
 from trainables.inject import suffix
-from trainables.inject.bitflip import INT_VIEW, bit_masks, check_bit, dtype_width
-from trainables.inject.faults import BitSpec, FaultList, sample_faults
+from trainables.inject import fault_models
+from trainables.inject import formats
+from trainables.inject import qparams
+from trainables.inject.bitflip import INT_VIEW, apply_fault
+from trainables.inject.fault_models import FaultModel
+from trainables.inject.faults import BitSpec, FaultList
 from trainables.inject.sites import (
     ParamSite,
     Site,
@@ -43,12 +50,14 @@ MATH_MODES: dict[str, torch.dtype] = {
     "tf32": torch.float32,  # FP32 storage, TF32 arithmetic on GPUs that have it
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
+    "int8": torch.quint8,  # a quantized model (trainables.zoo.quantization): quint8 activations, qint8 weights
 }
 RECORD_LEVELS = ("none", "changed", "all")
 # Outcome classes of a fault: non-finite (NaN/inf in the logits: detectable), SDC (finite
 # logits, top-1 changed: silent) or masked (the rest). "failures" counts the golden-correct
 # images whose top-1 changed or whose logits are non-finite.
-COUNT_FIELDS = ("images", "golden_correct", "mismatches", "changed", "nonfinite", "sdc", "failures")
+COUNT_FIELDS = ("images", "golden_correct", "mismatches", "changed", "nonfinite", "sdc", "failures",
+                "effective")  # effective: faults that changed the stored bits (a stuck-at may not)
 DEFAULT_IMAGES_PER_WEIGHT_FAULT = 256  # the seed study's batch size
 
 
@@ -91,10 +100,12 @@ class Workbench:
     prefix_cache_mb: float | None = None  # golden-activation cache budget; None: a quarter of free memory
     prefix_state: suffix.PrefixState | None = field(default=None, repr=False, compare=False)
     params: list[ParamSite] = field(default_factory=list)  # param sites (their own numbering)
+    weight_format: str | None = None  # fp8 weight storage (trainables.inject.formats); None: the mode's dtype
+    qsites: list[qparams.QParamSite] = field(default_factory=list)  # an int8 model's qparam sites (own numbering)
 
-    def site(self, kind: str, index: int) -> Site | ParamSite | None:
-        """The site of ``kind`` with ``index`` (param sites are numbered apart), or None."""
-        pool = self.params if kind == "param" else self.sites
+    def site(self, kind: str, index: int) -> Site | ParamSite | qparams.QParamSite | None:
+        """The site of ``kind`` with ``index`` (param and qparam sites are numbered apart), or None."""
+        pool = self.params if kind == "param" else self.qsites if kind == "qparam" else self.sites
         return next((s for s in pool if s.index == index and (kind != "weight" or s.is_weight_site)), None)
 
     @property
@@ -103,7 +114,21 @@ class Workbench:
 
     @property
     def width(self) -> int:
-        return dtype_width(self.dtype)
+        return formats.width(self.dtype)
+
+    def dtype_for(self, kind: str) -> torch.dtype:
+        """The dtype of the elements a ``kind`` fault edits: int8 models have quint8 activations
+        and qint8 weights; fp8 weight storage stores weights in fp8; else the mode's dtype."""
+        if self.mode == "int8" and kind == "weight":
+            return torch.qint8
+        if kind == "qparam":  # float32 scales and int32 zero points, both edited through an int32 view
+            return qparams.DTYPE
+        if kind == "weight" and self.weight_format is not None:
+            return formats.FP8_FORMATS[self.weight_format]
+        return self.dtype
+
+    def width_for(self, kind: str) -> int:
+        return formats.width(self.dtype_for(kind))
 
     @property
     def num_images(self) -> int:
@@ -131,11 +156,15 @@ def prepare(
     device: str | torch.device | None = None,
     prefix: bool = False,
     prefix_cache_mb: float | None = None,
+    weight_format: str | None = None,
 ) -> Workbench:
     """Move ``model`` and ``data`` to ``device`` in ``mode``'s dtype, list the sites and run
     the golden pass. ``data`` is (images, labels) tensors or a DataLoader. ``prefix`` turns on
-    prefix reuse (same results, faster), caching at most ``prefix_cache_mb`` MiB."""
+    prefix reuse (same results, faster), caching at most ``prefix_cache_mb`` MiB. Mode "int8"
+    takes a model from trainables.zoo.quantization.quantize_int8 (CPU only); ``weight_format``
+    (fp8_e4m3fn, fp8_e5m2) stores every weight site's weight in fp8 (trainables.inject.formats)."""
     dtype = check_mode(mode)
+    formats.check_weight_format(weight_format)
     prefix_cache_mb = suffix.check_budget(prefix_cache_mb)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -146,12 +175,18 @@ def prepare(
                          f"{images.dtype} of shape {tuple(images.shape)}")
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise ValueError(f"need as many labels as images (>0): {images.shape[0]} images, {labels.shape[0]} labels")
-    model = model.eval().to(device=device, dtype=dtype)
-    # floating inputs take the mode's dtype and are input site 0; integer inputs (token ids) stay as they are
-    images = images.to(device=device, dtype=dtype if images.is_floating_point() else None)
+    if mode == "int8" or formats.input_qparams(model) is not None:
+        formats.check_int8(model, mode, device, weight_format, images)
+        model, images = model.eval(), formats.quantize_inputs(model, images)  # input site 0: the quantized image
+    else:
+        model = model.eval().to(device=device, dtype=dtype)
+        # floating inputs take the mode's dtype and are input site 0; integer inputs (token ids) stay as they are
+        images = images.to(device=device, dtype=dtype if images.is_floating_point() else None)
     labels = labels.to(device=device, dtype=torch.int64)
     with math_mode(mode):
         sites = enumerate_sites(model, images.shape[1:], dtype, input_dtype=images.dtype, containers=True)
+        if weight_format is not None:
+            formats.store_weights_fp8(model, [s.name for s in sites if s.is_weight_site], weight_format)
         golden = torch.empty_like(labels)
         with torch.inference_mode():
             for lo in range(0, images.shape[0], batch_size):
@@ -160,7 +195,8 @@ def prepare(
                 golden[lo : lo + batch_size] = logits.argmax(dim=1)
     return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device,
                      prefix=bool(prefix), prefix_cache_mb=prefix_cache_mb, prefix_state=suffix.PrefixState(prefix_cache_mb),
-                     params=param_sites(model)[0])
+                     params=param_sites(model)[0], weight_format=weight_format,
+                     qsites=qparams.qparam_sites(model, sites) if mode == "int8" else [])
 
 
 @dataclass(frozen=True)
@@ -243,6 +279,8 @@ class FaultRecords:
     raw_before: np.ndarray  # the element's bits before the flip, as a signed integer
     value_before: np.ndarray
     value_after: np.ndarray
+    effective: np.ndarray | None = None  # the fault changed the stored bits
+    fault_mask: np.ndarray | None = None  # the bits the fault targets (~keep | toggle), signed like raw_before
 
     def __len__(self) -> int:
         return len(self.image)
@@ -263,15 +301,18 @@ class _BatchFaults:
 
     def __init__(self) -> None:
         self.positions: torch.Tensor | None = None
-        self.masks: torch.Tensor | None = None
+        # the fault of image i as integer masks: new = (raw & keep[i]) ^ toggle[i]; keep None = all ones
+        self.keep: torch.Tensor | None = None
+        self.toggle: torch.Tensor | None = None
         self.raw_before: torch.Tensor | None = None
         self.output_index: int | None = None  # the element of a tuple/list output that takes the faults
+        self.qparams: tuple | None = None  # an int8 site's (scale, zero point, dtype), set by the flip
         self.calls = 0
         self.fired = 0
 
 
 def _flip_elements(t: torch.Tensor | tuple | list, faults: _BatchFaults) -> torch.Tensor | tuple | list:
-    """A copy of ``t`` with element ``positions[i]`` of image i XORed by ``masks[i]``; for a
+    """A copy of ``t`` with element ``positions[i]`` of image i faulted by ``keep[i]``/``toggle[i]``; for a
     tuple or list output (a site's ``output_index``), the same container with that element flipped.
 
     Positions index each image's elements in logical (C, H, W) order whatever the memory
@@ -288,9 +329,9 @@ def _flip_elements(t: torch.Tensor | tuple | list, faults: _BatchFaults) -> torc
         if isinstance(t, list):
             return flipped
         return type(t)(*flipped) if hasattr(t, "_fields") else tuple(flipped)  # named tuples keep their type
-    out = t.clone()  # preserve_format: t's strides when t is dense, else contiguous
+    out = t.clone() if not t.is_quantized else t  # preserve_format: t's strides when t is dense, else contiguous
     batch_offsets = torch.arange(t.shape[0], device=t.device) * out.stride(0)
-    memory = _memory(out)
+    memory = _memory(out) if not t.is_quantized else None
     if out.is_contiguous():
         offsets = batch_offsets + faults.positions
     else:  # dense in another dimension order: map logical positions to memory offsets
@@ -298,9 +339,13 @@ def _flip_elements(t: torch.Tensor | tuple | list, faults: _BatchFaults) -> torc
         for size, stride in zip(reversed(out.shape[1:]), reversed(out.stride()[1:])):
             offsets = offsets + (rest % size) * stride
             rest = rest // size
+    if t.is_quantized:  # an int8 model's activation: edit a copy of its integer representation
+        out, faults.raw_before = formats.flip_quantized(t, offsets, faults.keep, faults.toggle)
+        faults.qparams = (t.q_scale(), t.q_zero_point(), t.dtype)
+        return out
     as_int = memory.view(INT_VIEW[t.dtype])
     raw = as_int[offsets]
-    as_int[offsets] = raw ^ faults.masks
+    as_int[offsets] = apply_fault(raw, faults.keep, faults.toggle)
     faults.raw_before = raw
     return out
 
@@ -341,7 +386,7 @@ def neuron_hook(model: nn.Module, site: Site, faults: _BatchFaults) -> Iterator[
             return _flip_elements(output, faults)
         return None
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, prepend=True)  # before any protection hook: fault, then clamp
     try:
         yield
     finally:
@@ -372,7 +417,7 @@ def check_range(bench: Workbench, start: int, stop: int | None) -> int:
 def run_faults(
     bench: Workbench,
     site: Site | ParamSite,
-    kind: Literal["neuron", "weight", "param"],
+    kind: Literal["neuron", "weight", "param", "qparam"],
     bit: BitSpec,
     seed: int,
     start: int = 0,
@@ -380,29 +425,43 @@ def run_faults(
     images_per_weight_fault: int = DEFAULT_IMAGES_PER_WEIGHT_FAULT,
     record: str = "none",
     prefix: bool | None = None,
+    fault: FaultModel | str = "flip",
 ) -> Outcome:
     """Inject one fault per image (neuron) or per image group (weight, param) into images
     ``start..stop-1`` and count the outcomes. Same arguments, same faults, any batch size.
-    ``prefix`` (default: the workbench's setting) reuses the fault-free prefix; same results."""
+    ``prefix`` (default: the workbench's setting) reuses the fault-free prefix; same results.
+    ``fault`` is the fault model (trainables.inject.fault_models): flip, flip:K, burst:K, ..."""
     stop = check_range(bench, start, stop)
+    if bench.mode == "int8" and kind == "param":
+        raise ValueError("param sites are float tensors; an int8 model's faults go to its neuron and (packed) weight sites")
+    if kind == "qparam" and bench.mode != "int8":
+        raise ValueError(f"qparam sites are the scales and zero points of an int8 model; this model's mode is {bench.mode}: "
+                         f"use --quantize int8")
+    if kind == "qparam" and bit != "random":
+        qparams.check_bit(bit)
     if bit != "random":
-        check_bit(bit, bench.dtype)
+        formats.check_bit(bit, bench.dtype_for(kind))
+    fault = fault_models.parse_fault(fault)
+    fault_models.check_fault(fault, bench.width_for(kind), bit)
     if record not in RECORD_LEVELS:
         raise ValueError(f"unknown record level {record!r}: use one of {', '.join(RECORD_LEVELS)}")
-    if kind not in ("neuron", "weight", "param"):
-        raise ValueError(f"unknown site kind {kind!r}: use neuron, weight or param")
+    if kind not in ("neuron", "weight", "param", "qparam"):
+        raise ValueError(f"unknown site kind {kind!r}: use neuron, weight, param or qparam")
+    if (kind == "qparam") != isinstance(site, qparams.QParamSite):
+        raise ValueError(f"{kind} faults need {'a QParamSite' if kind == 'qparam' else 'another site'} "
+                         f"(bench.site(kind, index)); got {type(site).__name__} {site.index} ({site.name})")
     if (kind == "param") != isinstance(site, ParamSite):
         raise ValueError(f"{kind} faults need a {'ParamSite' if kind == 'param' else 'Site'} (bench.site(kind, index)); "
                          f"got {type(site).__name__} {site.index} ({site.name})")
     if kind == "neuron":
-        plan = _neuron_plan(bench, site, bit, seed, start, stop)
+        plan = _neuron_plan(bench, site, bit, seed, start, stop, fault)
     else:
         if kind == "weight" and not site.is_weight_site:
             raise ValueError(f"site {site.index} ({site.name}, {site.module_type}) is not a weight site")
         if not isinstance(images_per_weight_fault, int) or images_per_weight_fault < 1:
             raise ValueError(f"images_per_weight_fault must be a positive integer, got {images_per_weight_fault!r}")
         numel = site.weight_numel if kind == "weight" else site.numel
-        plan = _tensor_plan(bench, kind, site.index, numel, bit, seed, start, stop, images_per_weight_fault)
+        plan = _tensor_plan(bench, kind, site.index, numel, bit, seed, start, stop, images_per_weight_fault, fault)
     return _execute(bench, site, plan, start, stop, record, bench.prefix if prefix is None else prefix)
 
 
@@ -412,26 +471,40 @@ class _Plan:
 
     kind: str
     positions: torch.Tensor  # per image
-    bits: torch.Tensor  # per image
+    bits: torch.Tensor  # per image; a multi-bit fault's first (lowest) bit
     groups: torch.Tensor  # per image; -1 for neuron faults
     batches: list[tuple[int, int, int]]  # (lo, hi, tensor fault index or -1), image offsets from start
     weight_faults: FaultList | None = None  # the faults of a weight or param plan, one per group
+    keep: torch.Tensor | None = None  # per image, the element's integer view dtype; None = all ones (flip)
+    toggle: torch.Tensor | None = None  # per image: new = (raw & keep) ^ toggle (bitflip.apply_fault)
 
 
-def _neuron_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: int, stop: int) -> _Plan:
-    faults = sample_faults(seed, "neuron", site.index, bit, bench.width, site.output_numel, start, stop)
+def _fault_masks(bench: Workbench, faults: FaultList, index=None, kind: str = "neuron") -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A FaultList's keep/toggle masks on the device in the element's integer view dtype (rows ``index``)."""
+    def dev(a):
+        t = torch.from_numpy(a).to(bench.device).to(formats.int_view(bench.dtype_for(kind)))
+        return t if index is None else t[index]
+    return (None if faults.keep is None else dev(faults.keep)), dev(faults.toggle)
+
+
+def _neuron_plan(bench: Workbench, site: Site, bit: BitSpec, seed: int, start: int, stop: int,
+                 fault: FaultModel = fault_models.FLIP) -> _Plan:
+    faults = fault_models.sample(seed, "neuron", site.index, bit, bench.width_for("neuron"), site.output_numel, start,
+                                 stop, fault)
     n = stop - start
     batches = [(lo, min(lo + bench.batch_size, n), -1) for lo in range(0, n, bench.batch_size)]
     to_dev = lambda a: torch.from_numpy(a).to(bench.device)  # noqa: E731
-    return _Plan("neuron", to_dev(faults.positions), to_dev(faults.bits), torch.full((n,), -1, device=bench.device), batches)
+    keep, toggle = _fault_masks(bench, faults)
+    return _Plan("neuron", to_dev(faults.positions), to_dev(faults.bits), torch.full((n,), -1, device=bench.device), batches,
+                 keep=keep, toggle=toggle)
 
 
 def _tensor_plan(bench: Workbench, kind: str, index: int, numel: int, bit: BitSpec, seed: int, start: int, stop: int,
-                 per_fault: int) -> _Plan:
+                 per_fault: int, fault: FaultModel = fault_models.FLIP) -> _Plan:
     """One fault per group of ``per_fault`` images in a tensor of ``numel`` elements (weight or
     param), drawn on the group counter under (seed, kind, site index)."""
     first_group, last_group = start // per_fault, (stop - 1) // per_fault
-    faults = sample_faults(seed, kind, index, bit, bench.width, numel, first_group, last_group + 1)
+    faults = fault_models.sample(seed, kind, index, bit, bench.width_for(kind), numel, first_group, last_group + 1, fault)
     batches = []
     for g in range(first_group, last_group + 1):
         lo, hi = max(g * per_fault, start), min((g + 1) * per_fault, stop)
@@ -440,17 +513,22 @@ def _tensor_plan(bench: Workbench, kind: str, index: int, numel: int, bit: BitSp
     local = group_of_image - first_group
     positions = torch.from_numpy(faults.positions).to(bench.device)[local]
     bits = torch.from_numpy(faults.bits).to(bench.device)[local]
-    return _Plan(kind, positions, bits, group_of_image, batches, faults)
+    keep, toggle = _fault_masks(bench, faults, local, kind)
+    return _Plan(kind, positions, bits, group_of_image, batches, faults, keep, toggle)
 
 
 def _fault_tensor(bench: Workbench, site: Site | ParamSite, kind: str) -> torch.Tensor | None:
     """The tensor a weight or param fault flips in place (detached), None for neuron faults."""
     if kind == "neuron":
         return None
-    tensor = find_module(bench.model, site).weight if kind == "weight" else find_tensor(bench.model, site)
-    if tensor.dtype != bench.dtype:
+    if kind == "weight":  # an fp8-stored weight is edited in its storage (trainables.inject.formats)
+        module = find_module(bench.model, site)
+        tensor = module.weight if formats.stored_weight(module) is None else formats.stored_weight(module)
+    else:
+        tensor = find_tensor(bench.model, site)
+    if tensor.dtype != bench.dtype_for(kind):
         raise ValueError(f"{kind} site {site.index} ({site.name}) is {tensor.dtype}, not the {bench.mode} storage "
-                         f"dtype {bench.dtype}")
+                         f"dtype {bench.dtype_for(kind)}")
     return tensor.detach()
 
 
@@ -467,33 +545,36 @@ def _prefix_runner(bench: Workbench, site: Site, plan: _Plan, start: int, weight
 def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, record: str, prefix: bool = False) -> Outcome:
     n = stop - start
     dev = bench.device
-    int_dtype = INT_VIEW[bench.dtype]
-    acc = torch.zeros((len(COUNT_FIELDS), bench.width), dtype=torch.int64, device=dev)
+    int_dtype = formats.int_view(bench.dtype_for(plan.kind))
+    acc = torch.zeros((len(COUNT_FIELDS), bench.width_for(plan.kind)), dtype=torch.int64, device=dev)
     faulty_all = torch.empty(n, dtype=torch.int64, device=dev)
     nonfinite_all = torch.empty(n, dtype=torch.bool, device=dev)
     raw_all = torch.empty(n, dtype=int_dtype, device=dev)
-    masks = bit_masks(plan.bits, bench.dtype)
     golden = bench.golden[start:stop]
     golden_correct = bench.golden_correct[start:stop]
     batch = _BatchFaults()
     batch.output_index = getattr(site, "output_index", None)
-    weight = _fault_tensor(bench, site, plan.kind)
-    weight_int = _memory(weight).view(int_dtype) if weight is not None else None
-    flipped: tuple[int, int] | None = None  # (memory offset, mask) currently applied to the weight
+    # an int8 model's packed weight: unpacked, edited and repacked (trainables.inject.formats.PackedWeight)
+    packed = formats.PackedWeight(find_module(bench.model, site)) if bench.mode == "int8" and plan.kind == "weight" else None
+    if plan.kind == "qparam":  # a scale or zero point: 32-bit words put back into the model (trainables.inject.qparams)
+        packed = qparams.QParamMemory(bench.model, site)
+    weight = _fault_tensor(bench, site, plan.kind) if packed is None else packed.layout
+    weight_int = (_memory(weight).view(int_dtype) if packed is None else packed) if weight is not None else None
+    flipped: tuple[int, torch.Tensor] | None = None  # (memory offset, saved raw bits) of the faulted weight element
     with math_mode(bench.mode):
-        runner = _prefix_runner(bench, site, plan, start, weight) if prefix else None
+        runner = _prefix_runner(bench, site, plan, start, weight) if prefix and packed is None else None
 
     def set_weight_fault(index: int) -> None:
         nonlocal flipped
         if flipped is not None:
-            weight_int[flipped[0]] ^= flipped[1]  # the same XOR restores the weight bit for bit
+            weight_int[flipped[0]] = flipped[1]  # write the saved bits back: restored bit for bit
             flipped = None
         if index >= 0:
             offset = _memory_offset(weight, int(plan.weight_faults.positions[index]))
-            bit = int(plan.weight_faults.bits[index])
-            mask = 1 << bit if bit < bench.width - 1 else -(1 << bit)  # the sign bit as a signed integer
-            weight_int[offset] ^= mask
-            flipped = (offset, mask)
+            raw = weight_int[offset].clone()
+            wf = plan.weight_faults
+            weight_int[offset] = apply_fault(raw, None if wf.keep is None else int(wf.keep[index]), int(wf.toggle[index]))
+            flipped = (offset, raw)
 
     hooked = plan.kind == "neuron" and runner is None
     with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if hooked else contextlib.nullcontext():
@@ -504,7 +585,7 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                     if weight_index != current:
                         with torch.no_grad():
                             set_weight_fault(weight_index)
-                        raw_group = weight_int[flipped[0]] ^ flipped[1]
+                        raw_group = flipped[1]
                         current = weight_index
                     raw_all[lo:hi] = raw_group
                     with torch.inference_mode():
@@ -513,7 +594,8 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                         else:
                             logits = bench.model(bench.images[start + lo : start + hi])
                 else:
-                    batch.positions, batch.masks = plan.positions[lo:hi], masks[lo:hi]
+                    batch.positions, batch.toggle = plan.positions[lo:hi], plan.toggle[lo:hi]
+                    batch.keep = plan.keep[lo:hi] if plan.keep is not None else None
                     with torch.inference_mode():
                         if runner is not None:
                             logits = runner.logits(start + lo, start + hi, batch)
@@ -526,25 +608,36 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
             if weight is not None:
                 with torch.no_grad():
                     set_weight_fault(-1)
+            if packed is not None:
+                packed.restore()
     changed = faulty_all != golden
+    effective = apply_fault(raw_all, plan.keep, plan.toggle) != raw_all
     values = torch.stack(
         [torch.ones_like(changed), golden_correct, changed & golden_correct, changed, nonfinite_all,
-         changed & ~nonfinite_all, golden_correct & (changed | nonfinite_all)]
+         changed & ~nonfinite_all, golden_correct & (changed | nonfinite_all), effective]
     ).to(torch.int64)
     acc.index_add_(1, plan.bits.to(torch.int64), values)
     counts = Counts(acc.cpu().numpy())
     records = None
     if record != "none":
         keep = torch.ones_like(changed) if record == "all" else changed
-        records = _records(bench, plan, start, keep, faulty_all, changed, nonfinite_all, raw_all, masks)
+        decode = packed.decode if packed is not None else None  # int8 values: (code - zero point) x scale
+        if bench.mode == "int8" and plan.kind == "neuron":
+            decode = lambda raw, _positions: formats.dequantize_codes(raw, batch.qparams[2], *batch.qparams[:2])  # noqa: E731
+        records = _records(bench, plan, start, keep, faulty_all, changed, nonfinite_all, raw_all, effective, decode)
     return Outcome(counts, records, "prefix" if runner is not None else "full")
 
 
-def _records(bench, plan, start, keep, faulty, changed, nonfinite, raw, masks) -> FaultRecords:
+def _records(bench, plan, start, keep, faulty, changed, nonfinite, raw, effective, decode=None) -> FaultRecords:
     idx = keep.nonzero()[:, 0]
     raw_kept = raw[idx]
-    before = raw_kept.view(bench.dtype).double()
-    after = (raw_kept ^ masks[idx]).view(bench.dtype).double()
+    fault_keep = plan.keep[idx] if plan.keep is not None else None
+    fault_toggle = plan.toggle[idx]
+    dtype = bench.dtype_for(plan.kind)
+    decode = decode or (lambda bits, _positions: bits.view(dtype).double())  # float and fp8 elements
+    before = decode(raw_kept, plan.positions[idx])
+    after = decode(apply_fault(raw_kept, fault_keep, fault_toggle), plan.positions[idx])
+    targets = fault_toggle if fault_keep is None else ~fault_keep | fault_toggle
     host = lambda t: t.cpu().numpy()  # noqa: E731
     return FaultRecords(
         image=host(idx + start),
@@ -560,4 +653,6 @@ def _records(bench, plan, start, keep, faulty, changed, nonfinite, raw, masks) -
         raw_before=host(raw_kept.to(torch.int64)),
         value_before=host(before),
         value_after=host(after),
+        effective=host(effective[idx]),
+        fault_mask=host(targets.to(torch.int64)),
     )

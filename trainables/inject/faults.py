@@ -19,8 +19,9 @@ BitSpec = Union[int, Literal["random"]]
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_KIND_SALT = {"neuron": 0x6E6575726F6E, "weight": 0x776569676874, "param": 0x706172616D}  # the names in ASCII
-_STREAM_SALT = {"position": 1, "bit": 2}
+_KIND_SALT = {"neuron": 0x6E6575726F6E, "weight": 0x776569676874, "param": 0x706172616D,
+              "qparam": 0x71706172616D}  # the names in ASCII
+_STREAM_SALT = {"position": 1, "bit": 2, "bits": 3, "value": 4}  # bits, value: fault_models' extra draws
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -73,7 +74,11 @@ class FaultList:
 
     first: int
     positions: np.ndarray  # int64, flat index into the per-image output (neuron) or the weight
-    bits: np.ndarray  # int64
+    bits: np.ndarray  # int64; for a multi-bit fault its first (lowest) bit
+    # The fault as masks of the element's width (signed values in int64): new = (raw & keep) ^ toggle.
+    # keep None = all ones (a flip). Filled by trainables.inject.fault_models.sample; None from sample_faults.
+    keep: np.ndarray | None = None
+    toggle: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.positions)

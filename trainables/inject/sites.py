@@ -14,6 +14,9 @@
 - weight: a leaf module with a ``weight``. It shares the index of its module's first call,
   so "site 5" is the same layer in neuron and weight campaigns and the numbering matches
   the seed study's layer table for models without module reuse.
+- int8 models (trainables.zoo.quantization): the same numbering on the converted GraphModule,
+  whose quantized modules are the leaves (a fused Conv-BN-ReLU is one site under the conv's
+  name); the input site is the quantized image and weight sites are the packed int8 weights.
 - param: every floating tensor of the model (parameters, and buffers on request), by
   qualified name, numbered 0.. in ``state_dict`` order (a separate numbering: param site 3
   is unrelated to neuron site 3; trial keys carry the kind).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -71,9 +75,26 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _weight_shape(module: nn.Module) -> tuple[int, ...] | None:
     weight = getattr(module, "weight", None)
+    if _is_quantized_module(module):  # an int8 model: weight sites are the packed int8 weights
+        weight = weight() if callable(weight) and hasattr(module, "set_weight_bias") else None
+        return tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.is_quantized else None
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return tuple(weight.shape)
     return None
+
+
+def _is_quantized_module(module: nn.Module) -> bool:
+    """A module of torch.ao.nn.quantized (a converted int8 model, trainables.zoo.quantization)."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+
+
+def _survey_input(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of ``shape`` in ``dtype``; a quantized dtype (an int8 model's input) gets scale 1, zero point 0."""
+    if dtype in (torch.quint8, torch.qint8):
+        with warnings.catch_warnings():  # torch warns that quantized tensor creation is deprecated
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+            return torch.quantize_per_tensor(torch.zeros(shape, device=device), 1.0, 0, dtype)
+    return torch.zeros(shape, device=device, dtype=dtype)
 
 
 def enumerate_sites(
@@ -160,10 +181,11 @@ def survey(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype | No
     dtype = dtype or param_dtype
     input_dtype = input_dtype or dtype
     input_shape = tuple(int(d) for d in input_shape)
-    floating_input = input_dtype.is_floating_point
+    floating_input = input_dtype.is_floating_point or input_dtype in (torch.quint8, torch.qint8)
     calls: dict[str, int] = {}
     events: list[tuple[str, int, nn.Module, int | None, tuple[int, ...] | None, str | None]] = []
-    modules = [(name, m, not any(True for _ in m.children())) for name, m in model.named_modules() if name]
+    modules = [(name, m, not any(True for _ in m.children())) for name, m in model.named_modules()
+               if name and not (_is_quantized_module(m) and type(m).__name__.endswith("PackedParams"))]  # int8 weight holders
 
     def make_hook(name: str):
         def hook(module, _inputs, output):
@@ -178,7 +200,7 @@ def survey(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype | No
         for name, module, _ in modules:
             handles.append(module.register_forward_hook(make_hook(name)))
         with torch.inference_mode():
-            logits = model(torch.zeros((SURVEY_BATCH, *input_shape), device=device, dtype=input_dtype))
+            logits = model(_survey_input((SURVEY_BATCH, *input_shape), device, input_dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -226,7 +248,7 @@ def injectable_output(output: object, batch: int) -> tuple[int | None, tuple[int
 
 
 def _batched_tensor(t: torch.Tensor, batch: int, index: int | None, where: str):
-    if not t.is_floating_point():
+    if not (t.is_floating_point() or t.is_quantized):  # quantized: an int8 model's activations
         return None, None, f"{where} is {_describe(t)}, not floating"
     if t.dim() == 0 or t.shape[0] != batch:
         return None, None, f"{where} has shape {list(t.shape)}: its first dimension is not the batch ({batch})"
@@ -552,7 +574,7 @@ def select_campaign_sites(
         indices = parse_index_list(layers)
     except ValueError as exc:
         return chosen, problems + [f"layers: {exc}"]
-    if indices is not None and not leaf_kinds:
+    if indices is not None and not leaf_kinds and "qparam" not in kinds:  # qparam: the selected layers' (campaign.spec)
         problems.append("layers: indices select neuron and weight sites; select param sites by name with --params")
     if "neuron" in kinds:
         try:
@@ -587,11 +609,13 @@ def select_campaign_sites(
 def coverage_lines(model: nn.Module, found: Survey, chosen: dict[str, list], show_containers: bool = False) -> list[str]:
     """What the selected weight/param sites cover of the model's parameters, the leaf modules
     that never ran as a module, and the calls that are no sites and why."""
-    total = found.parameter_count
+    packed = [m for m in model.modules() if _is_quantized_module(m) and _weight_shape(m) is not None]
+    total = found.parameter_count + sum(math.prod(_weight_shape(m)) for m in packed)  # int8: packed weights too
     pct = lambda n: f"{100 * n / total:.1f}%" if total else "-"  # noqa: E731
     lines = []
     if "weight" in chosen:
-        weights = {id(w): w.numel() for w in (find_module(model, s).weight for s in chosen["weight"])}
+        modules = [find_module(model, s) for s in chosen["weight"]]
+        weights = {id(m.weight) if isinstance(m.weight, torch.Tensor) else id(m): math.prod(_weight_shape(m)) for m in modules}
         covered = sum(weights.values())
         lines.append(f"weight sites cover {covered:,} of {total:,} parameters ({pct(covered)})")
     if "param" in chosen:

@@ -245,6 +245,33 @@ def load_cifar(spec: CifarSpec, root: str | None, download: bool) -> tuple[torch
     return images.contiguous(), torch.from_numpy(labels), spec.num_classes
 
 
+# The training split's files (calibration data, e.g. Ranger's bounds; never evaluated).
+CIFAR_TRAIN_FILES = {"cifar10": tuple(f"data_batch_{i}" for i in range(1, 6)), "cifar100": ("train",)}
+
+
+def load_cifar_train(name: str, root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The training split of ``name`` (cifar10, cifar100) from torchvision's layout, normalized
+    like the test split; ``download=True`` fetches the archive with torchvision first."""
+    spec = CIFAR_SPECS[name]
+    root = os.path.expanduser(root) if root else default_data_root()
+    paths = [Path(root) / spec.folder / f for f in CIFAR_TRAIN_FILES[name]]
+    if download and not all(p.is_file() for p in paths):
+        _torchvision_download(spec, root)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{spec.title} training split not found: expected {missing[0]}. Pass download=True (CLI: --download) to "
+            f"fetch it into {root}, or point --data-root at a directory containing {spec.folder}/"
+        )
+    batches = [_read_cifar_batch(p, spec) for p in paths]
+    data = np.concatenate([d for d, _ in batches])
+    labels = np.concatenate([lab for _, lab in batches])
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    images = (torch.from_numpy(data).float() / 255.0 - mean) / std
+    return images.contiguous(), torch.from_numpy(labels), spec.num_classes
+
+
 # ---------------------------------------------------------------- synthetic
 
 
@@ -327,6 +354,8 @@ DATASETS: dict[str, DatasetFactory] = {
     "fashion-mnist-calib": _load_fashion_mnist_calib,
     "cifar10": lambda root, download: load_cifar(CIFAR_SPECS["cifar10"], root, download),
     "cifar100": lambda root, download: load_cifar(CIFAR_SPECS["cifar100"], root, download),
+    "cifar10-train": lambda root, download: load_cifar_train("cifar10", root, download),
+    "cifar100-train": lambda root, download: load_cifar_train("cifar100", root, download),
 }
 
 

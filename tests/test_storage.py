@@ -1,0 +1,352 @@
+"""Campaign results on object storage (issue 12), against a real S3 API on loopback: moto's
+standalone server, started here as its own process (IAM authentication on, so credentials
+are checked) and stopped by its PID. The storage probe runs on a two-node Ray cluster on
+this machine, which boots in the background while the first tests run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_cluster import BIN, free_port, processes_mentioning
+
+import analysis
+from campaign import cli
+from campaign.runner import run_campaign
+from campaign.spec import CampaignSpec
+from trainables import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "campaigns"
+# 3 neuron sites x 2 bit specs = 6 tiny trials; record=all, so faults/ holds every fault
+SPEC = dict(model="demo:vgg", weights="none", images=64, layers="0-2", sites=("neuron",), bits="random,30",
+            record="all", report_every=32)
+ARGS = ["--model", "demo:vgg", "--weights", "none", "--images", "64", "--layers", "0-2", "--sites", "neuron",
+        "--bits", "random,30", "--record", "all", "--report-every", "32"]
+TRIALS = 6
+RUN_ONLY = ["wall_s", "device", "started_at", "worker"]  # differ between runs by nature
+
+
+def frames(directory) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """trials.parquet, bits.parquet and faults/ of a campaign (local or on the store), without
+    what differs between runs by nature."""
+    read = lambda *parts: storage.read_table(storage.join(directory, *parts)).to_pandas()  # noqa: E731
+    trials = read("trials.parquet").drop(columns=RUN_ONLY + ["campaign"])
+    bits = read("bits.parquet").drop(columns=["campaign"])
+    faults = pd.concat([read("faults", name) for name in storage.list_names(storage.join(directory, "faults"), ".parquet")])
+    faults = faults.drop(columns=["campaign"]).sort_values(["trial_key", "image"]).reset_index(drop=True)
+    return trials.reset_index(drop=True), bits.reset_index(drop=True), faults
+
+
+def aws(s3: dict) -> dict:
+    """The AWS_* variables of the s3 fixture."""
+    return {k: v for k, v in s3.items() if k.startswith("AWS_")}
+
+
+def assert_same_results(a, b) -> None:
+    for x, y in zip(frames(a), frames(b)):
+        pd.testing.assert_frame_equal(x, y)
+
+
+def _stop(processes: list[subprocess.Popen], markers: list[str] = ()) -> None:
+    """Stop the process groups we started and, by their unique temp dirs, what they spawned:
+    SIGTERM, then SIGKILL to whatever is left a few seconds later."""
+    for sig, grace_s in ((signal.SIGTERM, 1), (signal.SIGKILL, 10)):
+        pids = [pid for marker in markers for pid in processes_mentioning(marker)]
+        for send, pid in [(os.killpg, p.pid) for p in processes] + [(os.kill, pid) for pid in pids]:
+            try:
+                send(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (any(p.poll() is None for p in processes)
+                                               or any(processes_mentioning(m) for m in markers)):
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with IAM authentication: an IAM user with S3 rights and
+    the bucket are made by the first four (unauthenticated) requests; every later request
+    must be signed with that user's key. Sets the AWS_* environment for this module."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "wb")
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              start_new_session=True)
+    saved = {}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        import boto3
+
+        endpoint = f"http://127.0.0.1:{port}"
+        session = boto3.session.Session(aws_access_key_id="setup", aws_secret_access_key="setup", region_name="us-east-1")
+        iam = session.client("iam", endpoint_url=endpoint)
+        iam.create_user(UserName="campaigns")
+        iam.put_user_policy(UserName="campaigns", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="campaigns")["AccessKey"]
+        session.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)  # the 4th: authentication from here on
+        env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield {**env, "log": log_path}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _stop([server])
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def two_nodes_booting(tmp_path_factory):
+    """A head node (with the job API) and a second node that joins it, each with its own temp
+    dir and 1 CPU, started without any AWS_* variable; yields at once (see ``two_nodes``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rayh", "rayw")]
+    port, dashboard = free_port(), free_port()
+    agents = lambda: [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",  # noqa: E731
+                      f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    common = ["--block", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", f"--port={port}", *common, "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--include-dashboard=true", f"--temp-dir={temps[0]}",
+         f"--ray-client-server-port={free_port()}", *agents()],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    nodes = [head]
+    log = tmp_path_factory.mktemp("second-node") / "ray-start.log"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the second node needs the head's GCS up
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        nodes.append(subprocess.Popen(
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common, f"--temp-dir={temps[1]}", *agents()],
+            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "log": log}
+    finally:
+        _stop(nodes, temps)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(two_nodes_booting):
+    """The two-node cluster once both nodes are alive; adds their ids (head first)."""
+    deadline = time.monotonic() + 180
+    alive = []
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{two_nodes_booting['dashboard']}/api/v0/nodes", timeout=10) as response:
+                rows = json.load(response)["data"]["result"]["result"]
+            alive = sorted((not n["is_head_node"], n["node_id"], n["node_ip"]) for n in rows if n["state"] == "ALIVE")
+        except (OSError, ValueError, KeyError):
+            pass
+        if len(alive) == 2:
+            return {**two_nodes_booting, "head_id": alive[0][1], "worker_id": alive[1][1], "worker_ip": alive[1][2]}
+        time.sleep(1)
+    raise AssertionError(f"the two-node cluster did not come up: {alive}; second node's log: "
+                         f"{two_nodes_booting['log'].read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address, tmp_path_factory, two_nodes_booting):
+    """The campaign on local disk (the two-node cluster boots meanwhile)."""
+    outcome = run_campaign(CampaignSpec(**SPEC, out=str(tmp_path_factory.mktemp("local")), name="ref"))
+    assert outcome.complete and outcome.finished == TRIALS
+    return outcome.directory
+
+
+def submit(two_nodes, s3, *command: str, wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <checkout>` to the two-node cluster, with the AWS_*
+    variables in the job's runtime env (the nodes were started without them)."""
+    args = [str(BIN / "ray"), "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(ROOT),
+            "--runtime-env-json", json.dumps({"env_vars": aws(s3)}), *([] if wait else ["--no-wait"]), "--",
+            "python", "-m", "campaign", *command]
+    deadline = time.monotonic() + 90
+    while True:  # the dashboard's job API comes up a few seconds after the head node
+        result = subprocess.run(args, cwd=ROOT, env=two_nodes["env"], capture_output=True, text=True, timeout=600)
+        not_up_yet = any(text in result.stderr + result.stdout for text in ("Connection", "try again later"))
+        if result.returncode == 0 or not not_up_yet or time.monotonic() > deadline:
+            return result
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def resumed(s3, reference, two_nodes):
+    """The campaign to s3://campaigns/runs/killed, submitted as a job to the two-node cluster,
+    its driver SIGKILLed after 1 to 5 of its 6 trials, then finished by `resume
+    s3://campaigns/runs/killed --address <the cluster>` from here, a driver that hands its
+    AWS_* variables to the workers it starts."""
+    uri = f"s3://{BUCKET}/runs/killed"
+    first = submit(two_nodes, s3, "run", *ARGS, "--max-concurrent", "1", "--out", f"s3://{BUCKET}/runs", "--name", "killed",
+                   wait=False)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    done = storage.join(uri, "parts", "done")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not storage.list_names(done, ".json"):
+        time.sleep(0.2)
+    drivers = [pid for pid in processes_mentioning(f"s3://{BUCKET}/runs") if _is_driver(pid)]
+    for pid in drivers:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = len(storage.list_names(done, ".json"))
+    resume = subprocess.run([sys.executable, "-m", "campaign", "resume", uri, "--address", two_nodes["gcs"]], cwd=ROOT,
+                            env={**two_nodes["env"], **aws(s3), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=600)
+    return uri, killed_at, drivers, resume
+
+
+def _is_driver(pid: int) -> bool:
+    """A `python -m campaign run` process (the job's driver), not the shell around it."""
+    try:
+        argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return Path(argv[0].decode()).name.startswith("python") and argv[1:4] == [b"-m", b"campaign", b"run"]
+
+
+def test_resume_on_s3_after_sigkill_equals_a_local_disk_run(resumed, reference):
+    """Through `ray job submit` on two nodes: the probe passes (a store is shared), the trials
+    of both nodes land on the store, and the resumed campaign equals the local-disk run."""
+    uri, killed_at, drivers, resume = resumed
+    assert len(drivers) == 1 and 1 <= killed_at < TRIALS, (drivers, killed_at)
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+    assert f"[campaign] storage probe: all 2 nodes of the Ray cluster write {uri} and this driver reads it" in resume.stdout
+    # a trial running when its driver died may still commit before Ray stops its worker: at most one more
+    run_now = int(re.search(rf"\n{TRIALS}/{TRIALS} trials \((\d+) run now\)", resume.stdout).group(1))
+    assert TRIALS - killed_at - 1 <= run_now <= TRIALS - killed_at, (killed_at, resume.stdout[-2000:])
+    assert_same_results(reference, uri)
+    assert storage.list_entries(uri) == ["bits.parquet", "faults", "parts", "ray", "spec.json", "trials.parquet"]
+
+
+def test_analysis_and_report_read_the_campaign_on_s3(resumed, reference, tmp_path, capsys):
+    uri = resumed[0]
+    trials, local = analysis.load(uri), analysis.load(reference)
+    assert trials["campaign_dir"].unique().tolist() == [uri] and trials["campaign"].unique().tolist() == ["killed"]
+    drop = RUN_ONLY + ["campaign", "campaign_dir"]
+    pd.testing.assert_frame_equal(trials.drop(columns=drop), local.drop(columns=drop))
+    for load in (analysis.load_bits, analysis.load_faults):
+        pd.testing.assert_frame_equal(load(uri).drop(columns=["campaign", "campaign_dir"]),
+                                      load(reference).drop(columns=["campaign", "campaign_dir"]))
+    assert cli.main(["report", uri, "--out", str(tmp_path / "report")]) == 0
+    text = capsys.readouterr().out
+    row = local[(local["site_index"] == 2) & (local["bit_spec"] == "30")].iloc[0]
+    assert f"Layer #2: {row['mismatches']} / {row['golden_correct']} = {100 * row['misclassification_rate']:.4f}%" in text
+    assert "PARTIAL" not in text and f"  killed ({uri}):" in text
+    assert (tmp_path / "report" / "per_site.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["report", uri]) == 2  # the report goes to a local folder: it must be named
+    assert capsys.readouterr().err == f"error: {uri} is on object storage: pass --out with a local folder for the report\n"
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "unknown key", "wrong secret", "unreachable", "scheme", "slash"])
+def test_a_store_that_cannot_be_used_gets_one_line_before_any_work(case, s3, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a stray local folder named 's3:' would appear here
+    out = {"missing bucket": "s3://no-such-bucket/runs", "scheme": "s4://campaigns/runs",
+           "slash": "s3:/campaigns/runs"}.get(case, f"s3://{BUCKET}/refused")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        changes = {"unknown key": {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN0000000000"},
+                   "wrong secret": {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+                   "unreachable": {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed.getsockname()[1]}"}}.get(case, {})
+        for key, value in changes.items():
+            monkeypatch.setenv(key, value)
+        code = cli.main(["run", *ARGS, "--out", out, "--name", "c"])
+    err = capsys.readouterr().err
+    monkeypatch.undo()  # the module's AWS_* environment again, for the checks below
+    expected = {
+        "missing bucket": f"error: out: s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist at "
+                          f"{s3['AWS_ENDPOINT_URL']}; create it, or choose another --out",
+        "unknown key": f"error: out: s3://{BUCKET}/refused: the store at {s3['AWS_ENDPOINT_URL']} refused the credentials "
+                       "(The AWS Access Key Id you provided does not exist in our records.); check AWS_ACCESS_KEY_ID and "
+                       "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)",
+        "wrong secret": f"error: out: s3://{BUCKET}/refused: the store at {s3['AWS_ENDPOINT_URL']} refused the credentials "
+                        "(The request signature we calculated does not match the signature you provided. Check your key "
+                        "and signing method.); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)",
+        "unreachable": f"error: out: s3://{BUCKET}/refused: cannot reach the object store at "
+                       f"{changes.get('AWS_ENDPOINT_URL')} (Failed to connect to",
+        "scheme": "error: out: 's4://campaigns/runs': unknown storage scheme 's4://'; use a local path or s3://",
+        "slash": "error: out: 's3:/campaigns/runs' looks like a URI with a slash missing: write s3://campaigns/runs",
+    }[case]
+    assert code == 2 and err.count("\n") == 1 and err.startswith(expected), err
+    assert list(tmp_path.iterdir()) == []  # nothing written locally
+    assert storage.list_entries(f"s3://{BUCKET}/refused") == []  # nor on the store
+
+
+def test_the_probe_passes_a_shared_folder_and_refuses_one_local_to_each_node(two_nodes, tmp_path):
+    """On one machine every folder is shared; the private hook PER_NODE_ROOT_ENV makes the
+    second node write under a root of its own, as a node with its own disk would."""
+    shared, own_disks = tmp_path / "shared", tmp_path / "node-disks"
+    script = textwrap.dedent(f"""
+        import os, ray
+        from campaign import cli
+        from campaign.probe import PER_NODE_ROOT_ENV, check_shared
+        ray.init(address={two_nodes['gcs']!r}, logging_level="ERROR",
+                 runtime_env={{"env_vars": {{"PYTHONPATH": {str(ROOT)!r}}}}})
+        print("probed", check_shared({str(shared / 'c')!r}), "nodes", flush=True)
+        os.environ[PER_NODE_ROOT_ENV] = {str(own_disks)!r}
+        raise SystemExit(cli.main(["run", *{ARGS!r}, "--out", {str(shared)!r}, "--name", "c"]))
+    """)
+    env = {**two_nodes["env"], "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[campaign] storage probe: all 2 nodes of the Ray cluster write" in result.stdout
+    assert "probed 2 nodes" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: out: {shared / 'c'} is not shared by the 2 nodes of the Ray cluster: node {two_nodes['worker_id']} "
+        f"({two_nodes['worker_ip']}) wrote a probe file there that this driver (node {two_nodes['head_id']}) cannot read; use an "
+        "object-store URI (--out s3://bucket/prefix) or a folder mounted on every node (NFS)"], result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # probes and the folders they made are gone, on both "disks"
+
+
+def test_locations_name_uris_without_touching_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = storage.location("s3://bucket//runs/")
+    assert uri == "s3://bucket/runs" and storage.join(uri, "c", "parts") == "s3://bucket/runs/c/parts"
+    assert storage.name("s3://bucket/runs/c") == "c" and storage.parent("s3://bucket/runs/c") == "s3://bucket/runs"
+    assert storage.join("s3://bucket/runs?region=eu-west-1", "c") == "s3://bucket/runs/c?region=eu-west-1"
+    assert CampaignSpec(out="s3://bucket/runs", name="c").directory == "s3://bucket/runs/c"
+    assert CampaignSpec(out="runs", name="c").directory == tmp_path / "runs" / "c"  # local: as before
+    assert storage.location("file:///tmp/x") == Path("/tmp/x") and not storage.is_uri("file:///tmp/x")
+    assert storage.environment("runs") == {}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_is_one_put_on_the_store(s3):
+    target = f"s3://{BUCKET}/one-put/x.parquet"
+    storage.write_bytes(target, b"x" * 100_000)
+    assert storage.read_bytes(target) == b"x" * 100_000 and storage.file_size(target) == 100_000
+    requests = [line for line in s3["log"].read_text().splitlines() if "/one-put/x.parquet" in line]
+    puts = [line for line in requests if '"PUT /campaigns/one-put/x.parquet HTTP' in line]
+    assert len(puts) == 1 and not any("uploads" in line for line in requests), requests  # no multipart upload
+    storage.delete(target)
+    assert not storage.exists(target)
