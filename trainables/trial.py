@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from trainables.digests import changed_inputs, input_digests
-from trainables.inject import engine, formats, protection, qparams
-from trainables.inject.fault_models import check_fault, parse_fault
+from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, write_trial
 from trainables.zoo.data import load_dataset
@@ -128,10 +127,7 @@ def run_trial(
     if site is None:
         raise ValueError(f"{point.kind} site {point.site} does not exist in {settings.model}")
     bit = parse_bit_spec(point.bit)
-    if bit != "random":  # qparam elements: float32 scales and int32 zero points (trainables.inject.qparams)
-        qparams.check_bit(bit) if point.kind == "qparam" else formats.check_bit(bit, bench.dtype_for(point.kind))
-    fault = parse_fault(point.fault)
-    check_fault(fault, bench.width_for(point.kind), bit)
+    fault = bench.check_fault(point.kind, bit, point.fault)
     counts = engine.Counts.zeros(bench.width_for(point.kind))
     guarded = protection.bench_for(bench, settings.protection)  # None unless the campaign is protected
     pairs = protection.PairCounts.zeros(bench.width_for(point.kind)) if guarded is not None else None
@@ -174,8 +170,8 @@ def run_trial(
         "started_at": started, "worker": f"{socket.gethostname()}:{os.getpid()}",
         "path": paths.pop() if len(paths) == 1 else "mixed",
         "fault": str(fault), "effective": counts.total("effective"),
+        "weight_format": settings.weight_format,  # fp8 weight storage (every row of the campaign); null: none
     }
-    row["weight_format"] = settings.weight_format  # fp8 weight storage (every row of the campaign); null: none
     row.update(protection.row_columns(settings.protect, pairs, counts.golden_correct))
     bit_rows = [
         {"campaign": settings.name, "trial_key": point.key, "bit": b,
@@ -184,7 +180,7 @@ def run_trial(
     ]
     for bit_row in bit_rows:
         bit_row.update(protection.bit_columns(pairs, bit_row["bit"]))
-    write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, record_parts))
+    write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, str(fault), record_parts))
     return row
 
 
@@ -196,7 +192,7 @@ def _metrics(point: TrialPoint, counts: engine.Counts, low: float, high: float, 
     }
 
 
-def _fault_columns(campaign: str, point: TrialPoint, site, parts: list) -> dict | None:
+def _fault_columns(campaign: str, point: TrialPoint, site, fault: str, parts: list) -> dict | None:
     if not parts:
         return None
     columns = {name: np.concatenate([getattr(p, name) for p in parts]) for name in parts[0].as_dict()}
@@ -204,5 +200,5 @@ def _fault_columns(campaign: str, point: TrialPoint, site, parts: list) -> dict 
     outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
     columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
                    site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed),
-                   fault=[str(parse_fault(point.fault))] * n)
+                   fault=[fault] * n)
     return protection.fault_columns(columns)

@@ -130,6 +130,15 @@ class Workbench:
     def width_for(self, kind: str) -> int:
         return formats.width(self.dtype_for(kind))
 
+    def check_fault(self, kind: str, bit: BitSpec, fault: FaultModel | str) -> FaultModel:
+        """The parsed fault model, once ``bit`` and ``fault`` fit the elements ``kind`` faults
+        edit (8-bit int8/fp8, 32-bit qparams, else the mode's width); one ValueError line otherwise."""
+        if bit != "random":
+            qparams.check_bit(bit) if kind == "qparam" else formats.check_bit(bit, self.dtype_for(kind))
+        fault = fault_models.parse_fault(fault)
+        fault_models.check_fault(fault, self.width_for(kind), bit)
+        return fault
+
     @property
     def num_images(self) -> int:
         return int(self.images.shape[0])
@@ -437,12 +446,7 @@ def run_faults(
     if kind == "qparam" and bench.mode != "int8":
         raise ValueError(f"qparam sites are the scales and zero points of an int8 model; this model's mode is {bench.mode}: "
                          f"use --quantize int8")
-    if kind == "qparam" and bit != "random":
-        qparams.check_bit(bit)
-    if bit != "random":
-        formats.check_bit(bit, bench.dtype_for(kind))
-    fault = fault_models.parse_fault(fault)
-    fault_models.check_fault(fault, bench.width_for(kind), bit)
+    fault = bench.check_fault(kind, bit, fault)
     if record not in RECORD_LEVELS:
         raise ValueError(f"unknown record level {record!r}: use one of {', '.join(RECORD_LEVELS)}")
     if kind not in ("neuron", "weight", "param", "qparam"):
