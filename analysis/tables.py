@@ -9,6 +9,7 @@ bits they hold (listed in ``bit_specs``); per-bit tables pool both, split by the
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -31,7 +32,8 @@ FORMATS: dict[str, tuple[int, int]] = {"fp32": (32, 8), "tf32": (32, 8), "fp16":
 # sign, 6-0 magnitude. Activations are quint8 codes (value = (code - zero point) x scale): no sign,
 # bits 7-0 are magnitude and bit 7 is worth 128 x scale (the x86 backend's reduced range keeps clean
 # codes in 0..127, so a flip of bit 7 always adds 128 x scale).
-INT_FORMATS: dict[str, tuple[int, bool]] = {"int8": (8, True), "uint8": (8, False)}
+INT_FORMATS: dict[str, tuple[int, bool]] = {"int8": (8, True), "uint8": (8, False), "int32": (32, True)}  # int32: qparam zero points
+ELEMENT = "element_format"  # per-bit tables of qparam rows keep float32 scales and int32 zero points apart
 WHOLE_ELEMENT_FAULTS = ("random", "zero")  # fault models that replace every bit (left out of per-bit tables)
 RATE_COLUMNS = ("misclassification_rate", "ci_low", "ci_high", "sdc_rate", "nonfinite_rate", "masked_rate", "failure_rate")
 
@@ -117,8 +119,10 @@ def with_sampling(frame: pd.DataFrame) -> pd.DataFrame:
     """Add ``bit_sampling`` ('random' or 'fixed', from bit_spec) when the frame has bit_spec."""
     if "bit_spec" not in frame or SAMPLING in frame:
         return frame
-    random = frame["bit_spec"].astype(str) == "random"
-    return frame.assign(**{SAMPLING: pd.Categorical(np.where(random, "random", "fixed"), categories=["random", "fixed"])})
+    spec = frame["bit_spec"].astype(str)
+    pool = spec.str.startswith("random:").to_numpy()  # a bit pool (random:23-30): random among its bits
+    sampling = np.where(spec == "random", "random", np.where(pool, "pool", "fixed"))
+    return frame.assign(**{SAMPLING: pd.Categorical(sampling, categories=["random", "fixed", *(["pool"] if pool.any() else [])])})
 
 
 def pool(frame: pd.DataFrame, keys: Sequence[str], by_campaign: bool = False, split_sampling: bool = False) -> pd.DataFrame:
@@ -171,13 +175,14 @@ def per_seed(data: Data, by_campaign: bool = False) -> pd.DataFrame:
     return pool(_trials(data), ("seed",), by_campaign, split_sampling=True)
 
 
-def element_format(mode: str, kind: str, weight_format: object = None) -> str:
+def element_format(mode: str, kind: str, weight_format: object = None, site_name: object = None) -> str:
     """The storage format of the elements a row's faults hit: an fp8 weight format for weight
-    faults under fp8 storage; int8 (qint8 weights) or uint8 (quint8 activations) in mode int8; else the mode."""
+    faults under fp8 storage; int8 (qint8 weights) or uint8 (quint8 activations) in mode int8;
+    for qparam sites int32 (zero points, by their site name) or fp32 (scales); else the mode."""
     if kind == "weight" and isinstance(weight_format, str) and weight_format not in ("", "none"):
         return weight_format
-    if kind == "qparam":  # an int8 model's scales (float32 words) and zero points (int32): fields by the float32 layout
-        return "fp32"
+    if kind == "qparam":  # '<module>.zero_point', '<module>.weight_zero_point', '<op>_zero_point_<n>': int32 words
+        return "int32" if isinstance(site_name, str) and re.search(r"zero_point(_\d+)?$", site_name) else "fp32"
     if mode == "int8":
         return "int8" if kind == "weight" else "uint8"
     return mode
@@ -210,10 +215,22 @@ def field_bits(mode: str, field: str) -> tuple[int, int]:
 
 
 def row_formats(frame: pd.DataFrame) -> list[str]:
-    """Each row's element format (element_format of its mode, kind and weight_format)."""
+    """Each row's element format (its element_format column, or element_format of its mode,
+    kind, weight_format and site_name)."""
+    if ELEMENT in frame:
+        return frame[ELEMENT].astype(str).tolist()
     kinds = frame["kind"].astype(str) if "kind" in frame else [""] * len(frame)
     weights = frame["weight_format"].astype(object) if "weight_format" in frame else [None] * len(frame)
-    return [element_format(m, k, w) for m, k, w in zip(frame["mode"].astype(str), kinds, weights)]
+    names = frame["site_name"].astype(object) if "site_name" in frame else [None] * len(frame)
+    return [element_format(m, k, w, s) for m, k, w, s in zip(frame["mode"].astype(str), kinds, weights, names)]
+
+
+def _split_elements(frame: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """``frame`` plus the pooling key that keeps qparam scales (fp32) and zero points (int32)
+    apart, when it holds qparam rows; else as given, with no key (today's tables)."""
+    if "kind" not in frame or "mode" not in frame or not (frame["kind"].astype(str) == "qparam").any():
+        return frame, ()
+    return frame.assign(**{ELEMENT: row_formats(frame)}), (ELEMENT,)
 
 
 def _with_field(frame: pd.DataFrame) -> pd.DataFrame:
@@ -227,7 +244,8 @@ def _with_field(frame: pd.DataFrame) -> pd.DataFrame:
 
 def per_bit(data: Data, by_campaign: bool = False) -> pd.DataFrame:
     """Per-bit-position table from per-bit rows (random-bit trials split by the bit flipped)."""
-    table = pool(_bits(data), ("bit",), by_campaign)
+    frame, element = _split_elements(_bits(data))
+    table = pool(frame, (*element, "bit"), by_campaign)
     return _with_field(table) if len(table) else table.assign(field=pd.Categorical([], categories=list(FIELDS)))
 
 
@@ -236,7 +254,8 @@ def per_bit_field(data: Data, by_campaign: bool = False) -> pd.DataFrame:
 
     ``bit_range`` is 'high-low' (LSB = 0) and ``width`` the field's number of bits.
     """
-    table = pool(_with_field(_bits(data)), ("field",), by_campaign)
+    frame, element = _split_elements(_bits(data))
+    table = pool(_with_field(frame), (*element, "field"), by_campaign)
     ranges = [field_bits(e, str(f)) for e, f in zip(row_formats(table), table["field"])]
     table.insert(table.columns.get_loc("field") + 1, "bit_range", [f"{h}" if h == l else f"{h}-{l}" for h, l in ranges])
     table.insert(table.columns.get_loc("bit_range") + 1, "width", [h - l + 1 for h, l in ranges])
@@ -249,8 +268,9 @@ def site_by_bit(data: Data, by_campaign: bool = False) -> pd.DataFrame:
 
 
 def group_columns(table: pd.DataFrame) -> list[str]:
-    """The identity columns of a table (campaign and bit_sampling when present), to split it per group."""
-    return [c for c in ("campaign", *IDENTITY, *OPTIONAL_IDENTITY, SAMPLING) if c in table.columns]
+    """The identity columns of a table (campaign, bit_sampling and a qparam table's element_format
+    when present), to split it per group."""
+    return [c for c in ("campaign", *IDENTITY, *OPTIONAL_IDENTITY, SAMPLING, ELEMENT) if c in table.columns]
 
 
 def groups(table: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
@@ -274,6 +294,8 @@ def group_title(ident: dict, rows: pd.DataFrame | None = None) -> str:
     text = " / ".join(parts) + f" / {ident.get('kind') or '?'}{model} faults"
     text = f"[{ident['campaign']}] {text}" if ident.get("campaign") else text
     notes = []
+    if ident.get(ELEMENT):  # qparam sites: float32 scales, int32 zero points
+        notes.append({"fp32": "float32 scales", "int32": "int32 zero points"}.get(ident[ELEMENT], ident[ELEMENT]))
     if fault in WHOLE_ELEMENT_FAULTS:
         notes.append("every bit of the element")
     elif rows is not None and "bit_specs" in rows:

@@ -71,6 +71,25 @@ def direct(spec: CampaignSpec, device: str, out: Path) -> tuple[int, float, floa
     return injections, seconds, setup, clean, len(plan.trials), str(bench.device)
 
 
+def breakdown(outcome, started: float) -> dict:
+    """Where a campaign's time went, from its trial rows: seconds from the campaign's start to
+    its first trial's start (checks, Tune's and the workers' start-up and imports; a worker's
+    setup, data, model and golden pass, is in its first trial), the trials' mean wall time
+    (before their writes), and seconds from the last trial's end to the campaign's end (Tune's
+    end, the final check of the files, aggregation)."""
+    trials = storage.read_table(storage.join(outcome.directory, "trials.parquet"),
+                                columns=["started_at", "wall_s", "worker"]).to_pydict()
+    ends = [a + w for a, w in zip(trials["started_at"], trials["wall_s"])]
+    return {"first_trial_s": min(trials["started_at"]) - started, "trial_wall_s": sum(trials["wall_s"]) / len(ends),
+            "after_last_trial_s": started + outcome.seconds - max(ends), "workers": len(set(trials["worker"]))}
+
+
+def describe(times: dict) -> str:
+    return (f"  first trial started {times['first_trial_s']:.1f} s after the campaign started; trials took "
+            f"{times['trial_wall_s']:.2f} s each (mean, {times['workers']} workers); the campaign ended "
+            f"{times['after_last_trial_s']:.1f} s after its last trial")
+
+
 def clean_img_s(bench, repeats: int = 3) -> float:
     """Clean inference images/s over the workbench's images at its batch size."""
     sync = torch.cuda.synchronize if bench.device.type == "cuda" else (lambda: None)
@@ -177,20 +196,29 @@ def main(argv=None) -> dict:
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
         ray_start = time.perf_counter() - t0
         name = f"campaign-{uuid.uuid4().hex[:8]}"  # a fresh campaign wherever --out points
+        started = time.time()
         if args.out and storage.is_uri(args.out):  # then the same campaign to a local folder, side by side
             outcome = run_campaign(dataclasses.replace(spec, out=args.out, name=name), progress_every_s=30)
+            times = breakdown(outcome, started)
+            started = time.time()
             local = run_campaign(dataclasses.replace(spec, out=tmp, name=name), progress_every_s=30)
+            local_times = breakdown(local, started)
             result.update(out=str(outcome.directory), local_campaign_inj_s=local.injections / local.seconds,
-                          local_ratio=local.injections / local.seconds / result["engine_inj_s"])
+                          local_ratio=local.injections / local.seconds / result["engine_inj_s"],
+                          **{f"local_{k}": v for k, v in local_times.items() if k != "workers"})
             print(f"campaign to {tmp}: {local.injections:,} injections in {local.seconds:.1f} s = "
                   f"{result['local_campaign_inj_s']:,.0f}/s, ratio {result['local_ratio']:.2f}")
+            print(describe(local_times))
         else:
             outcome = run_campaign(dataclasses.replace(spec, out=args.out or tmp, name=name), progress_every_s=30)
+            times = breakdown(outcome, started)
         ray.shutdown()
     result.update(campaign_inj_s=outcome.injections / outcome.seconds, campaign_s=outcome.seconds,
                   ray_start_s=ray_start, ratio=outcome.injections / outcome.seconds / result["engine_inj_s"])
+    result.update({k: v for k, v in times.items() if k != "workers"})
     print(f"campaign to {outcome.directory}: {outcome.finished} trials, {outcome.injections:,} injections in {outcome.seconds:.1f} s = "
           f"{result['campaign_inj_s']:,.0f}/s (Ray start {ray_start:.1f} s, not counted)")
+    print(describe(times))
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return result
 

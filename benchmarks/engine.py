@@ -1,11 +1,12 @@
 """Engine throughput, side by side in one process on the same inputs and batch size:
-clean inference images/s, fast-engine neuron, weight and param injections/s, neuron
+clean inference images/s, fast-engine neuron, weight and param (int8 models: qparam) injections/s, neuron
 injections/s at sites whose module returns a tuple (nn.MultiheadAttention) when the model
 has them, and the seed's PyTorchFI + bitstring procedure (trainables.inject.reference) injections/s.
 
     python benchmarks/engine.py --model torchvision:resnet18 --batch-size 256
     python benchmarks/engine.py --model torchvision:vit_b_16 --input-shape 3x224x224 --batch-size 32 --images 128 --reference-images 0
     python benchmarks/engine.py --model demo:vgg --input-shape 1x28x28 --quantize int8   # int8, CPU
+    python benchmarks/engine.py --model demo:vgg --input-shape 1x28x28 --quantize int8 --kinds neuron,weight,qparam
 
 Random inputs (3x32x32 unless --input-shape) (throughput does not depend on them). Weight
 and param faults use images_per_weight_fault = batch size, so all run one forward per batch.
@@ -84,6 +85,7 @@ def measure(args) -> dict:
     weight_sites = spread(select_sites(bench.sites, "weight"), args.sites)
     param_sites = spread([p for p in bench.params if not p.buffer], args.sites) if not args.quantize else []
     tuple_sites = spread([s for s in select_sites(bench.sites, "neuron") if s.output_index is not None], args.sites)
+    qparam_sites = spread(bench.qsites, args.sites)  # an int8 model's scales and zero points (none otherwise)
 
     def neuron_round():
         for i, site in enumerate(neuron_sites):
@@ -97,6 +99,10 @@ def measure(args) -> dict:
         for i, site in enumerate(param_sites):
             engine.run_faults(bench, site, "param", "random", seed=i, images_per_weight_fault=args.batch_size, fault=args.fault)
 
+    def qparam_round():  # one fault per batch, like weight faults; every qparam fault runs the full forward pass
+        for i, site in enumerate(qparam_sites):
+            engine.run_faults(bench, site, "qparam", "random", seed=i, images_per_weight_fault=args.batch_size, fault=args.fault)
+
     def tuple_round():
         for i, site in enumerate(tuple_sites):
             engine.run_faults(bench, site, "neuron", "random", seed=i, fault=args.fault)
@@ -107,9 +113,11 @@ def measure(args) -> dict:
         for i, site in enumerate(neuron_sites):
             protection.run_paired(guarded, site, "neuron", "random", seed=i, fault=args.fault)
 
-    kinds = {"neuron": neuron_round, "weight": weight_round, "param": param_round, "tuple_neuron": tuple_round}
+    kinds = {"neuron": neuron_round, "weight": weight_round, "param": param_round, "tuple_neuron": tuple_round,
+             "qparam": qparam_round}
     rounds = {"clean": lambda: clean_pass(bench)}
-    rounds.update({k: run for k, run in kinds.items() if k in args.kinds.split(",") and (k != "tuple_neuron" or tuple_sites)})
+    rounds.update({k: run for k, run in kinds.items() if k in args.kinds.split(",") and (k != "tuple_neuron" or tuple_sites)
+                   and (k != "qparam" or qparam_sites)})
     if guarded is not None:
         rounds["protected_neuron"] = protected_round
     for run in rounds.values():  # warm-up (cuDNN autotune, allocator)
@@ -120,7 +128,7 @@ def measure(args) -> dict:
             times[name].append(timed(run, device))
     n = bench.num_images
     per_round = {"neuron": len(neuron_sites), "weight": len(weight_sites), "param": len(param_sites),
-                 "tuple_neuron": len(tuple_sites), "protected_neuron": len(neuron_sites)}
+                 "tuple_neuron": len(tuple_sites), "protected_neuron": len(neuron_sites), "qparam": len(qparam_sites)}
     rates = {f"{name}_inj_s": n * per_round[name] / statistics.median(t) for name, t in times.items() if name != "clean"}
     ref_images = images[: args.reference_images if not args.quantize else 0]  # PyTorchFI cannot run int8 models
     ref_site = neuron_sites[len(neuron_sites) // 2] if neuron_sites else None
@@ -139,6 +147,7 @@ def measure(args) -> dict:
         "weight_sites": [s.index for s in weight_sites],
         "param_sites": [p.name for p in param_sites],
         "tuple_neuron_sites": [s.index for s in tuple_sites],
+        "qparam_sites": [s.name for s in qparam_sites],
         "clean_img_s": n / statistics.median(times["clean"]),
         **rates,
         "reference_inj_s": len(ref_images) / ref_t,
@@ -157,7 +166,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sites", type=int, default=4, help="sites of each kind measured, spread over the network")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kinds", default="neuron,weight,param,tuple_neuron",
-                        help="what to measure beside clean inference (tuple_neuron: sites on tuple outputs, if any)")
+                        help="what to measure beside clean inference (tuple_neuron: sites on tuple outputs, if any; "
+                             "qparam: an int8 model's scales and zero points, with --quantize int8)")
     parser.add_argument("--reference-images", type=int, default=512, help="images for the seed's procedure (0: skip it)")
     parser.add_argument("--fault", default="flip", help="fault model of the engine's injections: flip (default), flip:K, "
                                                         "burst:K, stuck0, stuck1, random, zero (the seed's procedure always flips)")
@@ -176,7 +186,7 @@ def main(argv=None) -> dict:
     except ValueError as exc:
         parser.error(str(exc))
     result = measure(args)
-    for kind in ("neuron", "weight", "param", "tuple_neuron", "protected_neuron"):
+    for kind in ("neuron", "weight", "param", "tuple_neuron", "protected_neuron", "qparam"):
         if f"{kind}_inj_s" in result:
             result[f"{kind}_vs_clean"] = result[f"{kind}_inj_s"] / result["clean_img_s"]
     if "protected_neuron_inj_s" in result and "neuron_inj_s" in result:  # 0.5 = the cost of two faulty passes
@@ -189,7 +199,7 @@ def main(argv=None) -> dict:
     print(f"{'measure':<28}{'per s':>12}{'vs clean':>10}")
     for key, label in [("clean_img_s", "clean inference (img)"), ("neuron_inj_s", "neuron injections"),
                        ("tuple_neuron_inj_s", "neuron, tuple outputs"), ("weight_inj_s", "weight injections"),
-                       ("param_inj_s", "param injections"),
+                       ("param_inj_s", "param injections"), ("qparam_inj_s", "qparam injections (int8)"),
                        ("protected_neuron_inj_s", f"paired, {result['protect']}"), ("reference_inj_s", "seed procedure (PyTorchFI)")]:
         if key not in result:
             continue

@@ -70,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", nargs="?", help="YAML campaign spec (keys = the long flag names with _)")
     _model_flags(run)
     _site_flags(run)
-    run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering)")
-    run.add_argument("--fault", help="fault model(s), one trial set each: flip (default), flip:K (K distinct bits, the given "
-                                     "or drawn one the lowest), burst:K (K adjacent bits up from it), stuck0, stuck1, "
-                                     "random (all bits random), zero; a list like flip,burst:2")
+    run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering); "
+                                    "a bit pool, one trial set whose faults draw their bits from it: random:23-30, "
+                                    "random:23+25+30, random:exponent (sign, exponent, mantissa, magnitude: per format)")
+    run.add_argument("--fault", help="fault model(s), one trial set each: flip (default), flip:K (K distinct bits: uniform "
+                                     "among the width or a bit pool, or the given bit and K-1 above it), burst:K (K "
+                                     "adjacent bits up from it), stuck0, stuck1, random (all bits random), zero; a list "
+                                     "like flip,burst:2")
     run.add_argument("--protect", help="mitigation, run as paired trials on the same faults: none (default), "
                                        "clamp:<types>:<lo>:<hi> (fmin/fmax, NaN -> bound), relu6, ranger[:<types or module "
                                        "patterns>] (bounds profiled on --calibration)")

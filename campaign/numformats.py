@@ -81,3 +81,47 @@ def weight_note(spec: Any, selected: dict) -> tuple[str, ...]:
         return ()
     return (f"prefix reuse: {spec.model}: {len(selected['weight'])} int8 weight site(s) run the full forward pass: "
             "the weight is packed, and each fault unpacks, edits and repacks it",)
+
+
+def bit_layouts(spec: Any) -> dict[str, tuple[str, ...]]:
+    """Per site kind, the element formats (trainables.inject.bitpools.LAYOUTS) its faults edit:
+    quint8 activation codes ('uint8') and qint8 weights ('int8') in an int8 model, fp8 weights
+    under weight_format, float32 scales and int32 zero points for qparam sites, else the mode's."""
+    mode = effective_mode(spec)
+    out = {}
+    for kind in spec.sites:
+        if kind == "qparam":
+            out[kind] = ("fp32", "int32")
+        elif kind == "weight" and spec.weight_format:
+            out[kind] = (spec.weight_format,)
+        elif mode == "int8":
+            out[kind] = ("int8",) if kind == "weight" else ("uint8",)
+        else:
+            out[kind] = (mode,)
+    return out
+
+
+def pool_problems(spec: Any, fault_bits: dict[str, list[tuple[str, list]]]) -> list[str]:
+    """One line per bit pool that does not fit a kind's element format (a field it lacks), or
+    holds fewer bits than a flip:K draws; ``fault_bits``: per kind, (fault model, bit specs)."""
+    from trainables.inject.bitpools import WIDTHS, is_pool, parse_pool
+    from trainables.inject.fault_models import check_fault, parse_fault
+
+    layouts, kinds_of = bit_layouts(spec), {}  # problem -> the kinds it hits, in order
+    for kind, pairs in fault_bits.items():
+        for fault, bits in pairs:
+            for bit in (b for b in bits if is_pool(b)):
+                for layout in layouts.get(kind, ()):
+                    try:
+                        pool = parse_pool(bit).resolve(layout, WIDTHS[layout])
+                    except ValueError as exc:
+                        line = f"bits: {exc}"
+                    else:
+                        try:
+                            check_fault(parse_fault(fault), WIDTHS[layout], pool)
+                            continue
+                        except ValueError as exc:
+                            line = f"fault: {exc}"
+                    kinds = kinds_of.setdefault(line, [])
+                    kinds += [kind] if kind not in kinds else []
+    return [f"{line} ({' and '.join(kinds)} sites)" for line, kinds in kinds_of.items()]

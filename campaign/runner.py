@@ -22,7 +22,6 @@ from pathlib import Path
 import ray
 from ray import tune
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
-from ray.tune.logger import JsonLoggerCallback
 
 from campaign import processes
 from campaign.numformats import effective_mode, name_suffix
@@ -31,10 +30,9 @@ from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecErr
 from trainables import storage
 from trainables.results import (
     SPEC_FILE,
-    aggregate,
+    check_and_aggregate,
     check_trials,
     discard_trial,
-    finished_keys,
     read_spec,
     rename_campaign,
     trial_key,
@@ -227,6 +225,30 @@ class _DropNotice(logging.Filter):
 _NOTICE_FILTER = _DropNotice()
 
 
+class _DropMetricsNotice(logging.Filter):
+    """Drops Tune's notice, at the end of a run, that its trials have no metrics files: the
+    campaign writes none on purpose (the part files are its results; see TrialFolders)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics for ")
+
+
+_METRICS_LOGGER = "ray.tune.analysis.experiment_analysis"
+
+
+class TrialFolders(tune.Callback):
+    """Removes each finished trial's folder from Tune's driver staging directory while it is
+    empty (the campaign writes no Tune metrics files: the part files are its results), so Tune's
+    experiment syncs, which copy that directory to the campaign's store one object at a time,
+    copy no finished trial. A trial that errored keeps its folder and error files."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        try:
+            os.rmdir(trial.local_path)
+        except (OSError, TypeError):
+            pass  # not empty, already gone, or no folder
+
+
 def connect(spec: CampaignSpec) -> None:
     """Join the given or running Ray cluster, else start a local one; check it can host a trial."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NOTICE_FILTER)
@@ -344,7 +366,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
                                    trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=RunConfig(name=f"tune-{attempt}", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
                                  failure_config=FailureConfig(max_failures=plan.spec.max_failures),
-                                 callbacks=[progress, JsonLoggerCallback()]),
+                                 callbacks=[progress, TrialFolders()]),
         )
         print(f"[campaign] {plan.spec.model} on {plan.dataset} ({name_suffix(plan.spec)}): {len(pending)} of {len(wanted)} "
               f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
@@ -356,23 +378,25 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
         tune_env = ({"TUNE_GLOBAL_CHECKPOINT_S": str(TUNE_SNAPSHOT_S_ON_STORES)}
                     if storage.is_uri(plan.directory) and "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ else {})
         os.environ.update(tune_env)
+        notice = _DropMetricsNotice()
+        logging.getLogger(_METRICS_LOGGER).addFilter(notice)
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
-            aggregate(plan.directory, keys=finished_keys(plan.directory) & set(wanted))
+            check_and_aggregate(plan.directory, wanted)
             raise CampaignInterrupted(plan.directory) from None
         finally:
             processes.forget()
+            logging.getLogger(_METRICS_LOGGER).removeFilter(notice)
             for key in tune_env:
                 os.environ.pop(key, None)
         errors = tuple(f"{TrialPoint(**r.config['trial']).key}: {str(r.error).strip().splitlines()[-1]}"
                        for r in results if r.error is not None)
-    done = finished_keys(plan.directory) & set(wanted)
-    trials = aggregate(plan.directory, keys=done)
+    final, trials = check_and_aggregate(plan.directory, wanted)  # each part file read once
     launched = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending}
     injections = sum(n for key, n in zip(trials.column("trial_key").to_pylist(), trials.column("images").to_pylist())
                      if key in launched)
-    return CampaignOutcome(plan.directory, len(wanted), len(done), errors, time.monotonic() - started,
+    return CampaignOutcome(plan.directory, len(wanted), len(final.finished), errors, time.monotonic() - started,
                            int(injections), len(pending), tuple(damaged))
 
 

@@ -254,13 +254,25 @@ def index_list_problem(text: str) -> str | None:
 
 
 def parse_bits(text: str, width: int) -> list[int | str]:
-    """'random' | 'all' | '30' | '0-31' | '23,30' | 'msb:1' (MSB-first, 0 = sign) -> bit specs."""
+    """'random' | 'all' | '30' | '0-31' | '23,30' | 'msb:1' (MSB-first, 0 = sign) -> bit specs;
+    a bit pool 'random:23-30', 'random:23+25+30', 'random:exponent' (trainables.inject.bitpools)
+    is one spec, in canonical text, its numeric bits checked against ``width`` here and its
+    fields per site format by numformats.pool_problems."""
+    from trainables.inject.bitpools import is_pool, parse_pool
+
     out: list[int | str] = []
     for part in _as_list(text):
         low = part.lower()
         try:
-            if low in ("random", "-1"):
-                items: list[int | str] = ["random"]
+            if is_pool(low):
+                pool = parse_pool(low)
+                outside = [b for b in pool.numbers if b >= width]
+                if outside:
+                    raise SpecError(f"bits: bit pool {pool}: bit {outside[0]} is outside a {width}-bit dtype: "
+                                    f"allowed 0..{width - 1} (LSB = 0)")
+                items: list[int | str] = [str(pool)]
+            elif low in ("random", "-1"):
+                items = ["random"]
             elif low == "all":
                 items = list(range(width))
             elif low.startswith("msb:"):
@@ -277,10 +289,13 @@ def parse_bits(text: str, width: int) -> list[int | str]:
                 items = [int(low)]
         except SpecError:
             raise
-        except ValueError:
-            raise SpecError(f"bits: cannot read {part!r}: use random, all, 30, 0-31, 23,30 or msb:1") from None
+        except ValueError as exc:
+            if is_pool(low):
+                raise SpecError(f"bits: {exc}") from None
+            raise SpecError(f"bits: cannot read {part!r}: use random, all, 30, 0-31, 23,30, msb:1 or a bit pool "
+                            f"such as random:23-30 or random:exponent") from None
         for bit in items:
-            if bit != "random" and not 0 <= bit < width:
+            if isinstance(bit, int) and not 0 <= bit < width:
                 raise SpecError(f"bits: bit {bit} is outside a {width}-bit dtype: allowed 0..{width - 1} (LSB = 0)")
             if bit not in out:
                 out.append(bit)
@@ -472,6 +487,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
             qparam_bits = []
         fault_bits_for["qparam"], more = fault_dimension(spec.fault, qparam_bits, qparams.WIDTH)
         problems += [p for p in more if p not in problems]
+    problems += [p for p in numformats.pool_problems(spec, fault_bits_for) if p not in problems]  # bit pools' fields, K
     try:
         found = survey(model if spec.quantize else model.to(dtype), shape, dtype,
                        input_dtype=dtype if data.images.is_floating_point() else data.images.dtype)

@@ -26,3 +26,35 @@ def ray_address():
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+_TWO_NODES: dict = {}  # the session's two-node cluster, once started
+
+
+def pytest_collection_finish(session):
+    """Boot the two-node cluster in the background as soon as a selected test needs it, so
+    that it comes up while the tests before it run."""
+    if any("two_nodes" in getattr(item, "fixturenames", ()) for item in session.items):
+        from cluster import start_two_nodes
+
+        _TWO_NODES.update(start_two_nodes())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _TWO_NODES:
+        from cluster import stop
+
+        stop(_TWO_NODES["processes"], _TWO_NODES["temps"])
+        for temp in _TWO_NODES["temps"]:
+            shutil.rmtree(temp, ignore_errors=True)
+        _TWO_NODES.clear()
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """A head node (with the job API) and a second node, 1 CPU each, both alive (tests/cluster.py)."""
+    from cluster import start_two_nodes, wait_two_nodes
+
+    if not _TWO_NODES:
+        _TWO_NODES.update(start_two_nodes())
+    return wait_two_nodes(_TWO_NODES)

@@ -1,6 +1,5 @@
 """Campaigns on a real local Ray cluster: results equal the engine's, GPU placement,
 worker-crash retries, resume after SIGKILL / Ctrl-C of the driver."""
-import dataclasses
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ import pytest
 
 import analysis
 from analysis import report
+from campaign import cli
 from campaign.cli import _finish
 from campaign.runner import run_campaign, spec_from_directory
 from campaign.spec import CampaignSpec
@@ -100,12 +100,12 @@ def test_fractional_gpus_run_four_trials_at_a_time_on_their_assigned_devices(ray
 
 
 def test_crashed_workers_are_retried_and_results_unchanged(reference, tmp_path):
-    """Four of the reference's trials (same seed and keys: site 5, neuron and weight), each of whose first worker dies."""
+    """Two of the reference's trials (same seed and keys: neuron site 5, both bit specs), each of whose first worker dies."""
     crash_dir = tmp_path / "crashes"
     crash_dir.mkdir()
-    spec = CampaignSpec(**{**SMALL, "layers": "5"}, out=str(tmp_path), name="crashy", max_failures=2)
+    spec = CampaignSpec(**{**SMALL, "layers": "5", "sites": ("neuron",)}, out=str(tmp_path), name="crashy", max_failures=2)
     outcome = run_campaign(spec, _crash_once_dir=str(crash_dir))
-    assert outcome.complete and outcome.errored == 0 and outcome.total == 2 * (1 + 1)
+    assert outcome.complete and outcome.errored == 0 and outcome.total == 2
     crashed = sorted(p.name for p in crash_dir.iterdir())
     assert len(crashed) == outcome.total  # every trial's first worker died
     for a, b in zip(result_frames(reference.directory), result_frames(outcome.directory)):
@@ -114,46 +114,64 @@ def test_crashed_workers_are_retried_and_results_unchanged(reference, tmp_path):
         pd.testing.assert_frame_equal(subset, b)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])  # SIGTERM: test_cli
-def test_resume_after_the_driver_is_stopped_equals_an_uninterrupted_run(reference, ray_address, tmp_path, sig):
-    spec = dataclasses.replace(CampaignSpec(**SMALL), max_concurrent=1)
-    args = [sys.executable, "-m", "campaign", "run", "--model", spec.model, "--weights", "none", "--images", "600",
-            "--layers", SMALL["layers"], "--bits", SMALL["bits"], "--report-every", "256", "--record", "all",
-            "--max-concurrent", "1", "--address", ray_address, "--out", str(tmp_path), "--name", "stopped"]
+@pytest.fixture(scope="module")
+def stopped(reference, ray_address, tmp_path_factory):
+    """Two drivers of the SMALL campaign (one trial at a time each) run at once as
+    subprocesses joining the session's cluster; once 3 trials of a driver have finished, it
+    gets its signal: SIGKILL or SIGINT. Returns {signal: (campaign directory, output, exit code, trials done then)}."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    parts = tmp_path / "stopped" / "parts" / "trials"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 3:
+    running = {}
+    for sig in (signal.SIGKILL, signal.SIGINT):
+        out = tmp_path_factory.mktemp(sig.name)
+        args = [sys.executable, "-m", "campaign", "run", "--model", SMALL["model"], "--weights", "none", "--images", "600",
+                "--layers", SMALL["layers"], "--bits", SMALL["bits"], "--report-every", "256", "--record", "all",
+                "--max-concurrent", "1", "--address", ray_address, "--out", str(out), "--name", "stopped"]
+        driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        running[sig] = (out / "stopped", driver)
+    done_then = {}
+    deadline = time.monotonic() + 180
+    while len(done_then) < len(running) and time.monotonic() < deadline:
+        for sig, (directory, driver) in running.items():
+            if sig not in done_then and len(list((directory / "parts" / "trials").glob("*.parquet"))) >= 3:
+                driver.send_signal(sig)
+                done_then[sig] = None
         time.sleep(0.2)
-    driver.send_signal(sig)
-    output = driver.communicate(timeout=120)[0].decode()
-    done_when_stopped = len(list(parts.glob("*.parquet")))
+    results = {}
+    for sig, (directory, driver) in running.items():
+        if sig not in done_then:
+            driver.kill()
+        output = driver.communicate(timeout=120)[0].decode()
+        results[sig] = (directory, output, driver.returncode, len(list((directory / "parts" / "trials").glob("*.parquet"))))
+    return results
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])  # SIGTERM: test_cli
+def test_resume_after_the_driver_is_stopped_equals_an_uninterrupted_run(reference, stopped, sig):
+    directory, output, returncode, done_when_stopped = stopped[sig]
     assert 3 <= done_when_stopped < reference.total, output
     if sig != signal.SIGKILL:  # our resume hint only: no Tune restore advice, no worker tracebacks, no C stack
-        assert driver.returncode == 128 + sig, output
-        assert output.rstrip().endswith(f"interrupted: run `python -m campaign resume {tmp_path / 'stopped'}` to finish the campaign")
+        assert returncode == 128 + sig, output
+        assert output.rstrip().endswith(f"interrupted: run `python -m campaign resume {directory}` to finish the campaign")
         for noise in ("Tuner.restore", "FileNotFoundError", "Traceback", "SIGTERM received", "WARNING"):
             assert noise not in output, output
-    outcome = run_campaign(spec_from_directory(tmp_path / "stopped"))
+    outcome = run_campaign(spec_from_directory(directory))
     assert outcome.complete, outcome
     for a, b in zip(result_frames(reference.directory), result_frames(outcome.directory)):
         pd.testing.assert_frame_equal(a, b)
 
 
-def test_report_command_writes_tables_csv_and_plots(reference, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "campaign", "report", str(reference.directory), "--out", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+def test_report_command_writes_tables_csv_and_plots(reference, tmp_path, capsys):
+    assert cli.main(["report", str(reference.directory), "--out", str(tmp_path)]) == 0
+    result = capsys.readouterr()
     trials = pd.read_parquet(reference.directory / "trials.parquet")
     row = trials[(trials["kind"] == "neuron") & (trials["site_index"] == 5) & (trials["bit"] == 30)].iloc[0]
     expected = f"Layer #5: {row['mismatches']} / {row['golden_correct']} = {100 * row['misclassification_rate']:.4f}%, Conv2d"
-    assert expected in result.stdout
+    assert expected in result.out
     for name in ("per_site.csv", "per_bit.csv", "per_type.csv", "per_site.png", "site_by_bit.png", "per_bit.png"):
         assert (tmp_path / name).stat().st_size > 200, name
     assert (tmp_path / "per_site.png").read_bytes()[:4] == b"\x89PNG"
-    assert "masked %" in result.stdout and "SDC %" in result.stdout and "failure %" in result.stdout
-    assert "PARTIAL" not in result.stdout
+    assert "masked %" in result.out and "SDC %" in result.out and "failure %" in result.out
+    assert "PARTIAL" not in result.out
     assert list(tmp_path.glob("seed_layout*.csv"))
 
 

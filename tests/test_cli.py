@@ -1,35 +1,40 @@
-"""The inspection commands as a user types them."""
-import subprocess
-import sys
+"""The inspection commands as a user types them (in this process: `python -m campaign` as a
+separate process is checked by tests/test_spec.py)."""
 from pathlib import Path
+
+from campaign import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def campaign(*args):
-    return subprocess.run([sys.executable, "-m", "campaign", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def campaign(capsys, *args) -> tuple[int, str, str]:
+    """``python -m campaign <args>``: exit code, stdout, stderr."""
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_eval_prints_the_readme_accuracy_of_the_demo_model():
-    result = campaign("eval", "--model", "demo:vgg")
-    assert result.returncode == 0, result.stderr
-    assert "91.78% (9178/10000)" in result.stdout
+def test_eval_prints_the_readme_accuracy_of_the_demo_model(capsys):
+    code, out, err = campaign(capsys, "eval", "--model", "demo:vgg")
+    assert code == 0, err
+    assert "91.78% (9178/10000)" in out
     assert "91.78%" in (ROOT / "README.md").read_text()
 
 
-def test_layers_prints_the_site_table_with_reused_relu_calls():
-    result = campaign("layers", "--model", "demo:resnet", "--weights", "none")
-    assert result.returncode == 0, result.stderr
-    assert "28 neuron sites, 19 weight sites" in result.stdout
-    rows = [line.split() for line in result.stdout.splitlines() if line.strip().endswith("layer1.relu")]
+def test_layers_prints_the_site_table_with_reused_relu_calls(capsys):
+    code, out, err = campaign(capsys, "layers", "--model", "demo:resnet", "--weights", "none")
+    assert code == 0, err
+    assert "28 neuron sites, 19 weight sites" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().endswith("layer1.relu")]
     assert [(r[0], r[1], r[2]) for r in rows] == [("6", "ReLU", "0"), ("9", "ReLU", "1")]
 
 
-def test_bad_model_and_missing_weights_file_fail_cleanly():
-    result = campaign("eval", "--model", "demo:alexnet")
-    assert result.returncode == 2 and result.stderr.startswith("error:") and "demo:vgg" in result.stderr
-    result = campaign("layers", "--model", "torchvision:resnet18", "--weights", "/nonexistent.pt", "--dataset", "synthetic:3x32x32:10:8")
-    assert result.returncode == 2 and "/nonexistent.pt" in result.stderr
+def test_bad_model_and_missing_weights_file_fail_cleanly(capsys):
+    code, _, err = campaign(capsys, "eval", "--model", "demo:alexnet")
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "demo:vgg" in err
+    code, _, err = campaign(capsys, "layers", "--model", "torchvision:resnet18", "--weights", "/nonexistent.pt",
+                            "--dataset", "synthetic:3x32x32:10:8")
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "/nonexistent.pt" in err
 
 
 def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
@@ -37,8 +42,6 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
     run, stop and resume test_campaign checks), exit code 128 + 15 and the resume hint only.
     The handler is called directly: a real SIGTERM would reach the in-process Ray driver too."""
     import signal
-
-    from campaign import cli
 
     def stopped_run(args):
         interrupt = KeyboardInterrupt()

@@ -22,7 +22,8 @@ from torch import nn
 
 from analysis import report
 from campaign import cli, processes
-from campaign.runner import _NOTICE_FILTER, Progress, record_spec, run_campaign, settings_for, spec_from_directory
+from campaign.runner import (_NOTICE_FILTER, Progress, TrialFolders, _DropMetricsNotice, record_spec, run_campaign,
+                             settings_for, spec_from_directory)
 from campaign.spec import CampaignSpec, SpecError, resolve
 from trainables import results as R
 from trainables.inject import engine
@@ -112,6 +113,25 @@ def test_trial_files_are_committed_and_damage_is_found_with_its_reason(tmp_path)
     for key in (a, b, c):
         R.discard_trial(tmp_path, key)
     assert list((tmp_path / "faults").iterdir()) == [] and R.check_trials(tmp_path).damaged == {}
+
+
+def test_aggregate_reads_each_part_once_and_writes_the_same_files_as_check_then_read(tmp_path, monkeypatch):
+    points = [TrialPoint("neuron", 1, 30, 1), TrialPoint("weight", 1, 30, 1)]
+    for point in points:
+        run_trial(_settings(tmp_path), point)
+    keys = sorted(p.key for p in points)
+    R.aggregate(tmp_path, keys=R.check_trials(tmp_path).finished)  # check, then read the parts again
+    separate = {name: (tmp_path / name).read_bytes() for name in (R.TRIALS_FILE, R.BITS_FILE)}
+    reads = []
+    for name in ("read_bytes", "read_table"):
+        real = getattr(R.storage, name)
+        monkeypatch.setattr(R.storage, name, lambda loc, real=real, **kw: reads.append(
+            Path(loc).relative_to(tmp_path).as_posix()) or real(loc, **kw))
+    state, trials = R.check_and_aggregate(tmp_path)
+    assert state.finished == set(keys) and trials.column("trial_key").to_pylist() == [points[0].key, points[1].key]
+    assert sorted(reads) == sorted(f"{folder}/{key}.{ext}" for key in keys for folder, ext in
+                                   (("parts/done", "json"), ("parts/trials", "parquet"), ("parts/bits", "parquet")))
+    assert {name: (tmp_path / name).read_bytes() for name in (R.TRIALS_FILE, R.BITS_FILE)} == separate
 
 
 def test_report_on_a_partial_campaign_says_it_is_partial(tmp_path):
@@ -264,6 +284,26 @@ def test_progress_shows_no_eta_before_a_trial_finished(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "ETA" not in lines[0] and lines[0].startswith("[campaign] 1/4 trials, ")
     assert lines[1].startswith("[campaign] 2/4 trials, ") and ", ETA 00:" in lines[1]
+
+
+def test_tune_metrics_notice_is_dropped_and_finished_trials_leave_no_empty_folder(tmp_path):
+    def record(message):
+        return logging.LogRecord("ray.tune.analysis.experiment_analysis", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _DropMetricsNotice().filter(record("Failed to fetch metrics for 3 trial(s):\n- f_1: FileNotFoundError(...)"))
+    assert _DropMetricsNotice().filter(record("No checkpoints have been found for trial f_1."))
+
+    class Trial:
+        def __init__(self, local_path):
+            self.local_path = local_path
+
+    empty, errored = tmp_path / "a", tmp_path / "b"
+    empty.mkdir()
+    errored.mkdir()
+    (errored / "error.txt").write_text("Traceback ...")
+    for trial in (Trial(str(empty)), Trial(str(errored)), Trial(str(tmp_path / "gone")), Trial(None)):
+        TrialFolders().on_trial_complete(0, [], trial)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and (errored / "error.txt").exists()
 
 
 def test_ray_token_notice_is_dropped_but_its_security_warnings_are_not():

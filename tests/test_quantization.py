@@ -440,3 +440,66 @@ def test_qparam_campaign_plans_32_bit_trials_and_rows_record_the_kind(tmp_path):
            ("qparam", "features.4.scale", None, 32)
     assert row["trial_key"] == "qparam-s0006-b30-seed1" and row["images"] == row["effective"] == 64
     assert (row["changed"], row["mismatches"]) == (57, 52)  # a 2**128-fold output scale: most predictions change
+
+
+def test_qparam_bit_pools_resolve_per_site_scales_float32_zero_points_int32(int8_bench):
+    from campaign.spec import CampaignSpec, SpecError, resolve
+    from trainables.inject.faults import parse_bit_spec
+
+    scale, zero_point = int8_bench.site("qparam", 0), int8_bench.site("qparam", 1)  # features.0.scale, .zero_point
+    assert (scale.name, zero_point.name) == ("features.0.scale", "features.0.zero_point")
+    exponent = parse_bit_spec("random:exponent")
+    out = engine.run_faults(int8_bench, scale, "qparam", exponent, seed=2, images_per_weight_fault=2, record="all")
+    assert set(out.records.bit.tolist()) == set(range(23, 31))  # float32 exponent bits, each group's fault
+    with pytest.raises(ValueError, match=r"int32 \(zero points\) has no exponent field") as err:
+        engine.run_faults(int8_bench, zero_point, "qparam", exponent, seed=2)
+    assert "\n" not in str(err.value)
+    magnitude = engine.run_faults(int8_bench, zero_point, "qparam", parse_bit_spec("random:magnitude"), seed=2,
+                                  images_per_weight_fault=8, record="all")
+    from trainables.inject import fault_models
+
+    drawn = fault_models.sample(2, "qparam", 1, parse_bit_spec("random:0-30"), 32, 1, 0, N // 8)  # magnitude = bits 30-0
+    assert magnitude.records.bit[::8].tolist() == drawn.bits.tolist() and max(drawn.bits) <= 30
+    codes = engine.run_faults(int8_bench, int8_bench.site("neuron", 1), "neuron", parse_bit_spec("random:magnitude"), seed=2,
+                              record="all")
+    assert set(codes.records.bit.tolist()) == set(range(8))  # quint8 codes: 8 magnitude bits, no sign
+    with pytest.raises(SpecError, match=r"^bits: bit pool random:exponent: int32 \(zero points\) has no exponent field .* "
+                                        r"\(qparam sites\)$"):
+        resolve(CampaignSpec(quantize="int8", sites=("qparam",), bits="random:exponent", layers="1", images=8))
+    with pytest.raises(SpecError, match=r"^bits: bit pool random:sign: uint8 \(quint8 activation codes\) has no sign field "
+                                        r".* \(neuron sites\)$"):
+        resolve(CampaignSpec(quantize="int8", sites=("neuron", "weight"), bits="random:sign", layers="1", images=8))
+    plan = resolve(CampaignSpec(quantize="int8", sites=("qparam",), bits="random:23-30", layers="1", images=8, seeds=(1,)))
+    assert [t.bit for t in plan.trials] == ["random:23-30"] * 4
+
+
+def test_per_bit_tables_read_qparam_zero_points_as_int32_and_scales_as_float32():
+    import pandas as pd
+
+    from analysis import tables
+
+    rows = []
+    for site, name, bit, mismatches in ((0, "features.0.scale", 30, 9), (0, "features.0.scale", 31, 1),
+                                        (0, "features.0.scale", 3, 0), (1, "features.0.zero_point", 30, 2),
+                                        (1, "features.0.zero_point", 31, 5), (3, "features.0.weight_zero_point", 30, 4),
+                                        (8, "layer1_relu_scale_0", 2, 0), (9, "layer1_relu_zero_point_0", 2, 1)):
+        rows.append(dict(model="demo:resnet", dataset="fashion-mnist", mode="int8", kind="qparam", site_index=site,
+                         site_name=name, site_type="ConvReLU2d", trial_key=f"qparam-s{site:04d}-brandom-seed1",
+                         bit_spec="random", bit=bit, images=10, golden_correct=10, mismatches=mismatches,
+                         changed=mismatches, nonfinite=0))
+    frame = pd.DataFrame(rows)
+    assert tables.row_formats(frame) == ["fp32"] * 3 + ["int32"] * 3 + ["fp32", "int32"]
+    fields = tables.per_bit_field(frame)
+    got = [(r.element_format, r.field, r.bit_range, r.width, r.images, r.mismatches) for r in fields.itertuples()]
+    assert got == [("fp32", "sign", "31", 1, 10, 1), ("fp32", "exponent", "30-23", 8, 10, 9),
+                   ("fp32", "mantissa", "22-0", 23, 20, 0),  # scales: bit 3 and the functional op's bit 2
+                   ("int32", "sign", "31", 1, 10, 5), ("int32", "magnitude", "30-0", 31, 30, 7)]  # never pooled with scales
+    bits = tables.per_bit(frame)
+    assert [(r.element_format, r.bit, r.field, r.mismatches) for r in bits.itertuples()] == [
+        ("fp32", 2, "mantissa", 0), ("fp32", 3, "mantissa", 0), ("fp32", 30, "exponent", 9), ("fp32", 31, "sign", 1),
+        ("int32", 2, "magnitude", 1), ("int32", 30, "magnitude", 6), ("int32", 31, "sign", 5)]
+    assert [tables.group_title(i, r) for i, r in tables.groups(bits)] == [
+        "demo:resnet / fashion-mnist / int8 / qparam faults (float32 scales; bit: random)",
+        "demo:resnet / fashion-mnist / int8 / qparam faults (int32 zero points; bit: random)"]
+    neuron = frame.assign(kind="neuron", site_name="features.0")  # other kinds: today's columns, no element_format
+    assert "element_format" not in tables.per_bit(neuron.assign(bit=[7, 6, 5, 4, 3, 2, 1, 0])).columns

@@ -1,26 +1,23 @@
 """Campaign results on object storage (issue 12), against a real S3 API on loopback: moto's
 standalone server, started here as its own process (IAM authentication on, so credentials
-are checked) and stopped by its PID. The storage probe runs on a two-node Ray cluster on
-this machine, which boots in the background while the first tests run."""
+are checked) and stopped by its PID. The storage probe and the jobs run on the session's two-node Ray
+cluster on this machine (tests/cluster.py)."""
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_cluster import BIN, free_port, processes_mentioning
+from cluster import BIN, free_port, processes_mentioning, stop, submit
 
 import analysis
 from campaign import cli
@@ -58,22 +55,6 @@ def aws(s3: dict) -> dict:
 def assert_same_results(a, b) -> None:
     for x, y in zip(frames(a), frames(b)):
         pd.testing.assert_frame_equal(x, y)
-
-
-def _stop(processes: list[subprocess.Popen], markers: list[str] = ()) -> None:
-    """Stop the process groups we started and, by their unique temp dirs, what they spawned:
-    SIGTERM, then SIGKILL to whatever is left a few seconds later."""
-    for sig, grace_s in ((signal.SIGTERM, 1), (signal.SIGKILL, 10)):
-        pids = [pid for marker in markers for pid in processes_mentioning(marker)]
-        for send, pid in [(os.killpg, p.pid) for p in processes] + [(os.kill, pid) for pid in pids]:
-            try:
-                send(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (any(p.poll() is None for p in processes)
-                                               or any(processes_mentioning(m) for m in markers)):
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -118,86 +99,16 @@ def s3(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        _stop([server])
+        stop([server])
         log.close()
 
 
 @pytest.fixture(scope="module")
-def two_nodes_booting(tmp_path_factory):
-    """A head node (with the job API) and a second node that joins it, each with its own temp
-    dir and 1 CPU, started without any AWS_* variable; yields at once (see ``two_nodes``)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    temps = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rayh", "rayw")]
-    port, dashboard = free_port(), free_port()
-    agents = lambda: [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",  # noqa: E731
-                      f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
-    common = ["--block", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", *common, "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", f"--temp-dir={temps[0]}",
-         f"--ray-client-server-port={free_port()}", *agents()],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    nodes = [head]
-    log = tmp_path_factory.mktemp("second-node") / "ray-start.log"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the second node needs the head's GCS up
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        nodes.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common, f"--temp-dir={temps[1]}", *agents()],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "log": log}
-    finally:
-        _stop(nodes, temps)
-        for temp in temps:
-            shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def two_nodes(two_nodes_booting):
-    """The two-node cluster once both nodes are alive; adds their ids (head first)."""
-    deadline = time.monotonic() + 180
-    alive = []
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{two_nodes_booting['dashboard']}/api/v0/nodes", timeout=10) as response:
-                rows = json.load(response)["data"]["result"]["result"]
-            alive = sorted((not n["is_head_node"], n["node_id"], n["node_ip"]) for n in rows if n["state"] == "ALIVE")
-        except (OSError, ValueError, KeyError):
-            pass
-        if len(alive) == 2:
-            return {**two_nodes_booting, "head_id": alive[0][1], "worker_id": alive[1][1], "worker_ip": alive[1][2]}
-        time.sleep(1)
-    raise AssertionError(f"the two-node cluster did not come up: {alive}; second node's log: "
-                         f"{two_nodes_booting['log'].read_text()[-2000:]}")
-
-
-@pytest.fixture(scope="module")
-def reference(ray_address, tmp_path_factory, two_nodes_booting):
-    """The campaign on local disk (the two-node cluster boots meanwhile)."""
+def reference(ray_address, tmp_path_factory):
+    """The campaign on local disk."""
     outcome = run_campaign(CampaignSpec(**SPEC, out=str(tmp_path_factory.mktemp("local")), name="ref"))
     assert outcome.complete and outcome.finished == TRIALS
     return outcome.directory
-
-
-def submit(two_nodes, s3, *command: str, wait: bool = True) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir <checkout>` to the two-node cluster, with the AWS_*
-    variables in the job's runtime env (the nodes were started without them)."""
-    args = [str(BIN / "ray"), "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(ROOT),
-            "--runtime-env-json", json.dumps({"env_vars": aws(s3)}), *([] if wait else ["--no-wait"]), "--",
-            "python", "-m", "campaign", *command]
-    deadline = time.monotonic() + 90
-    while True:  # the dashboard's job API comes up a few seconds after the head node
-        result = subprocess.run(args, cwd=ROOT, env=two_nodes["env"], capture_output=True, text=True, timeout=600)
-        not_up_yet = any(text in result.stderr + result.stdout for text in ("Connection", "try again later"))
-        if result.returncode == 0 or not not_up_yet or time.monotonic() > deadline:
-            return result
-        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +118,8 @@ def resumed(s3, reference, two_nodes):
     s3://campaigns/runs/killed --address <the cluster>` from here, a driver that hands its
     AWS_* variables to the workers it starts."""
     uri = f"s3://{BUCKET}/runs/killed"
-    first = submit(two_nodes, s3, "run", *ARGS, "--max-concurrent", "1", "--out", f"s3://{BUCKET}/runs", "--name", "killed",
-                   wait=False)
+    first = submit(two_nodes, "run", *ARGS, "--max-concurrent", "1", "--out", f"s3://{BUCKET}/runs", "--name", "killed",
+                   env_vars=aws(s3), wait=False)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     done = storage.join(uri, "parts", "done")
     deadline = time.monotonic() + 240

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainables import storage
+from trainables.inject.bitpools import key_text
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"bitflip.schema_version"
@@ -155,9 +156,10 @@ TRIALS_FILE, BITS_FILE, FAULTS_DIR, PARTS_DIR, SPEC_FILE = "trials.parquet", "bi
 
 def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int, fault: str = "flip") -> str:
     """Stable file-name key of one trial, e.g. 'neuron-s0005-b23-seed17' or '...-brandom-...';
-    a fault model other than flip is appended ('...-seed17-burst2'), so flip keys never change."""
+    a fault model other than flip is appended ('...-seed17-burst2'), so flip keys never change;
+    a bit pool reads '...-brandom23-30-...' (trainables.inject.bitpools.key_text)."""
     suffix = "" if fault in (None, "flip") else "-" + str(fault).replace(":", "")
-    return f"{kind}-s{int(site_index):04d}-b{bit_spec}-seed{int(seed)}{suffix}"
+    return f"{kind}-s{int(site_index):04d}-b{key_text(bit_spec)}-seed{int(seed)}{suffix}"
 
 def atomic_write_bytes(data: bytes, path: Path | str) -> None:
     """Write ``data`` to ``path`` (a local path or a URI) whole: through a temporary file and
@@ -219,16 +221,21 @@ def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable
     key = trial_row["trial_key"]
     storage.delete(marker_path(campaign_dir, key))  # uncommitted while its files change
     paths = _trial_files(key)
-    files = {}
-    if fault_columns is not None and len(fault_columns["image"]):
-        files[paths["faults"]] = atomic_write_table(table_from_columns(fault_columns, FAULT_SCHEMA),
-                                                    storage.join(campaign_dir, paths["faults"]))
-    else:
-        storage.delete(storage.join(campaign_dir, paths["faults"]))
-    files[paths["bits"]] = atomic_write_table(table_from_rows(bit_rows, BIT_SCHEMA), storage.join(campaign_dir, paths["bits"]))
-    files[paths["trial"]] = atomic_write_table(table_from_rows([trial_row], TRIAL_SCHEMA),
-                                               storage.join(campaign_dir, paths["trial"]))
-    commit_trial(campaign_dir, key, files)
+    faults = (table_from_columns(fault_columns, FAULT_SCHEMA)
+              if fault_columns is not None and len(fault_columns["image"]) else None)
+    tables = [(paths["faults"], faults), (paths["bits"], table_from_rows(bit_rows, BIT_SCHEMA)),
+              (paths["trial"], table_from_rows([trial_row], TRIAL_SCHEMA))]
+
+    def put(item: tuple[str, pa.Table | None]) -> dict | None:
+        name, table = item
+        if table is None:  # no faults recorded: none may stay from an earlier run of this trial
+            storage.delete(storage.join(campaign_dir, name))
+            return None
+        return atomic_write_table(table, storage.join(campaign_dir, name))
+
+    # on an object store the three requests run at once (each waits on the network); the marker commits them
+    written = storage.map_io(put, tables, campaign_dir)
+    commit_trial(campaign_dir, key, {name: entry for (name, _), entry in zip(tables, written) if entry is not None})
 
 
 def commit_trial(campaign_dir: str | Path, key: str, files: Mapping[str, Mapping]) -> None:
@@ -245,26 +252,39 @@ class TrialCheck:
     damaged: dict[str, str]
 
 
-def _file_problem(path: Path | str, expected: Mapping) -> str | None:
-    """Why ``path`` does not match its marker entry, or None when it does."""
-    if storage.is_uri(path):  # one GET per object: its size and content at once
+def _file_problem(path: Path | str, expected: Mapping, keep: list | None = None) -> str | None:
+    """Why ``path`` does not match its marker entry, or None when it does (then its bytes
+    are appended to ``keep``, if given: a caller that needs the content reads it once)."""
+    if storage.is_uri(path) or (keep is not None and storage.is_file(path)):  # one read: size and content at once
         try:
             data = storage.read_bytes(path)
         except FileNotFoundError:
             return "missing"
         size, digest = len(data), lambda: hashlib.sha256(data).hexdigest()
     else:
-        size, digest = storage.file_size(path), lambda: storage.sha256(path)
+        data, size, digest = None, storage.file_size(path), lambda: storage.sha256(path)
     if size is None:
         return "missing"
     if size != expected.get("size"):
         return f"{size} bytes, {expected.get('size')} committed"
-    return None if digest() == expected.get("sha256") else "content differs from the committed SHA-256"
+    if digest() != expected.get("sha256"):
+        return "content differs from the committed SHA-256"
+    if keep is not None and data is not None:
+        keep.append(data)
+    return None
 
 
-def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> TrialCheck:
+def _part_schema(name: str) -> pa.Schema | None:
+    """The schema of a trial's part file that aggregate gathers (by its relative path), else None."""
+    role = name.split("/")[1] if name.startswith(f"{PARTS_DIR}/") and name.count("/") == 2 else None
+    return {"trials": TRIAL_SCHEMA, "bits": BIT_SCHEMA}.get(role)
+
+
+def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
+                 tables: dict[str, pa.Table] | None = None) -> TrialCheck:
     """Verify the commit markers (of ``keys``, or all): a trial is finished when its marker
-    is readable and every file it lists has the committed size and SHA-256."""
+    is readable and every file it lists has the committed size and SHA-256. ``tables``, if
+    given, receives the finished trials' trial and bits parts as read (by relative path)."""
     campaign_dir = _campaign_location(campaign_dir)
     folder = storage.join(campaign_dir, PARTS_DIR, DONE_DIR)
     markers = {n[: -len(".json")]: storage.join(folder, n) for n in storage.list_names(folder, ".json")}
@@ -273,21 +293,32 @@ def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None) ->
         markers = {k: p for k, p in markers.items() if k in wanted}
     finished, damaged = set(), {}
 
-    def marker_problems(item: tuple[str, Path | str]) -> list[str]:
+    def marker_problems(item: tuple[str, Path | str]) -> tuple[list[str], dict[str, pa.Table]]:
         key, path = item
+        kept: dict[str, list] = {}
         try:
             files = json.loads(storage.read_bytes(path))["files"]
-            return [f"{name} {why}" for name, expected in sorted(files.items())
-                    if (why := _file_problem(storage.join(campaign_dir, name), expected)) is not None]
+            problems = []
+            for name, expected in sorted(files.items()):
+                keep = kept.setdefault(name, []) if tables is not None and _part_schema(name) else None
+                why = _file_problem(storage.join(campaign_dir, name), expected, keep)
+                if why is not None:
+                    problems.append(f"{name} {why}")
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
-            return [f"{PARTS_DIR}/{DONE_DIR}/{key}.json unreadable"]
+            return [f"{PARTS_DIR}/{DONE_DIR}/{key}.json unreadable"], {}
+        if problems:
+            return problems, {}
+        return [], {name: pq.read_table(pa.BufferReader(data[0]), schema=_part_schema(name))
+                    for name, data in kept.items() if data}
 
     items = sorted(markers.items())
-    for (key, _), problems in zip(items, storage.map_io(marker_problems, items, campaign_dir)):
+    for (key, _), (problems, read) in zip(items, storage.map_io(marker_problems, items, campaign_dir)):
         if problems:
             damaged[key] = "; ".join(problems)
         else:
             finished.add(key)
+            if tables is not None:
+                tables.update(read)
     return TrialCheck(frozenset(finished), damaged)
 
 
@@ -323,24 +354,44 @@ def rename_campaign(campaign_dir: str | Path, name: str) -> int:
         changed += 1
     return changed
 
-def _concat_parts(folder: Path | str, schema: pa.Schema, keys: set[str] | None) -> pa.Table:
+def _concat_parts(campaign_dir: Path | str, role: str, schema: pa.Schema, keys: set[str] | None,
+                  read: Mapping[str, pa.Table] | None = None) -> pa.Table:
+    """The ``role`` parts (trials or bits) of ``keys``, concatenated; those in ``read`` (by
+    relative path) were read already."""
+    folder, read = storage.join(campaign_dir, PARTS_DIR, role), read or {}
     names = [n for n in storage.list_names(folder, ".parquet") if keys is None or n[: -len(".parquet")] in keys]
-    tables = storage.map_io(lambda n: storage.read_table(storage.join(folder, n), schema=schema), names, folder)
+
+    def part(n: str) -> pa.Table:
+        name = f"{PARTS_DIR}/{role}/{n}"
+        return read[name] if name in read else storage.read_table(storage.join(folder, n), schema=schema)
+
+    tables = storage.map_io(part, names, folder)
     return pa.concat_tables(tables).replace_schema_metadata(schema.metadata) if tables else schema.empty_table()
 
-def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> pa.Table:
+def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
+              _read: Mapping[str, pa.Table] | None = None) -> pa.Table:
     """Gather finished trials (``keys``, default: every committed and intact trial) into trials.parquet and bits.parquet,
     sorted by kind, site, bit spec and seed. Returns the trials table."""
     campaign_dir = _campaign_location(campaign_dir)
-    wanted = set(keys) if keys is not None else finished_keys(campaign_dir)
-    trials = _concat_parts(storage.join(campaign_dir, PARTS_DIR, "trials"), TRIAL_SCHEMA, wanted)
+    if keys is None:
+        return check_and_aggregate(campaign_dir)[1]
+    wanted = set(keys)
+    trials = _concat_parts(campaign_dir, "trials", TRIAL_SCHEMA, wanted, _read)
     trials = trials.sort_by([("kind", "ascending"), ("site_index", "ascending"), ("bit", "ascending"), ("seed", "ascending")])
     done = set(trials.column("trial_key").to_pylist())
-    bits = _concat_parts(storage.join(campaign_dir, PARTS_DIR, "bits"), BIT_SCHEMA, done)
+    bits = _concat_parts(campaign_dir, "bits", BIT_SCHEMA, done, _read)
     bits = bits.sort_by([("trial_key", "ascending"), ("bit", "ascending")])
     atomic_write_table(trials, storage.join(campaign_dir, TRIALS_FILE))
     atomic_write_table(bits, storage.join(campaign_dir, BITS_FILE))
     return trials
+
+
+def check_and_aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> tuple[TrialCheck, pa.Table]:
+    """``check_trials`` (of ``keys``, or all), then ``aggregate`` of the finished ones, reading
+    each part file once (on an object store every read is a request)."""
+    read: dict[str, pa.Table] = {}
+    state = check_trials(campaign_dir, keys, tables=read)
+    return state, aggregate(campaign_dir, state.finished, _read=read)
 
 def write_spec(campaign_dir: str | Path, spec: Mapping) -> None:
     """Write spec.json atomically, stamped with the schema version."""

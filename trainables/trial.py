@@ -159,7 +159,7 @@ def run_trial(
         "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
         "site_name": site.name, "site_call": None if point.kind in ("param", "qparam") else site.call, "site_type": site.module_type,
         "site_output_index": getattr(site, "output_index", None), "bit_spec": str(bit),
-        "bit": -1 if bit == "random" else bit, "seed": point.seed,
+        "bit": bit if isinstance(bit, int) else -1, "seed": point.seed,  # -1: random bit or a bit pool
         "images_per_weight_fault": settings.images_per_weight_fault if point.kind != "neuron" else None,
         "batch_size": settings.batch_size, "images": counts.images, "golden_correct": counts.golden_correct,
         "mismatches": counts.mismatches, "changed": counts.total("changed"), "nonfinite": counts.total("nonfinite"),

@@ -32,6 +32,7 @@ from trainables.inject import fault_models
 from trainables.inject import formats
 from trainables.inject import qparams
 from trainables.inject.bitflip import INT_VIEW, apply_fault
+from trainables.inject.bitpools import BitPool
 from trainables.inject.fault_models import FaultModel
 from trainables.inject.faults import BitSpec, FaultList
 from trainables.inject.sites import (
@@ -130,10 +131,29 @@ class Workbench:
     def width_for(self, kind: str) -> int:
         return formats.width(self.dtype_for(kind))
 
+    def bit_layout(self, kind: str, site=None) -> str:
+        """The element format (a bitpools.LAYOUTS name) a ``kind`` fault at ``site`` edits:
+        a qparam site's scales are float32 words, its zero points int32."""
+        if kind == "qparam":
+            return "fp32" if getattr(site, "is_scale", True) else "int32"
+        return formats.layout_name(self.dtype_for(kind))
+
+    def resolve_bit(self, kind: str, bit: BitSpec, site=None) -> BitSpec:
+        """``bit`` with a bit pool resolved to the bits of the elements a ``kind`` fault at
+        ``site`` edits (fields per format); without a site, a qparam pool must fit scales and
+        zero points alike. Other bit specs as given."""
+        if not isinstance(bit, BitPool):
+            return bit
+        if kind == "qparam" and site is None:
+            bit.resolve("int32", qparams.WIDTH)
+        return bit.resolve(self.bit_layout(kind, site), self.width_for(kind))
+
     def check_fault(self, kind: str, bit: BitSpec, fault: FaultModel | str) -> FaultModel:
         """The parsed fault model, once ``bit`` and ``fault`` fit the elements ``kind`` faults
         edit (8-bit int8/fp8, 32-bit qparams, else the mode's width); one ValueError line otherwise."""
-        if bit != "random":
+        if isinstance(bit, BitPool):
+            bit = bit if bit.bits is not None else self.resolve_bit(kind, bit)
+        elif bit != "random":
             qparams.check_bit(bit) if kind == "qparam" else formats.check_bit(bit, self.dtype_for(kind))
         fault = fault_models.parse_fault(fault)
         fault_models.check_fault(fault, self.width_for(kind), bit)
@@ -446,6 +466,7 @@ def run_faults(
     if kind == "qparam" and bench.mode != "int8":
         raise ValueError(f"qparam sites are the scales and zero points of an int8 model; this model's mode is {bench.mode}: "
                          f"use --quantize int8")
+    bit = bench.resolve_bit(kind, bit, site)
     fault = bench.check_fault(kind, bit, fault)
     if record not in RECORD_LEVELS:
         raise ValueError(f"unknown record level {record!r}: use one of {', '.join(RECORD_LEVELS)}")

@@ -4,7 +4,7 @@ element's width, applied as ``new = (raw & keep) ^ toggle`` (bitflip.apply_fault
 | model | bits it targets (mask m) | keep | toggle |
 |---|---|---|---|
 | ``flip`` (default) | the drawn or given bit | all ones (None) | m |
-| ``flip:K`` | K distinct bits; the drawn or given bit is the lowest | all ones | m |
+| ``flip:K`` | K distinct bits (a uniform K-subset of the width or of a bit pool); a given bit is the lowest | all ones | m |
 | ``burst:K`` | K adjacent bits from the drawn or given bit up, clipped to the width | all ones | m |
 | ``stuck0`` / ``stuck1`` | the drawn or given bit, forced to 0 / 1 | ~m | 0 / m |
 | ``random`` | every bit, replaced by random bits | 0 | random word |
@@ -13,7 +13,8 @@ element's width, applied as ``new = (raw & keep) ^ toggle`` (bitflip.apply_fault
 Draws stay counter-based: positions and the first bit come from the same streams as a
 ``flip`` (faults.sample_faults), so every model of one (seed, site) hits the same elements,
 and stuck-at faults the same bits, as the flip. flip:K's further bits and random's words
-come from streams of their own ("bits", "value"), so a ``flip`` never moves.
+come from streams of their own ("bits", "value"), so a ``flip`` never moves. A bit pool
+(``random:<pool>``, trainables.inject.bitpools) draws the bit from the pool on the same streams.
 A fault's "first bit" (its per-bit table index and ``bit`` column) is the lowest bit it
 targets: bit 0 for the whole-element models ``random`` and ``zero``.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainables.inject.bitpools import BitPool
 from trainables.inject.faults import BitSpec, FaultList, random_words, sample_faults, uniform_below
 
 MODEL_NAMES = ("flip", "burst", "stuck0", "stuck1", "random", "zero")
@@ -101,7 +103,12 @@ def check_fault(fault: FaultModel, width: int, bit: BitSpec = "random") -> None:
     if fault.k > min(width, _MAX_K):
         raise ValueError(f"fault model {fault} needs {fault.k} bits but an element has {width}: K must be 1..{min(width, _MAX_K)}")
     if fault.whole_element and bit != "random":
-        raise ValueError(f"fault model {fault} replaces every bit and takes no bit position: use bits 'random', not {bit!r}")
+        raise ValueError(f"fault model {fault} replaces every bit and takes no bit position: use bits 'random', not {str(bit)!r}")
+    if isinstance(bit, BitPool) and fault.name == "flip" and fault.k > 1:
+        pool = bit.bits_for(width)
+        if fault.k > len(pool):
+            raise ValueError(f"fault model {fault} needs {fault.k} distinct bits but bit pool {bit} holds {len(pool)} "
+                             f"in a {width}-bit element: K must be 1..{len(pool)}")
 
 
 def to_signed(masks: np.ndarray, width: int) -> np.ndarray:
@@ -116,14 +123,16 @@ def to_signed(masks: np.ndarray, width: int) -> np.ndarray:
 
 
 def _distinct_bits(seed: int, kind: str, site_index: int, counters: np.ndarray, k: int, width: int,
-                   lowest: int | None) -> np.ndarray:
-    """Per counter, a uint64 mask of k distinct bits drawn uniformly (a partial Fisher-Yates);
-    with ``lowest`` given, that bit plus k-1 distinct bits above it (fewer where too few exist)."""
+                   lowest: int | None, among: tuple[int, ...] | None = None) -> np.ndarray:
+    """Per counter, a uint64 mask of k distinct bits drawn uniformly (a partial Fisher-Yates: a
+    uniform k-subset) of the width, or of the bits ``among`` (a bit pool); with ``lowest``
+    given, that bit plus k-1 distinct bits above it (fewer where too few exist)."""
     n = len(counters)
     base = 0 if lowest is None else lowest + 1
-    pool = width - base
+    row = np.arange(base, width, dtype=np.int64) if among is None else np.asarray(among, dtype=np.int64)
+    pool = len(row)
     take = k if lowest is None else min(k - 1, pool)
-    candidates = np.tile(np.arange(base, width, dtype=np.int64), (n, 1))
+    candidates = np.tile(row, (n, 1))
     rows = np.arange(n)
     with np.errstate(over="ignore"):
         for j in range(take):
@@ -154,7 +163,10 @@ def masks_for(fault: FaultModel, seed: int, kind: str, site_index: int, bit: Bit
             return first, keep, np.zeros(len(counters), dtype=np.int64)
         return first, keep, to_signed(random_words(seed, kind, site_index, "value", counters) & all_ones, width)
     if fault.name == "flip" and fault.k > 1:
-        targets = _distinct_bits(seed, kind, site_index, counters, fault.k, width, None if bit == "random" else int(bit))
+        if isinstance(bit, BitPool):  # a uniform K-subset of the pool
+            targets = _distinct_bits(seed, kind, site_index, counters, fault.k, width, None, bit.bits_for(width))
+        else:
+            targets = _distinct_bits(seed, kind, site_index, counters, fault.k, width, None if bit == "random" else int(bit))
     elif fault.name == "burst":
         start = drawn_bits.astype(np.uint64)
         run = (one << np.uint64(fault.k)) - one if fault.k < 64 else all_ones

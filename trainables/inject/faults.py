@@ -14,7 +14,9 @@ from typing import Literal, Union
 
 import numpy as np
 
-BitSpec = Union[int, Literal["random"]]
+from trainables.inject.bitpools import BitPool, is_pool, parse_pool
+
+BitSpec = Union[int, Literal["random"], BitPool]  # BitPool: 'random:<pool>' (trainables.inject.bitpools)
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -56,7 +58,10 @@ def uniform_below(words: np.ndarray, n: int) -> np.ndarray:
 
 
 def parse_bit_spec(value: object) -> BitSpec:
-    """'random' / -1 / None -> 'random'; an int or digit string -> that int (range checked later)."""
+    """'random' / -1 / None -> 'random'; an int or digit string -> that int (range checked later);
+    'random:<pool>' -> a BitPool (bitpools.parse_pool; resolved per element format later)."""
+    if is_pool(value):
+        return parse_pool(value)
     if value is None or (isinstance(value, str) and value.strip().lower() in ("random", "r", "-1")):
         return "random"
     if isinstance(value, bool):
@@ -88,13 +93,16 @@ def sample_faults(
     seed: int, kind: str, site_index: int, bit: BitSpec, width: int, numel: int, first: int, stop: int
 ) -> FaultList:
     """Faults for counters ``first..stop-1`` of one trial: uniform positions below ``numel``;
-    bits fixed or uniform below ``width``."""
+    bits fixed, uniform below ``width``, or uniform in a bit pool."""
     if kind not in _KIND_SALT:
         raise ValueError(f"unknown site kind {kind!r}")
     counters = np.arange(first, stop, dtype=np.uint64)
     positions = uniform_below(random_words(seed, kind, site_index, "position", counters), numel)
     if bit == "random":
         bits = uniform_below(random_words(seed, kind, site_index, "bit", counters), width)
+    elif isinstance(bit, BitPool):  # index into the pool with the same stream: random:0-31 on fp32 == random
+        pool = np.asarray(bit.bits_for(width), dtype=np.int64)
+        bits = pool[uniform_below(random_words(seed, kind, site_index, "bit", counters), len(pool))]
     else:
         if not 0 <= int(bit) < width:
             raise ValueError(f"bit {bit} is outside a {width}-bit dtype: allowed 0..{width - 1} (LSB = 0)")

@@ -42,6 +42,17 @@ def width(dtype: torch.dtype) -> int:
     return torch.iinfo(int_view(dtype)).bits
 
 
+_LAYOUTS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3fn",
+            torch.float8_e5m2: "fp8_e5m2", torch.qint8: "int8", torch.quint8: "uint8"}
+
+
+def layout_name(dtype: torch.dtype) -> str:
+    """The element format name of ``dtype`` (bitpools.LAYOUTS, analysis.tables): fp32, fp8_e5m2, uint8 (quint8), ..."""
+    if dtype not in _LAYOUTS:
+        raise ValueError(f"no bit layout for {dtype_name(dtype)}")
+    return _LAYOUTS[dtype]
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 

@@ -15,13 +15,21 @@ clean suffix must give the full forward pass's logits bit for bit. Anything that
 traced, mapped or verified runs the full forward pass (``path`` "full") with a reason.
 Cached tensors the suffix could modify in place (an inplace ReLU on a residual input, say)
 are cloned before each suffix run; nothing else is copied.
+
+The ladder: a worker that runs sites in increasing forward order (campaigns are site-major)
+fills the next site's cache from the previous site's cached batches through a *bridge* (the
+graph's nodes between the two cuts) instead of from the images, so all its prefixes cost
+about one forward pass. Each old batch is freed as it is used; the bridge is checked once per
+pair of sites against the direct prefix, bit for bit, and anything else (a step backwards,
+another graph, a mismatch) computes the prefix from the images as before.
 """
 from __future__ import annotations
 
 import operator
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -116,6 +124,8 @@ class Split:
     fault_slot: int | None  # position in ``live`` of the site's output (neuron cut)
     clone_slots: tuple[int, ...]  # live values the suffix may modify in place: cloned per run
     param_slots: tuple[int, ...]  # live values that are parameters or inputs (no cache memory)
+    graph: fx.GraphModule | None = field(default=None, repr=False)  # the traced model it was cut from
+    cut: int = -1  # the position in ``graph``'s node list where the suffix starts
 
 
 def split_at(gm: fx.GraphModule, cut: int, fault_node: fx.Node | None) -> Split:
@@ -134,10 +144,26 @@ def split_at(gm: fx.GraphModule, cut: int, fault_node: fx.Node | None) -> Split:
         env[node] = suffix_graph.placeholder(node.name)
     for node in after:
         env[node] = suffix_graph.node_copy(node, lambda n: env[n])
-    # live values that an in-place op of the suffix may reach through aliases
     slot = {n: i for i, n in enumerate(live)}
-    to_clone: set[int] = set()
-    for node in after:
+    params = tuple(i for i, n in enumerate(live) if n.op in ("placeholder", "get_attr"))
+    return Split(
+        prefix=fx.GraphModule(gm, prefix_graph, "Prefix"),
+        suffix=fx.GraphModule(gm, suffix_graph, "Suffix"),
+        live=[n.name for n in live],
+        fault_slot=slot[fault_node] if fault_node is not None else None,
+        clone_slots=tuple(sorted(_written(after, live, gm, fault_node) - set(params))),  # the faulted value is a fresh copy each run
+        param_slots=params,
+        graph=gm,
+        cut=cut,
+    )
+
+
+def _written(nodes: Sequence[fx.Node], live: Sequence[fx.Node], gm: fx.GraphModule, exempt: fx.Node | None) -> set[int]:
+    """Positions in ``live`` of the values that an in-place op among ``nodes`` may reach
+    through aliases (``exempt`` is never counted)."""
+    slot = {n: i for i, n in enumerate(live)}
+    written: set[int] = set()
+    for node in nodes:
         stack, seen = list(_mutates(node, gm)), set()
         while stack:
             n = stack.pop()
@@ -145,20 +171,48 @@ def split_at(gm: fx.GraphModule, cut: int, fault_node: fx.Node | None) -> Split:
                 continue
             seen.add(n)
             if n in slot:
-                if n is not fault_node:  # the faulted value is a fresh copy each run
-                    to_clone.add(slot[n])
-                    stack.extend(_alias_sources(n, gm))  # its aliases in the prefix share its memory
+                if n is not exempt:
+                    written.add(slot[n])
+                    stack.extend(_alias_sources(n, gm))  # its aliases before the cut share its memory
                 continue
             stack.extend(_alias_sources(n, gm))
-    params = tuple(i for i, n in enumerate(live) if n.op in ("placeholder", "get_attr"))
-    return Split(
-        prefix=fx.GraphModule(gm, prefix_graph, "Prefix"),
-        suffix=fx.GraphModule(gm, suffix_graph, "Suffix"),
-        live=[n.name for n in live],
-        fault_slot=slot[fault_node] if fault_node is not None else None,
-        clone_slots=tuple(sorted(to_clone - set(params))),
-        param_slots=params,
-    )
+    return written
+
+
+@dataclass
+class Bridge:
+    """The nodes of one traced graph between two cuts: the live values at the first cut ->
+    the live values at the second (values live across both pass through)."""
+
+    module: fx.GraphModule
+    clone_slots: tuple[int, ...]  # inputs it may modify in place: cloned, the old cache stays golden
+
+    def __call__(self, values: Sequence[Any]) -> tuple:
+        values = list(values)
+        for i in self.clone_slots:
+            values[i] = _clone(values[i])
+        return tuple(self.module(*values))
+
+
+def bridge_between(lower: Split, upper: Split) -> Bridge:
+    """The bridge from ``lower``'s cut up to ``upper``'s (both cut from the same graph, lower
+    first; at the same cut, as a weight and its bias, it only passes values through).
+    Parameters read between the cuts stay get_attr nodes, as in split_at."""
+    gm = lower.graph
+    if gm is None or upper.graph is not gm or not lower.cut <= upper.cut:
+        raise ValueError("the cuts are not in increasing order on one graph")
+    nodes = list(gm.graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    inputs = [by_name[name] for name in lower.live]
+    graph, env = fx.Graph(), {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+    between = nodes[lower.cut : upper.cut]
+    for node in between:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[by_name[name]] for name in upper.live))
+    params = {i for i, n in enumerate(inputs) if n.op in ("placeholder", "get_attr")}
+    return Bridge(fx.GraphModule(gm, graph, "Bridge"), tuple(sorted(_written(between, inputs, gm, None) - params)))
 
 
 def site_node(gm: fx.GraphModule, name: str, call: int) -> fx.Node | None:
@@ -233,6 +287,14 @@ def check_budget(value: object) -> float | None:
 
 
 @dataclass
+class PrefixStats:
+    """How a worker's cached prefixes were filled (for tests and debugging)."""
+
+    from_images: int = 0  # batches whose prefix ran on the images
+    bridged: int = 0  # batches filled from the previous site's cache through a bridge
+
+
+@dataclass
 class Runner:
     """The verified split of one (site, kind) and its golden-activation cache, by batch."""
 
@@ -244,6 +306,7 @@ class Runner:
     used: int = 0
     hits: int = 0
     misses: int = 0
+    stats: PrefixStats = field(default_factory=PrefixStats, repr=False)
 
     def live(self, lo: int, hi: int) -> tuple:
         """The golden values at the cut for images lo..hi-1 (absolute), cached within budget."""
@@ -253,12 +316,32 @@ class Runner:
             self.hits += 1
             return values
         self.misses += 1
+        self.stats.from_images += 1
         values = tuple(self.split.prefix(self.images[lo:hi]))
-        size = _nbytes([v for i, v in enumerate(values) if i not in self.split.param_slots])
-        if self.used + size <= self.budget:
-            self.cache[key] = values
-            self.used += size
+        self.store(key, values)
         return values
+
+    def size(self, values: tuple) -> int:
+        return _nbytes([v for i, v in enumerate(values) if i not in self.split.param_slots])
+
+    def store(self, key: tuple[int, int], values: tuple) -> bool:
+        """Cache ``values`` under ``key`` if the budget allows."""
+        size = self.size(values)
+        if self.used + size > self.budget:
+            return False
+        self.cache[key] = values
+        self.used += size
+        return True
+
+    def pop(self, key: tuple[int, int] | None = None) -> tuple:
+        """Remove and return the batch ``key`` (None: the last cached) from the cache."""
+        values = self.cache.pop(key) if key is not None else self.cache.popitem()[1]
+        self.used -= self.size(values)
+        return values
+
+    def drop(self) -> None:
+        self.cache.clear()
+        self.used = 0
 
     def logits(self, lo: int, hi: int, faults: Any = None) -> torch.Tensor:
         """The suffix on the cached values of lo..hi-1, with ``faults`` flipped into the site
@@ -282,32 +365,39 @@ class PrefixState:
     current: tuple | None = None
     runner: Runner | None = None
     reasons: dict[tuple, str] = field(default_factory=dict)  # why a (site, kind) runs the full pass
+    ladder: bool = True  # fill a later site's cache from the previous site's (see the module docstring)
+    bridges: dict[tuple, Bridge] = field(default_factory=dict, repr=False)  # checked, by (lower key, upper key)
+    ladder_reasons: dict[tuple, str] = field(default_factory=dict)  # why a pair of keys computes from the images
+    stats: PrefixStats = field(default_factory=PrefixStats)
 
 
 def runner_for(state: PrefixState, model: nn.Module, images: torch.Tensor, site, kind: str, tensor: torch.Tensor | None,
                flip: Callable, probe: tuple[int, int], device: torch.device) -> Runner | None:
     """The runner for ``site`` (kind "neuron", or a weight/param kind with its ``tensor``), or
-    None where the full forward pass runs (``state.reasons`` says why). The previous site's
-    cache is dropped: one site's cache per worker."""
+    None where the full forward pass runs (``state.reasons`` says why). One site's cache per
+    worker: the previous site's is dropped, or emptied into this one's (the ladder)."""
     key = (site.index, site.name, site.call, kind)
     if state.current == key:
         return state.runner
-    state.current, state.runner = key, None  # frees the previous site's cache
+    previous = (state.current, state.runner) if state.runner is not None else None
+    state.current, state.runner = key, None
     if key in state.reasons:
         return None
-    runner, reason = _build(state, model, images, site, kind, tensor, flip, probe, device)
+    runner, reason = _build(state, model, images, site, kind, tensor, flip, probe, device, previous)
+    if previous is not None:
+        previous[1].drop()  # what the ladder did not move is freed now
     if runner is None:
         state.reasons[key] = reason
     state.runner = runner
     return runner
 
 
-def _build(state: PrefixState, model, images, site, kind, tensor, flip, probe, device) -> tuple[Runner | None, str]:
+def _build(state: PrefixState, model, images, site, kind, tensor, flip, probe, device,
+           previous: tuple[tuple, Runner] | None = None) -> tuple[Runner | None, str]:
     if kind == "neuron" and site.index == 0:
         return None, "the input site has no prefix"
-    extra = (site.name,) if kind == "neuron" else ()
     try:
-        gm = trace(model, extra) if extra and not _is_leaf(model, site.name) else _traced(state, model)
+        gm = _graph_for(state, model, site, kind)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: run the full pass
         return None, f"torch.fx cannot trace {type(model).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
     if kind == "neuron":
@@ -321,11 +411,100 @@ def _build(state: PrefixState, model, images, site, kind, tensor, flip, probe, d
             return None, f"no node of the traced graph reads the weight of {site.name}"
     if not any(n.op not in ("placeholder", "get_attr") for n in list(gm.graph.nodes)[:cut]):
         return None, "the cut is at the input: nothing to reuse"
+    lower = previous[1] if previous is not None else None
+    if lower is not None and not (state.ladder and lower.split.graph is gm and lower.images is images
+                                  and lower.split.cut <= cut and lower.cache):
+        lower.drop()  # not a step up this graph (or level): freed before this site's prefix runs
+        lower = None
     split = split_at(gm, cut, fault)
-    budget = int((state.budget_mb if state.budget_mb is not None else default_budget_mb(device)) * 2**20)
-    runner = Runner(split, images, budget, flip)
+    if lower is not None:  # the free memory now counts the old cache: keep its budget
+        budget = lower.budget
+    else:
+        budget = int((state.budget_mb if state.budget_mb is not None else default_budget_mb(device)) * 2**20)
+    runner = Runner(split, images, budget, flip, stats=state.stats)
     problem = _verify(runner, model, site, kind, probe)
-    return (None, problem) if problem else (runner, "")
+    if problem:
+        return None, problem
+    if lower is not None:
+        _climb(state, (previous[0], (site.index, site.name, site.call, kind)), lower, runner, probe)
+    return runner, ""
+
+
+def _graph_for(state: PrefixState, model: nn.Module, site, kind: str) -> fx.GraphModule:
+    """The model's shared traced graph, or for a neuron site on a module with children that
+    it does not call as a node (a container), a graph traced with that module as a leaf."""
+    if kind != "neuron" or _is_leaf(model, site.name):
+        return _traced(state, model)
+    try:
+        shared = _traced(state, model)
+    except Exception:  # noqa: BLE001 - the module as a leaf may hide what cannot be traced
+        shared = None
+    if shared is not None and site_node(shared, site.name, site.call) is not None:
+        return shared  # a torch.nn module with children (MultiheadAttention) is already one node
+    return trace(model, (site.name,))
+
+
+def _climb(state: PrefixState, pair: tuple, lower: Runner, upper: Runner, probe: tuple[int, int]) -> None:
+    """Fill ``upper``'s cache from ``lower``'s through the bridge between their cuts, freeing
+    each old batch as it is used and keeping both caches together within ``upper``'s budget
+    (old batches that do not fit are computed from the images later). The bridge is checked
+    once per pair on one batch against the direct prefix; on any mismatch or error, nothing
+    is moved."""
+    if pair in state.ladder_reasons:
+        return
+    try:
+        bridge = state.bridges.get(pair)
+        if bridge is None:
+            bridge = bridge_between(lower.split, upper.split)
+            key = probe if probe in lower.cache else next(iter(lower.cache))
+            direct = upper.cache.get(key) or upper.live(*key)  # the probe batch: cached by the verification
+            problem = _differs(bridge(lower.pop(key)), direct)
+            if problem:
+                state.ladder_reasons[pair] = f"the bridge does not reproduce the prefix: {problem}"
+                return
+            state.bridges[pair] = bridge
+        for key in list(lower.cache):
+            while lower.cache and lower.used + upper.used > upper.budget:
+                lower.pop()  # the last old batches make room: computed from the images when needed
+            if key not in lower.cache:
+                continue
+            values = lower.pop(key)
+            if key not in upper.cache and upper.store(key, bridge(values)):
+                state.stats.bridged += 1
+            del values
+    except Exception as exc:  # noqa: BLE001 - the ladder is only a shortcut: the images remain
+        state.ladder_reasons[pair] = f"{type(exc).__name__}: {exc}"
+    finally:
+        lower.drop()
+
+
+def _differs(got: Sequence[Any], want: Sequence[Any]) -> str:
+    """'' when two tuples of live values are equal bit for bit, else the first difference."""
+    if len(got) != len(want):
+        return f"{len(got)} values, not {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and type(a) is type(b):
+            problem = _differs(a, b)
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            problem = "" if _same_tensor(a, b) else "tensors differ"
+        else:
+            problem = "" if type(a) is type(b) and a == b else "values differ"
+        if problem:
+            return f"value {i}: {problem}"
+    return ""
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if (a.shape, a.dtype, a.device, a.layout, a.is_quantized) != (b.shape, b.dtype, b.device, b.layout, b.is_quantized):
+        return False
+    if a.layout != torch.strided or a.stride() != b.stride():
+        return False
+    if a.is_quantized:
+        return a.qscheme() == b.qscheme() and torch.equal(a.dequantize(), b.dequantize()) \
+            and torch.equal(a.int_repr(), b.int_repr())
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return torch.equal(_bits(a), _bits(b))
+    return torch.equal(a, b)
 
 
 def _is_leaf(model: nn.Module, name: str) -> bool:
@@ -369,7 +548,7 @@ def _verify(runner: Runner, model: nn.Module, site, kind: str, probe: tuple[int,
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 SILENT_REASONS = ("the input site has no prefix", "the cut is at the input: nothing to reuse")
@@ -408,5 +587,5 @@ def fallback_reasons(model: nn.Module, chosen: Sequence[tuple[str, Any]], images
     return out
 
 
-def _no_flip(value: Any, faults: Any) -> Any:  # noqa: ARG001 - a split check never flips
+def _no_flip(value: Any, faults: Any) -> Any:  # a split check never flips
     return value
