@@ -27,6 +27,7 @@ from campaign import processes
 from campaign.numformats import effective_mode, name_suffix
 from campaign.probe import check_shared
 from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecError, resolve
+from campaign.tune_store import tune_view
 from trainables import storage
 from trainables.results import (
     SPEC_FILE,
@@ -358,6 +359,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
         tune_dir = storage.join(plan.directory, "ray")
         attempt = sum(name.startswith("tune-") for name in storage.list_entries(tune_dir))
         tune_fs, tune_path = storage.resolve(tune_dir) if storage.is_uri(tune_dir) else (None, str(tune_dir))
+        tune_fs = tune_view(tune_fs) if tune_fs is not None else None  # no requests that can only miss
         progress = Progress(len(wanted), len(wanted) - len(pending), plan.num_images, progress_every_s)
         tuner = Tuner(
             trainable,

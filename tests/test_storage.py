@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pyarrow_fs
 import pytest
 from cluster import BIN, free_port, processes_mentioning, stop, submit
 
@@ -261,3 +262,29 @@ def test_a_write_is_one_put_on_the_store(s3):
     assert len(puts) == 1 and not any("uploads" in line for line in requests), requests  # no multipart upload
     storage.delete(target)
     assert not storage.exists(target)
+
+
+def test_tunes_view_of_the_store_skips_only_requests_that_can_only_miss(s3):
+    """Tune's metrics-file lookups and folder markers cost no request; everything else
+    reaches the store (campaign.tune_store)."""
+    import pickle
+
+    from campaign.tune_store import tune_view
+
+    fs, root = storage.resolve(f"s3://{BUCKET}/tune-view")
+    view = tune_view(fs)
+    log = s3["log"]
+    before = len(log.read_text().splitlines())
+    infos = view.get_file_info([f"{root}/t1/result.json", f"{root}/t1/progress.csv"])
+    view.create_dir(f"{root}/t1", recursive=True)
+    assert [i.type for i in infos] == [pyarrow_fs.FileType.NotFound] * 2
+    assert len(log.read_text().splitlines()) == before  # not one request
+    with view.open_output_stream(f"{root}/t1/state.json") as out:
+        out.write(b"{}")
+    assert storage.read_bytes(f"s3://{BUCKET}/tune-view/t1/state.json") == b"{}"
+    assert view.get_file_info(f"{root}/t1/state.json").size == 2
+    assert [i.base_name for i in view.get_file_info(pyarrow_fs.FileSelector(f"{root}/t1"))] == ["state.json"]
+    again = pickle.loads(pickle.dumps(view))  # Tune ships it to the trial actors
+    assert again.get_file_info(f"{root}/t1/state.json").size == 2
+    view.delete_dir(f"{root}/t1")
+    assert storage.list_entries(f"s3://{BUCKET}/tune-view") == []
