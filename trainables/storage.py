@@ -9,6 +9,7 @@ Object stores are configured only by their standard environment (for S3:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -230,10 +231,8 @@ def delete(loc: Location) -> None:
         Path(loc).unlink(missing_ok=True)
         return
     fs, path = resolve(loc)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def delete_tree(loc: Location) -> None:
@@ -243,10 +242,8 @@ def delete_tree(loc: Location) -> None:
         shutil.rmtree(loc, ignore_errors=True)
         return
     fs, path = resolve(loc)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
 
 
 def makedirs(loc: Location) -> None:
