@@ -134,6 +134,58 @@ def test_aggregate_reads_each_part_once_and_writes_the_same_files_as_check_then_
     assert {name: (tmp_path / name).read_bytes() for name in (R.TRIALS_FILE, R.BITS_FILE)} == separate
 
 
+def test_commits_checked_as_trials_finish_are_not_read_again_and_give_the_same_files(tmp_path, monkeypatch):
+    """A CommitWatch reads each finished trial once, while a campaign runs, against the commit
+    the trial reported (else its marker); the final check then reads only the others, and
+    aggregates the same bytes as check-then-read."""
+    points = [TrialPoint("neuron", 1, 30, 1), TrialPoint("neuron", 2, 30, 1), TrialPoint("weight", 1, 30, 1)]
+    reported = []
+    for point in points:
+        run_trial(_settings(tmp_path), point, report=reported.append)
+    a, b, c = (p.key for p in points)
+    R.aggregate(tmp_path, keys=R.check_trials(tmp_path).finished)
+    separate = {name: (tmp_path / name).read_bytes() for name in (R.TRIALS_FILE, R.BITS_FILE)}
+    bits = tmp_path / "parts" / "bits" / f"{b}.parquet"
+    good_bits = bits.read_bytes()
+    bits.write_bytes(good_bits[:100])  # b is damaged when the watch looks
+    reads = []
+    real = R.storage.read_bytes
+    monkeypatch.setattr(R.storage, "read_bytes", lambda loc: reads.append(Path(loc).relative_to(tmp_path).as_posix())
+                        or real(loc))
+    watch = R.CommitWatch(tmp_path)
+    for key, committed in ((a, None), (b, None), (a, None), (c, reported[-1]["commit"])):  # a twice: checked once
+        watch.finished(key, committed)
+    verified = watch.results()
+    assert sorted(verified) == [a, c] and sorted(verified[a]) == [f"parts/bits/{a}.parquet", f"parts/trials/{a}.parquet"]
+    parts = lambda *keys: [f"parts/{role}/{k}.parquet" for k in keys for role in ("trials", "bits")]  # noqa: E731
+    assert sorted(reads) == sorted([f"parts/done/{a}.json", f"parts/done/{b}.json"] + parts(a, b, c))  # c: no marker
+    bits.write_bytes(good_bits)  # the final check reads b again
+    reads.clear()
+    state, trials = R.check_and_aggregate(tmp_path, verified=verified)
+    assert state.finished == {a, b, c} and state.damaged == {}
+    assert sorted(reads) == sorted([f"parts/done/{b}.json"] + parts(b))
+    assert {name: (tmp_path / name).read_bytes() for name in (R.TRIALS_FILE, R.BITS_FILE)} == separate
+    (tmp_path / "parts" / "done" / f"{a}.json").unlink()  # a verified trial counts only while its marker is there
+    assert R.check_trials(tmp_path, verified=verified).finished == {b, c}
+    stale = {**reported[-1]["commit"], f"parts/bits/{c}.parquet": {"size": 1, "sha256": "0" * 64}}
+    other = R.CommitWatch(tmp_path)
+    other.finished(c, stale)  # a commit its files do not match is left to the final check
+    assert other.results() == {}
+
+
+@pytest.mark.parametrize("resources, per_trial, expected", [
+    ({"CPU": 2.0}, {}, 8),  # 2 trials at once: Tune queues 8, not its default of 200
+    ({"CPU": 64.0, "GPU": 8.0}, dict(cpus_per_trial=1.0, gpus_per_trial=0.5), 32),  # 16 GPU slots
+    ({"CPU": 64.0}, dict(max_concurrent=20), 40),
+    ({"CPU": 256.0}, dict(cpus_per_trial=2.0), 256),
+])
+def test_tune_queues_twice_the_trials_the_cluster_runs_at_once(resources, per_trial, expected, monkeypatch):
+    from campaign import runner
+
+    monkeypatch.setattr(runner.ray, "cluster_resources", lambda: resources)
+    assert runner.max_pending(CampaignSpec(**per_trial)) == expected
+
+
 def test_report_on_a_partial_campaign_says_it_is_partial(tmp_path):
     plan = resolve(CampaignSpec(model="demo:vgg", weights="none", images=64, layers="1,2", sites=("neuron",), bits="30",
                                 out=str(tmp_path), name="part"))

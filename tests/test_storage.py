@@ -264,6 +264,48 @@ def test_a_write_is_one_put_on_the_store(s3):
     assert not storage.exists(target)
 
 
+def test_a_trial_commits_in_one_round_of_puts_and_reads_unfinished_until_all_landed(s3, monkeypatch):
+    """On a store a trial's files and its marker are PUT at once, after its old marker and
+    faults file were removed (begun when the trial started); a marker whose files did not
+    all land lists digests they do not match, so the trial is not finished."""
+    from trainables import results as R
+
+    campaign = f"s3://{BUCKET}/one-round"
+    row = {name: None for name in R.TRIAL_SCHEMA.names} | {"campaign": "one-round", "trial_key": "neuron-s0001-b30-seed1",
+                                                          "images": 64, "mismatches": 3}
+    bit_rows = [{name: 0 for name in R.BIT_SCHEMA.names} | {"campaign": "one-round", "trial_key": row["trial_key"],
+                                                            "bit": 30, "images": 64}]
+    log = s3["log"]
+    before = len(log.read_text().splitlines())
+    uncommitted = R.uncommit_trial(campaign, row["trial_key"])
+    uncommitted.result()
+    removals = log.read_text().splitlines()[before:]
+    R.write_trial(campaign, row, bit_rows, None, uncommitted=uncommitted)
+    writes = log.read_text().splitlines()[before + len(removals):]
+    key = row["trial_key"]
+    request = lambda line: tuple(re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP', line).groups())  # noqa: E731
+    assert [request(line) for line in removals] == [  # both missing (moto answers 404): nothing to delete
+        ("HEAD", f"/{BUCKET}/one-round/parts/done/{key}.json"), ("HEAD", f"/{BUCKET}/one-round/faults/{key}.parquet")]
+    assert sorted(request(line) for line in writes) == [
+        ("PUT", f"/{BUCKET}/one-round/parts/{folder}/{key}.{ext}") for folder, ext in
+        (("bits", "parquet"), ("done", "json"), ("trials", "parquet"))]
+    assert R.check_trials(campaign).finished == {key}
+
+    real = storage.write_bytes  # the same trial again, with other counts: its trial part fails to land
+    monkeypatch.setattr(storage, "write_bytes", lambda loc, data: (_ for _ in ()).throw(OSError("connection reset"))
+                        if "/parts/trials/" in str(loc) else real(loc, data))
+    with pytest.raises(OSError, match="connection reset"):
+        R.write_trial(campaign, row | {"mismatches": 5}, bit_rows, None, uncommitted=R.uncommit_trial(campaign, key))
+    check = R.check_trials(campaign)
+    assert check.finished == frozenset() and check.damaged == {key: f"parts/trials/{key}.parquet content differs "
+                                                                    "from the committed SHA-256"}
+    monkeypatch.setattr(storage, "write_bytes", real)
+    R.write_trial(campaign, row | {"mismatches": 5}, bit_rows, None, uncommitted=R.uncommit_trial(campaign, key))
+    assert R.check_trials(campaign).finished == {key}
+    assert R.aggregate(campaign).column("mismatches").to_pylist() == [5]
+    storage.delete_tree(campaign)
+
+
 def test_tunes_view_of_the_store_skips_only_requests_that_can_only_miss(s3):
     """Tune's metrics-file lookups and folder markers cost no request; everything else
     reaches the store (campaign.tune_store)."""

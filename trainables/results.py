@@ -8,7 +8,8 @@ A campaign directory holds::
     parts/bits/K.parquet    per-bit outcome counts of trial K
     faults/K.parquet        per-fault rows of trial K (record level changed|all)
     parts/done/K.json       trial K's commit marker: its files with sizes and SHA-256 (written
-                            last; a trial is finished only while every file it lists matches)
+                            last on a local disk, beside them on an object store; a trial is
+                            finished only while every file it lists matches)
     trials.parquet          all trial rows, aggregated by the campaign driver
     bits.parquet            all per-bit rows, aggregated likewise
 
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -214,34 +216,86 @@ def _campaign_location(campaign_dir: str | Path) -> Path | str:
     return campaign_dir if storage.is_uri(campaign_dir) else Path(campaign_dir)
 
 
-def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable[Mapping], fault_columns: Mapping | None) -> None:
-    """Write one trial's results (faults, per-bit counts, the trial row), then commit them
-    with a marker listing each file's size and SHA-256: the trial is finished only then."""
+def uncommit_trial(campaign_dir: str | Path, key: str) -> Future | None:
+    """Start removing trial ``key``'s commit marker, then its faults file, before the trial
+    runs (again): on an object store in a background thread, so the requests overlap the
+    trial's computation; ``write_trial(..., uncommitted=)`` waits for them. None on a local
+    disk, where write_trial removes them itself."""
+    if not storage.is_uri(campaign_dir):
+        return None
+    global _UNCOMMITS
+    if _UNCOMMITS is None:
+        _UNCOMMITS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitflip-uncommit")
+    location = _campaign_location(campaign_dir)
+    return _UNCOMMITS.submit(_uncommit, location, key)
+
+
+_UNCOMMITS: ThreadPoolExecutor | None = None
+
+
+def _uncommit(campaign_dir: str | Path, key: str) -> None:
+    storage.delete(marker_path(campaign_dir, key))
+    storage.delete(storage.join(campaign_dir, _trial_files(key)["faults"]))
+
+
+def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable[Mapping], fault_columns: Mapping | None,
+                *, uncommitted: Future | None = None,
+                while_writing: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
+    """Write one trial's results (faults, per-bit counts, the trial row) and its commit marker,
+    which lists each file's size and SHA-256: the trial is finished only while every file it
+    lists matches. ``uncommitted``: the trial's ``uncommit_trial``, begun when it started.
+    ``while_writing(what the marker lists)`` runs while the files are written (a report to
+    the driver, overlapping the writes); this returns once they are all written.
+
+    On a local disk the marker is removed first and written last. On an object store the
+    files and the marker are PUT at once, in one round trip: a marker that lands before its
+    files, or beside one that failed, lists digests they do not match, so the trial reads as
+    unfinished until every file has landed. Returns what the marker lists."""
     campaign_dir = _campaign_location(campaign_dir)
     key = trial_row["trial_key"]
-    storage.delete(marker_path(campaign_dir, key))  # uncommitted while its files change
+    if uncommitted is None:
+        storage.delete(marker_path(campaign_dir, key))  # uncommitted while its files change
+    else:
+        uncommitted.result()  # marker and faults file removed already
     paths = _trial_files(key)
     faults = (table_from_columns(fault_columns, FAULT_SCHEMA)
               if fault_columns is not None and len(fault_columns["image"]) else None)
-    tables = [(paths["faults"], faults), (paths["bits"], table_from_rows(bit_rows, BIT_SCHEMA)),
-              (paths["trial"], table_from_rows([trial_row], TRIAL_SCHEMA))]
+    if faults is None and uncommitted is None:  # no faults recorded: none may stay from an earlier run
+        storage.delete(storage.join(campaign_dir, paths["faults"]))
+    tables = {paths["faults"]: faults, paths["bits"]: table_from_rows(bit_rows, BIT_SCHEMA),
+              paths["trial"]: table_from_rows([trial_row], TRIAL_SCHEMA)}
+    files = {name: parquet_bytes(table) for name, table in tables.items() if table is not None}
+    committed = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    marker = _marker_bytes(key, committed)
+    writes = [(storage.join(campaign_dir, name), data) for name, data in files.items()]
+    writes.append((marker_path(campaign_dir, key), marker))
 
-    def put(item: tuple[str, pa.Table | None]) -> dict | None:
-        name, table = item
-        if table is None:  # no faults recorded: none may stay from an earlier run of this trial
-            storage.delete(storage.join(campaign_dir, name))
-            return None
-        return atomic_write_table(table, storage.join(campaign_dir, name))
+    def write_all() -> None:
+        if storage.is_uri(campaign_dir):  # each request waits on the network: all at once
+            storage.map_io(lambda item: atomic_write_bytes(item[1], item[0]), writes, campaign_dir)
+        else:
+            for path, data in writes:  # the marker last
+                atomic_write_bytes(data, path)
 
-    # on an object store the three requests run at once (each waits on the network); the marker commits them
-    written = storage.map_io(put, tables, campaign_dir)
-    commit_trial(campaign_dir, key, {name: entry for (name, _), entry in zip(tables, written) if entry is not None})
+    if while_writing is None:
+        write_all()
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitflip-write") as pool:
+            writing = pool.submit(write_all)
+            try:
+                while_writing(committed)
+            finally:
+                writing.result()
+    return committed
 
 
 def commit_trial(campaign_dir: str | Path, key: str, files: Mapping[str, Mapping]) -> None:
     """Write trial ``key``'s commit marker: {relative path: {size, sha256}} of its files."""
-    body = json.dumps({"trial_key": key, "files": dict(files)}, indent=1, sort_keys=True).encode()
-    atomic_write_bytes(body, marker_path(campaign_dir, key))
+    atomic_write_bytes(_marker_bytes(key, files), marker_path(campaign_dir, key))
+
+
+def _marker_bytes(key: str, files: Mapping[str, Mapping]) -> bytes:
+    return json.dumps({"trial_key": key, "files": dict(files)}, indent=1, sort_keys=True).encode()
 
 
 @dataclass(frozen=True)
@@ -281,35 +335,39 @@ def _part_schema(name: str) -> pa.Schema | None:
 
 
 def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
-                 tables: dict[str, pa.Table] | None = None) -> TrialCheck:
+                 tables: dict[str, pa.Table] | None = None,
+                 verified: Mapping[str, Mapping[str, pa.Table]] | None = None) -> TrialCheck:
     """Verify the commit markers (of ``keys``, or all): a trial is finished when its marker
     is readable and every file it lists has the committed size and SHA-256. ``tables``, if
-    given, receives the finished trials' trial and bits parts as read (by relative path)."""
+    given, receives the finished trials' trial and bits parts as read (by relative path).
+    ``verified`` ({key: its parts}, from a CommitWatch): trials checked as they finished, not
+    read again while their marker is listed."""
     campaign_dir = _campaign_location(campaign_dir)
     folder = storage.join(campaign_dir, PARTS_DIR, DONE_DIR)
     markers = {n[: -len(".json")]: storage.join(folder, n) for n in storage.list_names(folder, ".json")}
     if keys is not None:
         wanted = set(keys)
         markers = {k: p for k, p in markers.items() if k in wanted}
+    known = {k for k in (verified or {}) if k in markers}
+    if tables is not None:
+        for key in known:
+            tables.update(verified[key])
+    state = _check_markers(campaign_dir, {k: p for k, p in markers.items() if k not in known}, tables)
+    return TrialCheck(state.finished | known, state.damaged)
+
+
+def _check_markers(campaign_dir: Path | str, markers: Mapping[str, Path | str],
+                   tables: dict[str, pa.Table] | None) -> TrialCheck:
+    """check_trials of the markers given ({key: path}); one that cannot be read is damaged."""
     finished, damaged = set(), {}
 
     def marker_problems(item: tuple[str, Path | str]) -> tuple[list[str], dict[str, pa.Table]]:
         key, path = item
-        kept: dict[str, list] = {}
         try:
             files = json.loads(storage.read_bytes(path))["files"]
-            problems = []
-            for name, expected in sorted(files.items()):
-                keep = kept.setdefault(name, []) if tables is not None and _part_schema(name) else None
-                why = _file_problem(storage.join(campaign_dir, name), expected, keep)
-                if why is not None:
-                    problems.append(f"{name} {why}")
+            return _listed_problems(campaign_dir, files, tables is not None)
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             return [f"{PARTS_DIR}/{DONE_DIR}/{key}.json unreadable"], {}
-        if problems:
-            return problems, {}
-        return [], {name: pq.read_table(pa.BufferReader(data[0]), schema=_part_schema(name))
-                    for name, data in kept.items() if data}
 
     items = sorted(markers.items())
     for (key, _), (problems, read) in zip(items, storage.map_io(marker_problems, items, campaign_dir)):
@@ -320,6 +378,63 @@ def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
             if tables is not None:
                 tables.update(read)
     return TrialCheck(frozenset(finished), damaged)
+
+
+def _listed_problems(campaign_dir: Path | str, files: Mapping[str, Mapping],
+                     keep_tables: bool) -> tuple[list[str], dict[str, pa.Table]]:
+    """What is wrong with the files a commit lists ({relative path: {size, sha256}}), and,
+    when nothing is and ``keep_tables``, the trial and bits parts as read."""
+    kept: dict[str, list] = {}
+    problems = []
+    for name, expected in sorted(files.items()):
+        keep = kept.setdefault(name, []) if keep_tables and _part_schema(name) else None
+        why = _file_problem(storage.join(campaign_dir, name), expected, keep)
+        if why is not None:
+            problems.append(f"{name} {why}")
+    if problems:
+        return problems, {}
+    return [], {name: pq.read_table(pa.BufferReader(data[0]), schema=_part_schema(name))
+                for name, data in kept.items() if data}
+
+
+class CommitWatch:
+    """Checks each trial's commit as soon as it finishes, in background threads, so that the
+    campaign's final ``check_and_aggregate(..., verified=watch.results())`` reads only the
+    trials it has not seen (on an object store every read is a request). A trial checked
+    against the commit it reported counts only while its marker is listed at the end."""
+
+    def __init__(self, campaign_dir: str | Path, threads: int = 4) -> None:
+        self.campaign_dir = _campaign_location(campaign_dir)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bitflip-commits")
+        self._checks: dict[str, Future] = {}
+
+    def __reduce__(self):  # Tune pickles its callbacks (tuner.pkl): a copy starts with no checks
+        return CommitWatch, (self.campaign_dir,)
+
+    def finished(self, key: str, committed: Mapping[str, Mapping] | None = None) -> None:
+        """Trial ``key`` says it finished, having committed ``committed`` (what its marker
+        lists, if it said): check its files against that (else its marker), keep its parts."""
+        if key not in self._checks:
+            self._checks[key] = self._pool.submit(self._check, key, committed)
+
+    def _check(self, key: str, committed: Mapping[str, Mapping] | None) -> dict[str, pa.Table] | None:
+        if committed is None:
+            tables: dict[str, pa.Table] = {}
+            state = _check_markers(self.campaign_dir, {key: marker_path(self.campaign_dir, key)}, tables)
+            return tables if key in state.finished else None
+        problems, tables = _listed_problems(self.campaign_dir, committed, keep_tables=True)
+        return None if problems else tables
+
+    def results(self) -> dict[str, dict[str, pa.Table]]:
+        """{key: its parts as read} of every trial whose commit checked out (waits for the
+        checks); the others are left to the final check."""
+        self._pool.shutdown(wait=True)
+        verified = {}
+        for key, check in self._checks.items():
+            tables = None if check.exception() is not None else check.result()
+            if tables is not None:
+                verified[key] = tables
+        return verified
 
 
 def discard_trial(campaign_dir: str | Path, key: str) -> None:
@@ -386,11 +501,12 @@ def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
     return trials
 
 
-def check_and_aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None) -> tuple[TrialCheck, pa.Table]:
-    """``check_trials`` (of ``keys``, or all), then ``aggregate`` of the finished ones, reading
-    each part file once (on an object store every read is a request)."""
+def check_and_aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
+                        verified: Mapping[str, Mapping[str, pa.Table]] | None = None) -> tuple[TrialCheck, pa.Table]:
+    """``check_trials`` (of ``keys``, or all; ``verified`` as there), then ``aggregate`` of the
+    finished ones, reading each part file once (on an object store every read is a request)."""
     read: dict[str, pa.Table] = {}
-    state = check_trials(campaign_dir, keys, tables=read)
+    state = check_trials(campaign_dir, keys, tables=read, verified=verified)
     return state, aggregate(campaign_dir, state.finished, _read=read)
 
 def write_spec(campaign_dir: str | Path, spec: Mapping) -> None:

@@ -3,8 +3,9 @@ runs, written without Ray so it can be driven directly (tests, GPU checks).
 
 Model, data and golden predictions are loaded once per worker process and reused by every
 trial that process runs (Tune's ``reuse_actors``). Images are processed in windows of
-``report_every`` (independent of batch size): after each, running counts are reported and
-an optional ``target_margin`` on the Wilson 95% half-width stops the trial early.
+``report_every`` (independent of batch size): after each, running counts are reported (the
+last window's with what the trial's commit lists, while its files are written) and an
+optional ``target_margin`` on the Wilson 95% half-width stops the trial early.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from trainables.digests import changed_inputs, input_digests
 from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
-from trainables.results import trial_key, write_trial
+from trainables.results import trial_key, uncommit_trial, write_trial
 from trainables.zoo.data import load_dataset
 from trainables.zoo import quantization
 from trainables.zoo.models import load_model
@@ -119,6 +120,7 @@ def run_trial(
 ) -> dict:
     """Run one trial, write its parquet files atomically under its key, return its row."""
     started = time.time()
+    uncommitted = uncommit_trial(settings.directory, point.key)  # on a store: while the trial computes
     device, device_label = pick_device(list(assigned_gpus))
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
@@ -148,11 +150,12 @@ def run_trial(
         if outcome.records is not None:
             record_parts.append(outcome.records)
         low, high = counts.wilson()
-        if report is not None:
-            report(_metrics(point, counts, low, high, time.perf_counter() - t0))
+        metrics = _metrics(point, counts, low, high, time.perf_counter() - t0)
         if settings.target_margin and stop < n and (high - low) / 2 < settings.target_margin:
             stopped_early = True
             break
+        if report is not None and stop < n:
+            report(metrics)
     low, high = counts.wilson()
     row = {
         "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
@@ -180,7 +183,9 @@ def run_trial(
     ]
     for bit_row in bit_rows:
         bit_row.update(protection.bit_columns(pairs, bit_row["bit"]))
-    write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, str(fault), record_parts))
+    # the last window's counts are reported with what the commit lists, while the files are written
+    write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, str(fault), record_parts),
+                uncommitted=uncommitted, while_writing=None if report is None else lambda c: report({**metrics, "commit": c}))
     return row
 
 
