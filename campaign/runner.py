@@ -248,8 +248,8 @@ class CommitChecks(tune.Callback):
         self.committed: dict[str, dict] = {}  # trial id -> what its commit lists (its last report)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "commit" in result:
-            self.committed[trial.trial_id] = result["commit"]
+        if "commit" in result:  # JSON text: Tune keeps statistics of every numeric leaf of a result
+            self.committed[trial.trial_id] = json.loads(result["commit"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.watch.finished(TrialPoint(**trial.config["trial"]).key, self.committed.pop(trial.trial_id, None))
@@ -384,7 +384,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
             trainable,
             param_space={"campaign": settings, "trial": {field.name: None for field in dataclasses.fields(TrialPoint)}},
             tune_config=TuneConfig(search_alg=trial_points(pending, plan.spec.max_concurrent), num_samples=len(pending),
-                                   reuse_actors=True, trial_dirname_creator=lambda trial: trial.trial_id),
+                                   reuse_actors=True, trial_dirname_creator=trial_folder),
             run_config=RunConfig(name=f"tune-{attempt}", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
                                  failure_config=FailureConfig(max_failures=plan.spec.max_failures),
                                  callbacks=[progress, CommitChecks(watch), TrialFolders()]),
@@ -421,6 +421,12 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
                      if key in launched)
     return CampaignOutcome(plan.directory, len(wanted), len(final.finished), errors, time.monotonic() - started,
                            int(injections), len(pending), tuple(damaged))
+
+
+def trial_folder(trial) -> str:
+    """A trial's folder under Tune's run directory: its id (module level, so Tune's state
+    pickles a reference to it, not the function, with every trial)."""
+    return trial.trial_id
 
 
 def max_pending(spec: CampaignSpec) -> int:

@@ -153,7 +153,7 @@ def test_commits_checked_as_trials_finish_are_not_read_again_and_give_the_same_f
     monkeypatch.setattr(R.storage, "read_bytes", lambda loc: reads.append(Path(loc).relative_to(tmp_path).as_posix())
                         or real(loc))
     watch = R.CommitWatch(tmp_path)
-    for key, committed in ((a, None), (b, None), (a, None), (c, reported[-1]["commit"])):  # a twice: checked once
+    for key, committed in ((a, None), (b, None), (a, None), (c, json.loads(reported[-1]["commit"]))):  # a twice: checked once
         watch.finished(key, committed)
     verified = watch.results()
     assert sorted(verified) == [a, c] and sorted(verified[a]) == [f"parts/bits/{a}.parquet", f"parts/trials/{a}.parquet"]
@@ -167,7 +167,7 @@ def test_commits_checked_as_trials_finish_are_not_read_again_and_give_the_same_f
     assert {name: (tmp_path / name).read_bytes() for name in (R.TRIALS_FILE, R.BITS_FILE)} == separate
     (tmp_path / "parts" / "done" / f"{a}.json").unlink()  # a verified trial counts only while its marker is there
     assert R.check_trials(tmp_path, verified=verified).finished == {b, c}
-    stale = {**reported[-1]["commit"], f"parts/bits/{c}.parquet": {"size": 1, "sha256": "0" * 64}}
+    stale = {**json.loads(reported[-1]["commit"]), f"parts/bits/{c}.parquet": {"size": 1, "sha256": "0" * 64}}
     other = R.CommitWatch(tmp_path)
     other.finished(c, stale)  # a commit its files do not match is left to the final check
     assert other.results() == {}

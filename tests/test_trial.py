@@ -33,7 +33,7 @@ def test_without_margin_every_image_runs_and_reports_are_running_counts(tmp_path
     assert [r["images"] for r in reports] == [500, 1000, 1500, 2000]
     assert reports[-1]["mismatches"] == row["mismatches"] and row["images_per_weight_fault"] == 256
     marker = json.loads((tmp_path / "parts" / "done" / f"{row['trial_key']}.json").read_text())
-    assert "commit" not in reports[-2] and reports[-1]["commit"] == marker["files"]  # the last, once committed
+    assert "commit" not in reports[-2] and json.loads(reports[-1]["commit"]) == marker["files"]  # the last, once committed
     assert sorted(marker["files"]) == [f"{folder}/{row['trial_key']}.parquet" for folder in ("faults", "parts/bits", "parts/trials")]
 
 

@@ -9,6 +9,7 @@ optional ``target_margin`` on the Wilson 95% half-width stops the trial early.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -185,7 +186,8 @@ def run_trial(
         bit_row.update(protection.bit_columns(pairs, bit_row["bit"]))
     # the last window's counts are reported with what the commit lists, while the files are written
     write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, str(fault), record_parts),
-                uncommitted=uncommitted, while_writing=None if report is None else lambda c: report({**metrics, "commit": c}))
+                uncommitted=uncommitted,
+                while_writing=None if report is None else lambda c: report({**metrics, "commit": json.dumps(c)}))
     return row
 
 
