@@ -17,22 +17,24 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import CLASS_COUNTS, COUNTS, IDENTITY, OPTIONAL_IDENTITY, Source, bit_spec_order, load, load_bits
+from trainables.inject.bitpools import FIELD_NAMES, LAYOUTS, WIDTHS
 from trainables.stats import wilson_interval
 
 Data = Union[pd.DataFrame, Source]
 
 SITE_KEYS = ("site_index", "site_name", "site_type")
 SAMPLING = "bit_sampling"  # 'random' (one random bit per fault) or 'fixed' (a bit number per trial)
-FIELDS = ("sign", "exponent", "mantissa", "magnitude")  # magnitude: the value bits of an integer format
-# mode -> (width, exponent bits); the sign is the top bit, the mantissa the rest (IEEE-754, LSB = 0);
-# fp8 weight storage: e4m3fn (sign 7, exponent 6-3, mantissa 2-0), e5m2 (sign 7, exponent 6-2, mantissa 1-0)
-FORMATS: dict[str, tuple[int, int]] = {"fp32": (32, 8), "tf32": (32, 8), "fp16": (16, 5), "bf16": (16, 8),
-                                       "fp8_e4m3fn": (8, 4), "fp8_e5m2": (8, 5)}
-# Integer formats of int8 models -> (width, signed). Weights are qint8, two's complement: bit 7 is the
+FIELDS = FIELD_NAMES  # sign, exponent, mantissa (IEEE formats); magnitude: the value bits of an integer format
+# The element formats' fields (LSB = 0) are bitpools.LAYOUTS, shared with the bit pools that name them.
+# Float formats -> (width, exponent bits): IEEE-754 fp32/tf32/fp16/bf16, fp8 weight storage e4m3fn, e5m2.
+FORMATS: dict[str, tuple[int, int]] = {name: (WIDTHS[name], fields["exponent"][0] - fields["exponent"][1] + 1)
+                                       for name, fields in LAYOUTS.items() if "exponent" in fields}
+# Integer formats -> (width, signed). int8 models' weights are qint8, two's complement: bit 7 is the
 # sign, 6-0 magnitude. Activations are quint8 codes (value = (code - zero point) x scale): no sign,
 # bits 7-0 are magnitude and bit 7 is worth 128 x scale (the x86 backend's reduced range keeps clean
-# codes in 0..127, so a flip of bit 7 always adds 128 x scale).
-INT_FORMATS: dict[str, tuple[int, bool]] = {"int8": (8, True), "uint8": (8, False), "int32": (32, True)}  # int32: qparam zero points
+# codes in 0..127, so a flip of bit 7 always adds 128 x scale). int32: qparam zero points.
+INT_FORMATS: dict[str, tuple[int, bool]] = {name: (WIDTHS[name], "sign" in fields)
+                                            for name, fields in LAYOUTS.items() if "magnitude" in fields}
 ELEMENT = "element_format"  # per-bit tables of qparam rows keep float32 scales and int32 zero points apart
 WHOLE_ELEMENT_FAULTS = ("random", "zero")  # fault models that replace every bit (left out of per-bit tables)
 RATE_COLUMNS = ("misclassification_rate", "ci_low", "ci_high", "sdc_rate", "nonfinite_rate", "masked_rate", "failure_rate")
@@ -191,27 +193,17 @@ def element_format(mode: str, kind: str, weight_format: object = None, site_name
 def bit_field(mode: str, bit: int) -> str:
     """'sign', 'exponent' or 'mantissa' of bit ``bit`` (LSB = 0) in the storage format ``mode``
     (a math mode or an element format: fp8_e4m3fn, fp8_e5m2, int8, uint8 -> 'sign'/'magnitude')."""
-    if mode in INT_FORMATS:
-        width, signed = INT_FORMATS[mode]
-        if not 0 <= bit < width:
-            raise ValueError(f"bit {bit} out of range for format {mode!r} ({width} bits)")
-        return "sign" if signed and bit == width - 1 else "magnitude"
-    if mode not in FORMATS:
+    if mode not in LAYOUTS:
         raise ValueError(f"unknown math mode {mode!r}: expected one of {sorted(FORMATS)}")
-    width, exponent = FORMATS[mode]
-    if not 0 <= bit < width:
-        raise ValueError(f"bit {bit} out of range for mode {mode!r} ({width} bits)")
-    return "sign" if bit == width - 1 else "exponent" if bit >= width - 1 - exponent else "mantissa"
+    if not 0 <= bit < WIDTHS[mode]:
+        raise ValueError(f"bit {bit} out of range for {'format' if mode in INT_FORMATS else 'mode'} {mode!r} "
+                         f"({WIDTHS[mode]} bits)")
+    return next(field for field, (high, low) in LAYOUTS[mode].items() if low <= bit <= high)
 
 
 def field_bits(mode: str, field: str) -> tuple[int, int]:
     """(highest, lowest) bit of a field in the storage format of ``mode``."""
-    if mode in INT_FORMATS:
-        width, signed = INT_FORMATS[mode]
-        return {"sign": (width - 1, width - 1), "magnitude": (width - 1 - signed, 0)}[field]
-    width, exponent = FORMATS[mode]
-    return {"sign": (width - 1, width - 1), "exponent": (width - 2, width - 1 - exponent),
-            "mantissa": (width - 2 - exponent, 0)}[field]
+    return LAYOUTS[mode][field]
 
 
 def row_formats(frame: pd.DataFrame) -> list[str]:

@@ -270,22 +270,20 @@ def write_trial(campaign_dir: str | Path, trial_row: Mapping, bit_rows: Iterable
     writes = [(storage.join(campaign_dir, name), data) for name, data in files.items()]
     writes.append((marker_path(campaign_dir, key), marker))
 
-    def write_all() -> None:
-        if storage.is_uri(campaign_dir):  # each request waits on the network: all at once
-            storage.map_io(lambda item: atomic_write_bytes(item[1], item[0]), writes, campaign_dir)
-        else:
-            for path, data in writes:  # the marker last
-                atomic_write_bytes(data, path)
+    def write_in_order() -> None:  # a local disk: the marker last
+        for path, data in writes:
+            atomic_write_bytes(data, path)
 
-    if while_writing is None:
-        write_all()
-    else:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitflip-write") as pool:
-            writing = pool.submit(write_all)
-            try:
+    on_store = storage.is_uri(campaign_dir)  # there each request waits on the network: all at once
+    with ThreadPoolExecutor(max_workers=len(writes) if on_store else 1, thread_name_prefix="bitflip-write") as pool:
+        writing = ([pool.submit(atomic_write_bytes, data, path) for path, data in writes] if on_store
+                   else [pool.submit(write_in_order)])
+        try:
+            if while_writing is not None:
                 while_writing(committed)
-            finally:
-                writing.result()
+        finally:
+            for write in writing:
+                write.result()
     return committed
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 PREFIX = "random:"
 FIELD_NAMES = ("sign", "exponent", "mantissa", "magnitude")
-# element format -> field -> (highest, lowest) bit, LSB = 0 (the names analysis.tables uses)
+# element format -> field -> (highest, lowest) bit, LSB = 0 (analysis.tables derives its formats from these)
 LAYOUTS: dict[str, dict[str, tuple[int, int]]] = {
     "fp32": {"sign": (31, 31), "exponent": (30, 23), "mantissa": (22, 0)},
     "fp16": {"sign": (15, 15), "exponent": (14, 10), "mantissa": (9, 0)},

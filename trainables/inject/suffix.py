@@ -226,17 +226,17 @@ def first_use(gm: fx.GraphModule, tensor: torch.Tensor) -> int | None:
     for i, node in enumerate(gm.graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if any(_same(p, tensor) for p in module.parameters()) or any(_same(b, tensor) for b in module.buffers()):
+            if any(_same_memory(p, tensor) for p in module.parameters()) or any(_same_memory(b, tensor) for b in module.buffers()):
                 return i
         elif node.op == "get_attr":
             owner, _, attr = str(node.target).rpartition(".")
             value = getattr(gm.get_submodule(owner) if owner else gm, attr, None)
-            if isinstance(value, torch.Tensor) and _same(value, tensor):
+            if isinstance(value, torch.Tensor) and _same_memory(value, tensor):
                 return i
     return None
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors are views of the same memory (a parameter and its detached view)."""
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.device == b.device
 
