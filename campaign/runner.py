@@ -255,6 +255,38 @@ class CommitChecks(tune.Callback):
         self.watch.finished(TrialPoint(**trial.config["trial"]).key, self.committed.pop(trial.trial_id, None))
 
 
+class TrialErrors(tune.Callback):
+    """Each errored trial's key and last error line, read from Tune's own Trial (config
+    always set) when the error happens: the result grid's ``config`` can be None."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}  # trial id -> our trial key
+        self.reasons: dict[str, str] = {}  # trial key -> the last line of its latest error
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.keys[trial.trial_id] = TrialPoint(**trial.config["trial"]).key
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        key = self.keys.get(trial.trial_id) or TrialPoint(**trial.config["trial"]).key
+        self.reasons[key] = last_error_line(trial.error_file)
+
+
+def last_error_line(path: str | None) -> str:
+    """The last non-empty line of a Tune error file ('no error text' when there is none)."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    except (OSError, TypeError):
+        lines = []
+    return lines[-1] if lines else "no error text"
+
+
+def failure_lines(launched: list[str], finished, reasons: dict[str, str]) -> tuple[str, ...]:
+    """'key: reason' for each launched trial that has no verified commit, in launch order: the
+    campaign's own truth (its commit markers), whatever Tune's results say."""
+    return tuple(f"{key}: {reasons.get(key, 'did not finish (no error reported by Tune)')}"
+                 for key in launched if key not in finished)
+
+
 class TrialFolders(tune.Callback):
     """Removes each finished trial's folder from Tune's driver staging directory while it is
     empty (the campaign writes no Tune metrics files: the part files are its results), so Tune's
@@ -380,6 +412,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
         tune_fs = tune_view(tune_fs) if tune_fs is not None else None  # no requests that can only miss
         progress = Progress(len(wanted), len(wanted) - len(pending), plan.num_images, progress_every_s)
         watch = CommitWatch(plan.directory)
+        trial_errors = TrialErrors()
         tuner = Tuner(
             trainable,
             param_space={"campaign": settings, "trial": {field.name: None for field in dataclasses.fields(TrialPoint)}},
@@ -387,7 +420,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
                                    reuse_actors=True, trial_dirname_creator=trial_folder),
             run_config=RunConfig(name=f"tune-{attempt}", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
                                  failure_config=FailureConfig(max_failures=plan.spec.max_failures),
-                                 callbacks=[progress, CommitChecks(watch), TrialFolders()]),
+                                 callbacks=[progress, CommitChecks(watch), trial_errors, TrialFolders()]),
         )
         print(f"[campaign] {plan.spec.model} on {plan.dataset} ({name_suffix(plan.spec)}): {len(pending)} of {len(wanted)} "
               f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
@@ -404,7 +437,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
         notice = _DropMetricsNotice()
         logging.getLogger(_METRICS_LOGGER).addFilter(notice)
         try:
-            results = tuner.fit()
+            tuner.fit()
         except KeyboardInterrupt:
             check_and_aggregate(plan.directory, wanted, verified=watch.results())
             raise CampaignInterrupted(plan.directory) from None
@@ -413,12 +446,13 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
             logging.getLogger(_METRICS_LOGGER).removeFilter(notice)
             for key in tune_env:
                 os.environ.pop(key, None)
-        errors = tuple(f"{TrialPoint(**r.config['trial']).key}: {str(r.error).strip().splitlines()[-1]}"
-                       for r in results if r.error is not None)
     final, trials = check_and_aggregate(plan.directory, wanted, verified=watch.results() if pending else None)
-    launched = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending}
+    launched = [trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending]
+    if pending:
+        errors = failure_lines(launched, final.finished, trial_errors.reasons)
+    launched_here = set(launched)
     injections = sum(n for key, n in zip(trials.column("trial_key").to_pylist(), trials.column("images").to_pylist())
-                     if key in launched)
+                     if key in launched_here)
     return CampaignOutcome(plan.directory, len(wanted), len(final.finished), errors, time.monotonic() - started,
                            int(injections), len(pending), tuple(damaged))
 

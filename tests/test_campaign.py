@@ -1,5 +1,6 @@
 """Campaigns on a real local Ray cluster: results equal the engine's, GPU placement,
 worker-crash retries, resume after SIGKILL / Ctrl-C of the driver."""
+import dataclasses
 import os
 import shutil
 import signal
@@ -185,6 +186,30 @@ def test_trials_failing_without_retries_are_reported_and_finished_by_resume(ray_
     assert sorted(e.split(":")[0] for e in first.errors) == sorted(p.name for p in crash_dir.iterdir())
     second = run_campaign(spec_from_directory(first.directory), _crash_once_dir=str(crash_dir))
     assert second.complete and second.errored == 0 and second.injections == 600
+
+
+def test_failed_trials_are_named_from_the_campaign_s_own_record_not_tune_s_result_config(tmp_path):
+    """Tune may hand back a failed trial's result with ``config`` None: the failures come from
+    the callback, which reads Tune's Trial at the error, and from the commit markers."""
+    from types import SimpleNamespace
+
+    from campaign.runner import TrialErrors, failure_lines
+
+    points = [TrialPoint(kind="neuron", site=s, bit=30, seed=7) for s in (0, 1, 2)]
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Failure # 1 (occurred at 2026-12-03)\nTraceback ...\nRuntimeError: worker died\n\n")
+    callback = TrialErrors()
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={"trial": dataclasses.asdict(p)}, error_file=None)
+              for i, p in enumerate(points)]
+    for trial in trials:
+        callback.on_trial_start(0, trials, trial)
+    trials[1].config, trials[1].error_file = None, str(error_file)  # what a Result without config looks like
+    callback.on_trial_error(0, trials, trials[1])
+    keys = [p.key for p in points]
+    assert callback.reasons == {keys[1]: "RuntimeError: worker died"}
+    assert failure_lines(keys, frozenset({keys[0]}), callback.reasons) == (
+        f"{keys[1]}: RuntimeError: worker died", f"{keys[2]}: did not finish (no error reported by Tune)")
+    assert failure_lines(keys, frozenset(keys), callback.reasons) == ()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ CLEAN_IMAGES = 2000  # the demo:vgg test's images (the README's table uses all 1
 
 def module_restriction(max_value: float, min_value: float):
     """The seed's restriction hook (relu_restriction_neuron.py), as a test oracle: the output
-    through torch.fmin with the max, then torch.fmax with the min (a NaN becomes the max)."""
+    through torch.fmin with the max, then torch.fmax with the min (a quiet NaN becomes the max,
+    a signaling NaN the min)."""
     def hook(module, input, output):
         output = torch.fmin(output, torch.tensor(max_value))
         output = torch.fmax(output, torch.tensor(min_value))
@@ -104,24 +105,35 @@ def test_clamp_reproduces_the_seed_restriction_hook_exactly_nan_included():
     assert inner[0].isnan().sum() == 0 and inner[0].max() == hi and inner[0].min() >= lo
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     assert state.take_alarms(6, "cpu").tolist() == [True] * 6  # every image leaves [-0.5, 2] somewhere
-    # relu6 keeps nn.ReLU6's NaN; restrict() with fmin/fmax maps NaN to the max
+    # relu6 keeps nn.ReLU6's NaN; restrict() with fmin/fmax maps a quiet NaN to the max
     t = torch.tensor([float("nan"), -1.0, 7.0, 3.0])
     assert P.restrict(t, 0.0, 6.0).tolist() == [6.0, 0.0, 6.0, 3.0]
     assert torch.equal(P.restrict(t, 0.0, 6.0, nan_to_bound=False).nan_to_num(-9),
                        nn.functional.relu6(t).nan_to_num(-9))
 
 
-def test_fault_comes_before_the_clamp_at_a_protected_site():
+def nan_to_hi(max_value: float, min_value: float):
+    """The restriction as this tool applied it before: every NaN to the max, signaling or not."""
+    return lambda module, input, output: torch.nan_to_num(output, nan=max_value).clamp(min_value, max_value)
+
+
+@pytest.mark.parametrize("name, seed", [("features.2", 3), ("features.3", 3)])
+def test_fault_comes_before_the_clamp_at_a_protected_site(name, seed):
     """At a site that is itself protected, the engine's fault hook runs first: the protected
-    half equals an oracle that flips the element and then applies the seed's restriction."""
+    half equals an oracle that flips the element and then applies the seed's restriction,
+    literally, also where the flip makes a signaling NaN (bit 30 of a value in [1, 1.5)),
+    which fmin quiets and fmax then sends to the min (features.3 seed 3: image 50 tells)."""
     data = load_dataset("fashion-mnist", limit=64)
     bench = engine.prepare(load_model("demo:vgg"), (data.images, data.labels), "fp32", batch_size=64, device="cpu")
-    site = next(s for s in bench.sites if s.name == "features.2")  # the first ReLU
+    site = next(s for s in bench.sites if s.name == name)
     guard = P.fixed_guard(P.parse_protect("clamp:ReLU,MaxPool2d:0:6"), bench.sites)
     pbench = P.protect_bench(bench, guard)
-    out = P.run_paired(pbench, site, "neuron", 30, seed=3, start=0, stop=64, record="all")
+    out = P.run_paired(pbench, site, "neuron", 30, seed=seed, start=0, stop=64, record="all")
     images = bench.images[:64]
     positions, bits = torch.from_numpy(out.records.position), torch.from_numpy(out.records.bit.astype(np.int64))
+    before = out.records.raw_before.astype(np.int32).view(np.float32)
+    signaling = int(((before >= 1.0) & (before < 1.5)).sum())  # bit 30 set to 1 there: exponent 255, quiet bit 0
+    assert signaling > 0 and (out.records.bit == 30).all()
 
     def flip(module, inputs, output):
         flat = output.clone().reshape(64, -1)
@@ -130,17 +142,46 @@ def test_fault_comes_before_the_clamp_at_a_protected_site():
         as_int[rows, positions] ^= torch.ones_like(bits, dtype=torch.int32) << bits.to(torch.int32)
         return flat.reshape(output.shape)
 
-    handles = [bench.model.features[2].register_forward_hook(flip)]
-    handles += [m.register_forward_hook(module_restriction(6.0, 0.0)) for m in bench.model.modules()
-                if isinstance(m, (nn.ReLU, nn.MaxPool2d))]
-    try:
-        with torch.no_grad():
-            expected = bench.model(images).argmax(dim=1).numpy()
-    finally:
-        for h in handles:
-            h.remove()
+    def predictions(restriction):
+        handles = [dict(bench.model.named_modules())[name].register_forward_hook(flip)]
+        try:
+            handles += [m.register_forward_hook(restriction(6.0, 0.0)) for m in bench.model.modules()
+                        if isinstance(m, (nn.ReLU, nn.MaxPool2d))]
+            with torch.no_grad():
+                return bench.model(images).argmax(dim=1).numpy()
+        finally:
+            for h in handles:
+                h.remove()
+
+    expected = predictions(module_restriction)
     assert np.array_equal(out.records.protected_faulty, expected)
     assert out.records.detected.sum() > 0  # bit-30 flips of values below 2 leave [0, 6]
+    if name == "features.3":  # the check can fail: sending every NaN to the max changes image 50
+        assert np.flatnonzero(predictions(nan_to_hi) != expected).tolist() == [50]
+
+
+def test_restrict_equals_the_seed_s_two_calls_bit_for_bit():
+    """Quiet and signaling NaNs of both signs, infinities, subnormals and signed zeros, in
+    tensors long enough for the vector kernels and their tails, in place or not, on CPU."""
+    def bits(values):
+        return torch.tensor(values, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+    specials = bits([0x7FC00000, 0xFFC00000, 0x7F80878C, 0xFF80878C, 0x7F800001, 0xFF800001,  # qNaN, sNaN
+                     0x7F800000, 0xFF800000, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF,  # inf, subnormals
+                     0x00000000, 0x80000000, 0x3F800000, 0x40E00000, 0xC0400000])  # zeros, 1, 7, -3
+    flipped = (torch.tensor([1.0041366]).view(torch.int32) ^ (1 << 30)).view(torch.float32)  # the issue's case
+    assert torch.equal(flipped.view(torch.int32), specials[2:3].view(torch.int32))
+    for lo, hi in [(0.0, 6.0), (-0.5, 2.0), (-0.0, 0.0), (1e-45, 1e-44)]:
+        for n in (1, 3, 16):
+            x = specials.repeat(n)
+            seed = module_restriction(hi, lo)(None, None, x.clone())
+            got = P.restrict(x, lo, hi)
+            assert torch.equal(got.view(torch.int32), seed.view(torch.int32)), (lo, hi, n)
+            y = x.clone()
+            assert P.restrict(y, lo, hi, inplace=True) is y and torch.equal(y.view(torch.int32), seed.view(torch.int32))
+    got = P.restrict(specials, 0.0, 6.0).tolist()
+    assert got[:6] == [6.0, 6.0, 0.0, 0.0, 0.0, 0.0]  # quiet NaN -> hi, signaling NaN -> lo (as the seed)
+    assert got[6:8] == [6.0, 0.0] and got[8:12] == [1.401298464324817e-45, 0.0, 1.1754942106924411e-38, 0.0]
 
 
 def test_protected_and_unprotected_halves_see_the_same_element_and_bit(vgg):
