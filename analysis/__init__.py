@@ -7,7 +7,7 @@ tables, Wilson intervals, comparisons and plots. Imports neither torch nor ray.
     print("\\n".join(analysis.seed_layer_lines(analysis.per_site(trials))))
 """
 from analysis.compare import compare
-from analysis.load import load, load_bits, load_faults
+from analysis.load import golden_warnings, load, load_bits, load_faults
 from analysis.paired import is_protected, pair_campaigns, protection_table, seed_protection_lines
 from analysis.tables import (
     bit_field,
@@ -23,6 +23,6 @@ from analysis.tables import (
 )
 
 __all__ = [
-    "bit_field", "compare", "is_protected", "pair_campaigns", "protection_table", "seed_protection_lines", "load", "load_bits", "load_faults", "per_bit", "per_bit_field", "per_seed",
+    "bit_field", "compare", "golden_warnings", "is_protected", "pair_campaigns", "protection_table", "seed_protection_lines", "load", "load_bits", "load_faults", "per_bit", "per_bit_field", "per_seed",
     "per_site", "per_type", "pool", "seed_layer_lines", "site_by_bit", "write_seed_csv",
 ]

@@ -23,7 +23,8 @@ Source = Union[PathLike, Sequence[PathLike]]
 IDENTITY = ("model", "dataset", "mode", "kind")
 # Identity columns with a default: tables group by one only where a row differs from its default, so
 # today's tables keep their columns; files written before the column existed read as the default.
-OPTIONAL_IDENTITY = {"fault": "flip", "weight_format": "none", "protect": "none"}  # fp8 weight storage; mitigation
+OPTIONAL_IDENTITY = {"fault": "flip", "weight_format": "none", "protect": "none",  # fp8 weight storage; mitigation
+                     "golden": "consistent"}  # see golden_groups: never pool trials whose fault-free outputs differ
 COUNTS = ("images", "golden_correct", "mismatches", "changed", "nonfinite")
 # Outcome-class counts (sdc: finite logits, top-1 changed; failures: golden-correct images whose
 # top-1 changed or whose logits are non-finite); NA in files written before they existed.
@@ -41,7 +42,7 @@ REQUIRED_FAULT_COLUMNS = ("trial_key", "image", "golden_correct", "changed", "bi
 # Trial columns joined onto per-bit and per-fault rows.
 TRIAL_KEYS_FOR_ROWS = (
     "campaign", "campaign_dir", "model", "dataset", "mode", "kind", "site_index", "site_name",
-    "site_type", "seed", "bit_spec", "fault", "weight_format",
+    "site_type", "seed", "bit_spec", "fault", "weight_format", "golden",
 )
 
 _STR = pd.StringDtype(na_value=np.nan)
@@ -53,7 +54,8 @@ TRIAL_DTYPES: dict[str, object] = {
     "batch_size": "Int64", **{c: "int64" for c in COUNTS}, **{c: "Int64" for c in CLASS_COUNTS}, "masked": "Int64",
     "misclassification_rate": "float64", "sdc_rate": "float64", "nonfinite_rate": "float64", "masked_rate": "float64",
     "failure_rate": "float64", "ci_low": "float64", "ci_high": "float64",
-    "stopped_early": "boolean", "wall_s": "float64", "device": "category",
+    "stopped_early": "boolean", "wall_s": "float64", "device": "category", "hardware": "category",
+    "torch_version": "category", "golden_digest": _STR, "golden": "category",
 }
 _ARROW_TO_PANDAS = ((pa.types.is_string, _STR), (pa.types.is_integer, "Int64"), (pa.types.is_floating, "float64"),
                     (pa.types.is_boolean, "boolean"))
@@ -232,9 +234,37 @@ def _trials_one(directory: Path | str) -> pd.DataFrame:
     frame = table.to_pandas()
     frame["campaign"] = _campaign_name(frame, spec, directory)
     frame["campaign_dir"] = str(directory)
+    frame["golden"] = golden_groups(frame)
     for column, default in OPTIONAL_IDENTITY.items():
         frame[column] = frame[column].fillna(default) if column in frame else default
     return frame
+
+
+def golden_groups(trials: pd.DataFrame) -> pd.Series:
+    """Per trial row of one campaign: 'consistent' while all its trials agree on the golden
+    (fault-free) logits and predictions (or predate the digest), else the trial's golden digest,
+    so that tables never pool trials of machines that compute differently."""
+    digests = trials["golden_digest"] if "golden_digest" in trials else pd.Series(pd.NA, index=trials.index)
+    if digests.dropna().nunique() <= 1:
+        return pd.Series("consistent", index=trials.index, dtype=object)
+    return digests.astype(object).where(digests.notna(), "unrecorded")
+
+
+def golden_warnings(trials: pd.DataFrame) -> list[str]:
+    """One line per campaign whose trials disagree on the golden outputs, naming each group
+    (digest, trials, the hardware it ran on); empty when every campaign is consistent."""
+    lines = []
+    split = trials[trials["golden"].astype(str) != "consistent"] if "golden" in trials else trials.iloc[:0]
+    for name, rows in split.groupby("campaign", observed=True, sort=True):
+        parts = []
+        for digest, group in rows.groupby(rows["golden"].astype(str), sort=True):
+            where = sorted(str(h) for h in group["hardware"].dropna().unique()) if "hardware" in group else []
+            parts.append(f"golden {digest} on {group['trial_key'].nunique()} trial(s)"
+                         + (f" ({', '.join(where)})" if where else ""))
+        lines.append(f"campaign {name}: its trials disagree on the fault-free (golden) outputs, so they ran on "
+                     f"hardware that computes differently: {'; '.join(parts)}. The tables keep these groups apart "
+                     f"(column golden); rerun on one kind of machine to pool them")
+    return lines
 
 
 def _load_trial_frames(source: Source) -> list[pd.DataFrame]:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import IDENTITY
-from trainables.stats import mcnemar_exact, wilson_interval
+from trainables.stats import mcnemar_exact, mcnemar_log10, wilson_interval
 
 SITE_KEYS = ("site_index", "site_name", "site_type")
 PAIR_COUNTS = ("pair_both", "pair_unprotected_only", "pair_protected_only")
@@ -46,6 +46,8 @@ def _rates(table: pd.DataFrame) -> pd.DataFrame:
     table["protected_ci_low"], table["protected_ci_high"] = wilson_interval(p, n)
     table["mcnemar_p"] = [mcnemar_exact(b, c) for b, c in
                           zip(table["pair_unprotected_only"], table["pair_protected_only"])]
+    table["mcnemar_log10_p"] = [mcnemar_log10(b, c) for b, c in  # finite where mcnemar_p underflows to 0.0
+                                zip(table["pair_unprotected_only"], table["pair_protected_only"])]
     if "faulty_correct" in table:
         images = table["images"].to_numpy(dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -168,13 +170,19 @@ def format_protection(table: pd.DataFrame) -> list[str]:
                      f"{pct(row.rate) + '% [' + pct(row.ci_low) + ', ' + pct(row.ci_high) + ']':>26}  "
                      f"{pct(row.protected_rate) + '% [' + pct(row.protected_ci_low) + ', ' + pct(row.protected_ci_high) + ']':>26}  "
                      f"{pct(row.reduction) + ' pt':>9}  {int(row.pair_unprotected_only):>6}  {int(row.pair_protected_only):>6}  "
-                     f"{_p_text(row.mcnemar_p):>9}")
+                     f"{_p_text(row.mcnemar_p, row.mcnemar_log10_p):>9}")
     return lines
 
 
-def _p_text(p: float) -> str:
-    """A p-value for text tables; one below the smallest double (exactly 0.0) reads '<1e-300'."""
-    return "<1e-300" if p == 0 else f"{p:.2g}"
+def _p_text(p: float, log10_p: float) -> str:
+    """A p-value for text tables, from its log10 where the double underflows (1.4e-1062)."""
+    if p > 0 or not np.isfinite(log10_p):
+        return f"{p:.2g}"
+    exponent = int(np.floor(log10_p))
+    mantissa = round(10 ** (log10_p - exponent), 1)
+    if mantissa >= 10:
+        mantissa, exponent = 1.0, exponent + 1
+    return f"{mantissa:.1f}e{exponent}"
 
 
 def plot_protection(table: pd.DataFrame, path: Union[str, Path]) -> Path:

@@ -11,7 +11,7 @@ from typing import Sequence
 import pandas as pd
 
 from analysis.compare import compare
-from analysis.load import campaign_dirs, load, load_bits
+from analysis.load import campaign_dirs, golden_warnings, load, load_bits
 from analysis.paired import report_lines as report_protection
 from analysis.plots import plot_bit_rates, plot_site_bit_heatmap, plot_site_rates
 from analysis.tables import (
@@ -97,23 +97,41 @@ def _fault_model_note(trials: pd.DataFrame) -> list[str]:
 def _completeness(paths: Sequence[Path | str]) -> list[str]:
     """'PARTIAL' lines for campaigns with fewer finished, intact trials than planned (or with
     damaged files); nothing for complete campaigns."""
-    lines = []
+    return _verified(paths)[0]
+
+
+def _verified(paths: Sequence[Path | str]) -> tuple[list[str], dict[str, set[str]]]:
+    """(the PARTIAL lines, {campaign dir: the trial keys the tables may count}) for campaigns
+    whose aggregate does not match their verified commits; the tables then cover the trials
+    that are both aggregated and finished intact, and the header says how many."""
+    lines, keep = [], {}
     for directory in paths:
         spec = R.read_spec(directory)
         planned = spec.get("num_trials")
         check = R.check_trials(directory)
-        aggregated = len(storage.read_table(storage.join(directory, R.TRIALS_FILE), columns=["trial_key"]))
-        if not check.damaged and aggregated == len(check.finished) and (planned is None or aggregated >= planned):
+        aggregated = set(storage.read_table(storage.join(directory, R.TRIALS_FILE), columns=["trial_key"])
+                         .column("trial_key").to_pylist())
+        if not check.damaged and aggregated == set(check.finished) and (planned is None or len(aggregated) >= planned):
             continue
+        covered = aggregated & set(check.finished)
+        keep[str(directory)] = covered
         state = [f"{len(check.finished)} of {planned if planned is not None else '?'} trials finished"]
-        if aggregated != len(check.finished):
-            state.append(f"{R.TRIALS_FILE} holds {aggregated}")
+        if aggregated != set(check.finished):
+            state.append(f"{R.TRIALS_FILE} holds {len(aggregated)}")
         if check.damaged:
             state.append(f"{len(check.damaged)} with missing or damaged files ({', '.join(sorted(check.damaged)[:3])}"
                          f"{', ...' if len(check.damaged) > 3 else ''})")
-        lines.append(f"PARTIAL campaign {directory}: {'; '.join(state)}. The tables cover the finished trials only; "
-                     f"`python -m campaign resume {directory}` completes it.")
-    return lines + [""] if lines else []
+        lines.append(f"PARTIAL campaign {directory}: {'; '.join(state)}. The tables cover the {len(covered)} finished, "
+                     f"intact trial(s) only; `python -m campaign resume {directory}` completes it.")
+    return (lines + [""] if lines else []), keep
+
+
+def _only_verified(frame: pd.DataFrame, keep: dict[str, set[str]]) -> pd.DataFrame:
+    """Rows of ``frame`` whose trial is verified (campaigns in ``keep``) or whose campaign is whole."""
+    if not keep:
+        return frame
+    directory, key = frame["campaign_dir"].astype(str), frame["trial_key"].astype(str)
+    return frame[[d not in keep or k in keep[d] for d, k in zip(directory, key)]].reset_index(drop=True)
 
 
 def _comparisons(trials: pd.DataFrame, bits: pd.DataFrame, out: Path, written: list[Path]) -> list[str]:
@@ -155,7 +173,11 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
         raise ValueError(f"{paths[0]} is on object storage: pass --out with a local folder for the report")
     if out_dir is not None and (storage.is_uri(out_dir) or storage.uri_problem(str(out_dir))):
         raise ValueError(f"report --out {out_dir}: the report is written to a local folder; name one")
-    trials, bits = load(paths), load_bits(paths)
+    partial, keep = _verified(paths)
+    trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
+    if trials.empty:
+        raise ValueError(f"no finished, intact trials to report in {', '.join(map(str, keep))}: "
+                         f"run `python -m campaign resume` on it first")
     several = trials["campaign"].nunique() > 1
     out = Path(out_dir) if out_dir is not None else paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +192,8 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
         written.append(out / f"{name}.csv")
     written += write_seed_csv(trials, out / "seed_layout.csv")
 
-    lines = ["Bit-flip fault-injection report", "", *_completeness(paths), "Campaigns:", *_summary(trials), "",
+    mixed = [f"WARNING {line}" for line in golden_warnings(trials)]
+    lines = ["Bit-flip fault-injection report", "", *partial, *mixed, *[""] * bool(mixed), "Campaigns:", *_summary(trials), "",
              "Per-site misclassification rate (mismatches / golden-correct images):", "",
              *seed_layer_lines(site_table), "",
              "Outcome classes of every fault: masked (top-1 unchanged, finite logits), SDC (finite logits,",

@@ -288,6 +288,8 @@ def group_title(ident: dict, rows: pd.DataFrame | None = None) -> str:
     notes = []
     if ident.get(ELEMENT):  # qparam sites: float32 scales, int32 zero points
         notes.append({"fp32": "float32 scales", "int32": "int32 zero points"}.get(ident[ELEMENT], ident[ELEMENT]))
+    if ident.get("golden") not in (None, "consistent"):  # a campaign whose machines disagree: see golden_warnings
+        notes.append(f"golden outputs {ident['golden']}")
     if fault in WHOLE_ELEMENT_FAULTS:
         notes.append("every bit of the element")
     elif rows is not None and "bit_specs" in rows:

@@ -36,8 +36,11 @@ neuron and weight sites, all layers, random bit, one seed) on this machine.
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="demo:vgg | demo:resnet | chenyaofo:cifar10_resnet20 | torchvision:<arch> | file:<path> (default demo:vgg)")
-    parser.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | synthetic:CxHxW:classes (default: the model's own)")
+    parser.add_argument("--model", help="demo:vgg | demo:resnet | demo:vit | demo:text | chenyaofo:cifar10_resnet20 | "
+                                         "torchvision:<arch> | file:<path> (default demo:vgg)")
+    parser.add_argument("--dataset", help="fashion-mnist | fashion-mnist-calib | cifar10 | cifar10-train | cifar100 | "
+                                           "cifar100-train | synthetic:CxHxW:classes[:N] | "
+                                           "synthetic-tokens:T:vocab:classes[:N] (default: the model's own)")
     parser.add_argument("--hub-dir", help="a local clone of chenyaofo/pytorch-cifar-models (torch.hub source='local')")
     parser.add_argument("--hub-ref", help="git ref of the zoo to load through torch.hub")
     parser.add_argument("--weights", help="a state_dict file, or 'none' for random initialization")
@@ -175,6 +178,8 @@ def _finish(outcome) -> int:
         protected = analysis.is_protected(trials).any()  # two lines per layer, as the seed's
         print("\n".join(analysis.seed_protection_lines(analysis.protection_table(trials)) if protected
                         else analysis.seed_layer_lines(analysis.per_site(trials))))
+        for line in analysis.golden_warnings(trials):
+            print(f"WARNING {line}", file=sys.stderr)
     if not outcome.launched:
         print(f"\nnothing left to run: {outcome.finished}/{outcome.total} trials were already finished; "
               f"results in {outcome.directory}")

@@ -161,6 +161,11 @@ def record_spec(plan: ResolvedCampaign) -> None:
 def spec_from_directory(directory: str | Path, **overrides) -> CampaignSpec:
     """The spec stored in a campaign directory (seeds fixed), for ``resume``."""
     directory = storage.location(directory)
+    if storage.is_uri(directory) and not storage.exists(storage.join(directory, SPEC_FILE)):
+        try:
+            storage.check_readable(directory)  # a gone bucket or refused credentials, rather than "no spec.json"
+        except ValueError as exc:
+            raise SpecError(f"resume: {exc}") from None
     stored = read_spec(directory)
     try:
         values = dict(stored["spec"])

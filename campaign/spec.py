@@ -419,7 +419,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     from trainables.inject.engine import MATH_MODES
     from trainables.inject.faults import derive_seeds
     from trainables.inject import qparams
-    from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
+    from trainables.inject.sites import (coverage_lines, float_outputs, param_table, select_campaign_sites, site_table,
+                                         survey)
     from trainables.inject.sites import parse_index_list, parse_type_list
     from trainables.zoo.data import check_dataset_name, load_dataset
     from trainables.zoo.models import check_model_name, default_dataset_for, load_model
@@ -500,9 +501,29 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                                                          spec.modules, spec.buffers)
     problems += selection_problems
     if "qparam" in spec.sites:  # an int8 model's scales and zero points, of the selected layers
-        selected["qparam"], more = qparams.select_qparams(qparams.qparam_sites(model, found.sites), parse_index_list(spec.layers),
-                                                          parse_type_list(spec.layer_types))
-        problems += more
+        layers = parse_index_list(spec.layers)
+        missing = sorted(set(layers or ()) - {s.index for s in found.sites})
+        if missing:
+            problems.append(f"layers: layer(s) {', '.join(map(str, missing))} do not exist in {spec.model}; its layers "
+                            f"are {found.sites[0].index}..{found.sites[-1].index} (see `python -m campaign layers`)")
+        else:
+            selected["qparam"], more = qparams.select_qparams(qparams.qparam_sites(model, found.sites), layers,
+                                                              parse_type_list(spec.layer_types))
+            problems += more
+    left_out = ()
+    if spec.quantize and selected.get("neuron"):  # a float module left inside the int8 model has no int8 output
+        floating = float_outputs(model, selected["neuron"], shape, dtype if data.images.is_floating_point()
+                                 else data.images.dtype)
+        listed = f"{', '.join(f'{s.index} ({s.name}, {s.module_type})' for s in floating[:5])}{', ...' * (len(floating) > 5)}"
+        if floating and str(spec.layers) != "all":
+            problems.append(f"layers: {len(floating)} selected site(s) compute in float inside the int8 model (no int8 "
+                            f"kernel for them, so their outputs are not 8-bit codes): {listed}; leave them out of "
+                            f"--layers, or study them without --quantize")
+        elif floating:
+            selected["neuron"] = [s for s in selected["neuron"] if s not in floating]
+            if "weight" in selected and "neuron" in spec.sites:
+                selected["weight"] = [s for s in selected["weight"] if s not in floating]
+            left_out = (f"sites: {len(floating)} site(s) compute in float inside the int8 model and are left out: {listed}",)
     if spec.weight_format and not any(s.is_weight_site for s in found.sites):
         problems.append(f"weight_format: {spec.model} has no weight sites (leaf modules with a floating weight) to store "
                         f"in {spec.weight_format}")
@@ -531,7 +552,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                  if line.startswith(("leaf modules that never", "calls that are no")) and not line.endswith(": none"))
     return ResolvedCampaign(spec, dataset, seeds, table, sites_by_kind,
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
-                            digests or input_digests(spec, data, model), notes=said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
+                            digests or input_digests(spec, data, model), notes=left_out + said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
                             + (numformats.weight_note(spec, selected) if spec.prefix and trials_per_site(trials) > 1 else ()),
                             protection=protection)
 
@@ -674,7 +695,7 @@ def resolve_protection(spec: CampaignSpec, dataset: str, model, data, found) -> 
             calib = load_dataset(calibration, root=spec.data_root, download=spec.download)
         except (ValueError, FileNotFoundError) as exc:
             raise P.ProtectError(f"calibration: {exc}") from None
-        P.check_calibration(calibration, calib.images, shape)
+        P.check_calibration(calibration, calib.images, shape, not data.images.is_floating_point())
         sites = P.protected_sites(parsed, found.sites)
         bounds = P.profile_bounds(model, sites, calib.images, spec.batch_size, spec.dtype)
         guard = P.Guard(parsed, tuple(sites), bounds)

@@ -29,6 +29,20 @@ def test_layers_prints_the_site_table_with_reused_relu_calls(capsys):
     assert [(r[0], r[1], r[2]) for r in rows] == [("6", "ReLU", "0"), ("9", "ReLU", "1")]
 
 
+def test_run_help_lists_every_shipped_model_and_data_set(capsys):
+    import pytest
+
+    from trainables.zoo.data import DATASETS
+    from trainables.zoo.demo_models import DEMO_ARCHS
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    assert all(f"demo:{arch}" in text for arch in DEMO_ARCHS) and {"vit", "text"} <= set(DEMO_ARCHS)
+    assert all(name in text for name in DATASETS) and "fashion-mnist-calib" in DATASETS and "cifar10-train" in DATASETS
+    assert "synthetic-tokens:T:vocab:classes[:N]" in text and "synthetic:CxHxW:classes[:N]" in text
+
+
 def test_bad_model_and_missing_weights_file_fail_cleanly(capsys):
     code, _, err = campaign(capsys, "eval", "--model", "demo:alexnet")
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "demo:vgg" in err

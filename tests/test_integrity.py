@@ -2,6 +2,7 @@
 classes, one-line errors for bad input, and what a newcomer sees (issue 8, items 2-7)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from torch import nn
 
 from analysis import report
 from campaign import cli, processes
-from campaign.runner import (_NOTICE_FILTER, Progress, TrialFolders, _DropMetricsNotice, record_spec, run_campaign,
+from campaign.runner import (_NOTICE_FILTER, CampaignOutcome, Progress, TrialFolders, _DropMetricsNotice, record_spec, run_campaign,
                              settings_for, spec_from_directory)
 from campaign.spec import CampaignSpec, SpecError, resolve
 from trainables import results as R
@@ -195,14 +196,68 @@ def test_report_on_a_partial_campaign_says_it_is_partial(tmp_path):
     run_trial(settings, TrialPoint(first.kind, first.site, first.bit, first.seed))
     R.aggregate(plan.directory)
     text = report.run([str(plan.directory)], out_dir=str(tmp_path / "r1"))
-    assert f"PARTIAL campaign {plan.directory}: 1 of 2 trials finished." in text
+    assert f"PARTIAL campaign {plan.directory}: 1 of 2 trials finished. The tables cover the 1 finished, intact" in text
     run_trial(settings, TrialPoint(second.kind, second.site, second.bit, second.seed))
     R.aggregate(plan.directory)
     assert report._completeness([plan.directory]) == []  # the lines report.run puts first
-    (plan.directory / "faults" / f"{R.trial_key(first.kind, first.site, first.bit, first.seed)}.parquet").unlink()
+    full = report.run([str(plan.directory)], out_dir=str(tmp_path / "r2"))
+    assert f"  part ({plan.directory}): demo:vgg / fashion-mnist / fp32 / neuron faults; 2 trials, 128 faults" in full
+    first_key, second_key = (R.trial_key(t.kind, t.site, t.bit, t.seed) for t in (first, second))
+    (plan.directory / "faults" / f"{first_key}.parquet").unlink()  # damaged after the campaign finished
     (line, _), = [report._completeness([plan.directory])]
     assert line.startswith(f"PARTIAL campaign {plan.directory}: 1 of 2 trials finished; trials.parquet holds 2; "
                            "1 with missing or damaged files (neuron-s0001-b30-seed")
+    # the header and the tables agree: they count the intact trial only, not the old aggregate's two
+    text = report.run([str(plan.directory)], out_dir=str(tmp_path / "r3"))
+    assert "The tables cover the 1 finished, intact trial(s) only" in text
+    assert f"  part ({plan.directory}): demo:vgg / fashion-mnist / fp32 / neuron faults; 1 trials, 64 faults" in text
+    per_site = pd.read_csv(tmp_path / "r3" / "per_site.csv")
+    assert per_site["site_index"].tolist() == [second.site] and per_site["images"].tolist() == [64]
+    (plan.directory / "parts" / "done" / f"{second_key}.json").unlink()  # no intact trial left: one line
+    with pytest.raises(ValueError, match=r"^no finished, intact trials to report in .*resume"):
+        report.run([str(plan.directory)], out_dir=str(tmp_path / "r4"))
+
+
+def test_trials_whose_machines_disagree_are_named_and_never_pooled(tmp_path, monkeypatch, capsys):
+    """Two trials of one site on int8 kernels that compute differently (a quantized engine
+    forced on each, as two CPU classes would): the rows say where they ran and differ in their
+    golden digest; run's end and report warn in one line naming both groups; no table pools them."""
+    from trainables.zoo import quantization as Q
+
+    engines = [e for e in Q.FORCEABLE if e in Q._supported_engines()]
+    plan = resolve(CampaignSpec(model="demo:vgg", weights="none", images=64, layers="1", sites=("neuron",), bits="6",
+                                quantize="int8", num_seeds=2, out=str(tmp_path), name="mixed"))
+    record_spec(plan)
+    settings = _settings(plan.directory, name="mixed", images=64, report_every=64, mode="int8", record="none")
+    rows = {}
+    for engine_name in engines:  # each forced engine's golden digest, on the first trial
+        monkeypatch.setenv(Q.ENGINE_VARIABLE, engine_name)
+        rows[engine_name] = run_trial(settings, TrialPoint(*dataclasses.astuple(plan.trials[0])))
+    first, second = next((a, b) for i, a in enumerate(engines) for b in engines[i + 1:]
+                         if rows[a]["golden_digest"] != rows[b]["golden_digest"])
+    points = [TrialPoint(*dataclasses.astuple(t)) for t in plan.trials]
+    for point, engine_name in zip(points, (first, second)):  # as if the two trials ran on two CPU classes
+        monkeypatch.setenv(Q.ENGINE_VARIABLE, engine_name)
+        run_trial(settings, point)
+    R.aggregate(plan.directory)
+    trials = pd.read_parquet(plan.directory / "trials.parquet").set_index("trial_key").loc[[p.key for p in points]]
+    assert trials["golden_digest"].tolist() == [rows[first]["golden_digest"], rows[second]["golden_digest"]]
+    assert trials["torch_version"].tolist() == [torch.__version__] * 2
+    assert trials["hardware"].str.match(rf"cpu .+ \({torch.backends.cpu.get_cpu_capability()}\); int8 ").all()
+    assert [h.split("; int8 ")[1].split(" ")[0] for h in trials["hardware"]] == [first, second]
+    groups = sorted(f"golden {d} on 1 trial(s)" for d in trials["golden_digest"])
+    text = report.run([str(plan.directory)], out_dir=str(tmp_path / "report"))
+    warning, = [line for line in text.splitlines() if line.startswith("WARNING")]
+    assert warning.startswith("WARNING campaign mixed: its trials disagree on the fault-free (golden) outputs")
+    assert all(g in warning for g in groups)
+    per_site = pd.read_csv(tmp_path / "report" / "per_site.csv")
+    assert sorted(per_site["golden"]) == sorted(trials["golden_digest"]) and (per_site["trials"] == 1).all()
+    assert len(pd.read_csv(tmp_path / "report" / "per_bit.csv").query("bit == 6")) == 2
+    outcome = CampaignOutcome(plan.directory, 2, 2, (), 1.0, 128, 2)
+    capsys.readouterr()
+    assert cli._finish(outcome) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == warning
 
 
 # ---------------------------------------------------------------- item 5: outcome classes
@@ -409,3 +464,32 @@ def test_layers_needs_no_data_files(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("chenyaofo:cifar10_resnet20 on cifar10 input [3, 32, 32]: 5 neuron sites")
     assert not (tmp_path / "no-data-here").exists()
+
+
+def test_hostile_inputs_get_one_line_that_names_the_cause(tmp_path):
+    """The hostile-input sweep's misleading lines (issue 19, item 5): each names the real cause."""
+    def refusal(**values) -> str:
+        with pytest.raises(SpecError) as info:
+            resolve(CampaignSpec(images=16, out=str(tmp_path / "never"), **values))
+        assert "\n" not in str(info.value) and not (tmp_path / "never").exists()
+        return str(info.value)
+
+    assert refusal(quantize="int8", sites=("qparam",), layers="99") == (
+        "layers: layer(s) 99 do not exist in demo:vgg; its layers are 0..15 (see `python -m campaign layers`)")
+    assert refusal(model="demo:vit", quantize="int8", sites=("neuron",), layers="3") == (
+        "layers: 1 selected site(s) compute in float inside the int8 model (no int8 kernel for them, so their outputs "
+        "are not 8-bit codes): 3 (encoder.layers.encoder_layer_0.self_attention, MultiheadAttention); leave them out "
+        "of --layers, or study them without --quantize")
+    every = resolve(CampaignSpec(model="demo:vit", quantize="int8", sites=("neuron",), images=16))  # all: left out, said
+    assert 3 not in every.sites_by_kind["neuron"] and 2 in every.sites_by_kind["neuron"]
+    assert every.notes[0].startswith("sites: 8 site(s) compute in float inside the int8 model and are left out: 3 (")
+    assert refusal(model="demo:vgg", protect="ranger", calibration="synthetic-tokens:32:1000:4") == (
+        "calibration: synthetic-tokens:32:1000:4 has sequences of 32 tokens; the evaluated images are 1x28x28")
+    assert refusal(model="demo:text", protect="ranger", calibration="synthetic:1x28x28:10:8") == (
+        "calibration: synthetic:1x28x28:10:8 has 1x28x28 images; the evaluated sequences have 32 tokens")
+    profiled = resolve(CampaignSpec(images=16, sites=("neuron",), layers="3", protect="ranger")).protection
+    profiled["sites"][1]["hi"] = "abc"
+    bounds = tmp_path / "bounds.json"
+    bounds.write_text(json.dumps(profiled))
+    assert refusal(sites=("neuron",), layers="3", protect="ranger", bounds=str(bounds)) == (
+        f"bounds: {bounds}: features.3 call 0 has hi 'abc', not a number")

@@ -247,6 +247,22 @@ def test_mcnemar_exact_against_hand_computed_values():
         mcnemar_exact(-1, 3)
 
 
+def test_a_mcnemar_p_below_the_smallest_double_prints_its_real_value():
+    """b = 3549, c = 2 (the README's site 3): p underflows to 0.0; its log10 comes from exact
+    integers, and the table prints 1.4e-1062, not 0.00e+00."""
+    from math import log10
+
+    from analysis.paired import _p_text
+    from trainables.stats import mcnemar_log10
+
+    b, c = 3549, 2
+    exact = log10(2 * sum(comb(b + c, i) for i in range(c + 1))) - (b + c) * log10(2)
+    assert mcnemar_exact(b, c) == 0.0 and mcnemar_log10(b, c) == pytest.approx(exact, abs=1e-9)
+    assert _p_text(0.0, mcnemar_log10(b, c)) == "1.4e-1062" and round(exact, 3) == -1061.857
+    assert mcnemar_log10(3, 7) == pytest.approx(log10(mcnemar_exact(3, 7)), abs=1e-12)
+    assert _p_text(mcnemar_exact(3, 7), mcnemar_log10(3, 7)) == "0.34" and mcnemar_log10(5, 5) == 0.0
+
+
 def test_unknown_targets_bounds_files_and_calibration_shapes_get_one_line(vgg, tmp_path):
     bench, pbench = vgg
     with pytest.raises(P.ProtectError, match=r"^protect: clamp target 'Relu' matches no module type that runs in this "

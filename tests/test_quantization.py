@@ -226,12 +226,25 @@ def test_untraceable_model_is_refused_in_one_line():
 
 
 def test_missing_backend_is_refused_in_one_line(monkeypatch):
+    monkeypatch.delenv(Q.ENGINE_VARIABLE, raising=False)
     monkeypatch.setattr(Q, "_supported_engines", lambda: ["qnnpack", "none"])
     model = load_model("demo:vgg")
     with pytest.raises(ValueError, match=r"^--quantize int8 needs the x86 or fbgemm quantized backend, and this torch build "
                                          r"has only qnnpack$"):
         Q.quantize_int8(model, torch.zeros(2, 1, 28, 28), "demo:vgg")
     assert type(model.features[0]) is torch.nn.Conv2d  # refused before any work
+
+
+def test_a_forced_engine_is_used_or_refused_in_one_line(monkeypatch):
+    """BITFLIP_QUANTIZED_ENGINE picks the int8 kernels (how one CPU reproduces another class's)."""
+    monkeypatch.setattr(Q, "_supported_engines", lambda: ["qnnpack", "x86", "fbgemm", "onednn", "none"])
+    monkeypatch.setenv(Q.ENGINE_VARIABLE, "onednn")
+    assert Q.backend() == "onednn"
+    monkeypatch.delenv(Q.ENGINE_VARIABLE)
+    assert Q.backend() == "x86"
+    monkeypatch.setenv(Q.ENGINE_VARIABLE, "qnnpack")
+    with pytest.raises(ValueError, match=r"^BITFLIP_QUANTIZED_ENGINE=qnnpack: use one of x86, fbgemm, onednn \(the "):
+        Q.backend()
 
 
 def test_quantization_is_deterministic():
@@ -258,7 +271,11 @@ def test_int8_clean_accuracy_within_one_point_of_fp32(name, fashion, int8_vgg):
     model = int8_vgg if name == "demo:vgg" else Q.quantize_int8(load_model(name), Q.calibration_data("fashion-mnist"), name)
     int8 = engine.prepare(model, data, "int8", batch_size=500, device="cpu").clean_accuracy
     assert abs(int8 - fp32) <= 0.01, (name, int8, fp32)
-    assert (round(fp32 * 1000), round(int8 * 1000)) == {"demo:vgg": (928, 926), "demo:resnet": (923, 923)}[name]
+    assert round(fp32 * 1000) == {"demo:vgg": 928, "demo:resnet": 923}[name]  # fp32: the same on AVX2 and AVX512
+    with torch.inference_mode():  # int8 depends on the kernels (oneDNN or fbgemm): the model run directly is the oracle
+        inputs = formats.quantize_inputs(model, fashion.images)
+        top1 = torch.cat([model(inputs[lo : lo + 500]).argmax(1) for lo in range(0, len(inputs), 500)])
+    assert int8 == float((top1 == fashion.labels).float().mean())
 
 
 def test_campaign_spec_refuses_bad_format_settings_in_one_line_each():
@@ -342,9 +359,11 @@ def test_qparam_sites_are_the_scales_and_zero_points_in_forward_order(int8_bench
     assert float_bench.qsites == [] and float_bench.site("qparam", 0) is None
 
 
-# (site, seed, images whose top-1 changed): features.4.scale, features.4.weight_scale, features.1.zero_point (a buffer)
-@pytest.mark.parametrize("index, seed, changed", [(6, 4, 27), (8, 2, 5), (5, 4, 117)])
-def test_qparam_flips_equal_hand_edits_and_everything_comes_back(int8_bench, index, seed, changed):
+# (site, seed): features.4.scale, features.4.weight_scale, features.1.zero_point (a buffer). How many
+# predictions change depends on the int8 kernels (x86 runs convolutions on oneDNN or fbgemm by CPU,
+# and they differ for a zero point far outside 8 bits): the hand edits are the oracle.
+@pytest.mark.parametrize("index, seed", [(6, 4), (8, 2), (5, 4)])
+def test_qparam_flips_equal_hand_edits_and_everything_comes_back(int8_bench, index, seed):
     bench = int8_bench
     site = bench.site("qparam", index)
     module = bench.model.get_submodule(site.module_name)
@@ -352,7 +371,7 @@ def test_qparam_flips_equal_hand_edits_and_everything_comes_back(int8_bench, ind
     out = engine.run_faults(bench, site, "qparam", "random", seed=seed, images_per_weight_fault=32, record="all")
     assert_same_state(before, qparam_state(bench.model))  # restored bit for bit
     rec = out.records
-    assert int(rec.changed.sum()) == out.counts.total("changed") == changed  # the faults do change predictions
+    assert int(rec.changed.sum()) == out.counts.total("changed")
     assert len(rec) == N and (rec.fault_group == torch.arange(N).numpy() // 32).all()
     expected = []
     for g in range(N // 32):
@@ -385,6 +404,7 @@ def test_qparam_flips_equal_hand_edits_and_everything_comes_back(int8_bench, ind
         else:
             module.zero_point.fill_(old)
     assert rec.faulty.tolist() == expected
+    assert int(rec.changed.sum()) == int((torch.tensor(expected) != bench.golden).sum()) > 0  # they do change some
     assert out.counts.mismatches == int(((torch.tensor(expected) != bench.golden) & bench.golden_correct).sum())
     assert_same_state(before, qparam_state(bench.model))
 
@@ -439,7 +459,19 @@ def test_qparam_campaign_plans_32_bit_trials_and_rows_record_the_kind(tmp_path):
     assert (row["kind"], row["site_name"], row["site_call"], row["images_per_weight_fault"]) == \
            ("qparam", "features.4.scale", None, 32)
     assert row["trial_key"] == "qparam-s0006-b30-seed1" and row["images"] == row["effective"] == 64
-    assert (row["changed"], row["mismatches"]) == (57, 52)  # a 2**128-fold output scale: most predictions change
+    from trainables.trial import workbench  # the worker's cached model: the oracle edits it by hand
+    bench, _ = workbench(settings, torch.device("cpu"))
+    module = bench.model.get_submodule("features.4")
+    old = module.scale
+    module.scale = float32_flipped(old, 30)
+    try:
+        with torch.inference_mode():
+            faulty = bench.model(bench.images).argmax(1)
+    finally:
+        module.scale = old
+    changed = faulty != bench.golden
+    assert (row["changed"], row["mismatches"]) == (int(changed.sum()), int((changed & bench.golden_correct).sum()))
+    assert row["changed"] > 32  # a 2**128-fold output scale: most predictions change
 
 
 def test_qparam_bit_pools_resolve_per_site_scales_float32_zero_points_int32(int8_bench):

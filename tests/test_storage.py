@@ -178,7 +178,8 @@ def test_analysis_and_report_read_the_campaign_on_s3(resumed, reference, tmp_pat
     assert capsys.readouterr().err == f"error: {uri} is on object storage: pass --out with a local folder for the report\n"
 
 
-@pytest.mark.parametrize("case", ["missing bucket", "unknown key", "wrong secret", "unreachable", "scheme", "slash"])
+@pytest.mark.parametrize("case", ["missing bucket", "unknown key", "wrong secret", "empty secret", "unreachable", "scheme",
+                                  "slash"])
 def test_a_store_that_cannot_be_used_gets_one_line_before_any_work(case, s3, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a stray local folder named 's3:' would appear here
     out = {"missing bucket": "s3://no-such-bucket/runs", "scheme": "s4://campaigns/runs",
@@ -187,6 +188,7 @@ def test_a_store_that_cannot_be_used_gets_one_line_before_any_work(case, s3, tmp
         closed.bind(("127.0.0.1", 0))
         changes = {"unknown key": {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN0000000000"},
                    "wrong secret": {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+                   "empty secret": {"AWS_SECRET_ACCESS_KEY": ""},
                    "unreachable": {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed.getsockname()[1]}"}}.get(case, {})
         for key, value in changes.items():
             monkeypatch.setenv(key, value)
@@ -202,6 +204,7 @@ def test_a_store_that_cannot_be_used_gets_one_line_before_any_work(case, s3, tmp
         "wrong secret": f"error: out: s3://{BUCKET}/refused: the store at {s3['AWS_ENDPOINT_URL']} refused the credentials "
                         "(The request signature we calculated does not match the signature you provided. Check your key "
                         "and signing method.); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)",
+        "empty secret": f"error: out: cannot write to s3://{BUCKET}/refused (",
         "unreachable": f"error: out: s3://{BUCKET}/refused: cannot reach the object store at "
                        f"{changes.get('AWS_ENDPOINT_URL')} (Failed to connect to",
         "scheme": "error: out: 's4://campaigns/runs': unknown storage scheme 's4://'; use a local path or s3://",
@@ -210,6 +213,31 @@ def test_a_store_that_cannot_be_used_gets_one_line_before_any_work(case, s3, tmp
     assert code == 2 and err.count("\n") == 1 and err.startswith(expected), err
     assert list(tmp_path.iterdir()) == []  # nothing written locally
     assert storage.list_entries(f"s3://{BUCKET}/refused") == []  # nor on the store
+
+
+def test_a_store_that_takes_the_probe_but_refuses_to_read_it_back_keeps_nothing(s3, monkeypatch):
+    """Some stores accept a PUT with credentials they refuse for a HEAD (seen with an empty
+    AWS_SECRET_ACCESS_KEY): the refusal is one line and the probe object is removed anyway."""
+    def refused(loc):
+        raise OSError(f"When reading information for key '{loc}': AWS Error ACCESS_DENIED during HeadObject operation: "
+                      "No response body.")
+
+    monkeypatch.setattr(storage, "read_bytes", refused)
+    out = f"s3://{BUCKET}/read-refused"
+    with pytest.raises(ValueError) as info:
+        storage.check_location(out)
+    assert str(info.value) == (f"{out}: the store at {s3['AWS_ENDPOINT_URL']} refused the credentials (access denied); "
+                               "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)")
+    assert storage.list_entries(out) == []
+
+
+def test_resume_on_a_bucket_that_is_gone_says_so_in_one_line(s3, capsys):
+    code = cli.main(["resume", "s3://no-such-bucket/c/x"])
+    assert code == 2 and capsys.readouterr().err == (
+        f"error: resume: s3://no-such-bucket/c/x: bucket 'no-such-bucket' does not exist at {s3['AWS_ENDPOINT_URL']}; "
+        "check the location and AWS_ENDPOINT_URL\n")
+    assert cli.main(["resume", f"s3://{BUCKET}/no/campaign"]) == 2  # the bucket exists: no campaign there
+    assert capsys.readouterr().err == f"error: s3://{BUCKET}/no/campaign is not a campaign directory: no spec.json\n"
 
 
 def test_the_probe_passes_a_shared_folder_and_refuses_one_local_to_each_node(two_nodes, tmp_path):

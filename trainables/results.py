@@ -70,6 +70,9 @@ TRIAL_SCHEMA = pa.schema(
         ("stopped_early", pa.bool_()),
         ("wall_s", pa.float64()),
         ("device", pa.string()),
+        ("hardware", pa.string()),  # CPU model + ATen capability (+ int8 engine and kernels), or GPU model + capability
+        ("torch_version", pa.string()),
+        ("golden_digest", pa.string()),  # the golden logits and predictions: differs where machines compute differently
         ("started_at", pa.float64()),
         ("worker", pa.string()),
         ("path", pa.string()),  # "prefix": the suffix ran on cached golden activations; "full": whole forward passes

@@ -306,7 +306,7 @@ def _endpoint(loc: str) -> str:
     return f" at {endpoint}" if endpoint else ""
 
 
-def _store_problem(loc: str, exc: BaseException) -> str:
+def _store_problem(loc: str, exc: BaseException, missing_bucket: str = "create it, or choose another --out") -> str:
     """One line saying why a store refused ``loc``: missing bucket, credentials, network."""
     text = str(exc)
     m = re.search(r"AWS Error (\w+) during (\w+) operation: ?(.*)", text)
@@ -314,7 +314,7 @@ def _store_problem(loc: str, exc: BaseException) -> str:
     at = _endpoint(loc)
     bucket = urlsplit(loc).netloc
     if code == "NO_SUCH_BUCKET" or "bucket does not exist" in text.lower():
-        return f"{loc}: bucket {bucket!r} does not exist{at}; create it, or choose another --out"
+        return f"{loc}: bucket {bucket!r} does not exist{at}; {missing_bucket}"
     if code in ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED", "EXPIRED_TOKEN",
                 "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT", "MISSING_AUTHENTICATION_TOKEN") or "403" in code:
         why = detail if detail and detail != "No response body." else code.replace("_", " ").lower()
@@ -328,9 +328,36 @@ def _store_problem(loc: str, exc: BaseException) -> str:
 
 
 def check_location(loc: Location, timeout_s: float = CHECK_TIMEOUT_S) -> None:
-    """For a URI: write and delete a probe object under it, within ``timeout_s``; raise
-    ValueError with one line (missing bucket, credentials refused, store unreachable,
+    """For a URI: write, read back and delete a probe object under it, within ``timeout_s``;
+    raise ValueError with one line (missing bucket, credentials refused, store unreachable,
     unknown scheme) otherwise. Local paths are left to the caller (nothing is checked)."""
+    def probe(text: str) -> None:
+        folder = join(text, f".bitflip-probe-{uuid.uuid4().hex}")
+        write_bytes(join(folder, "probe"), b"probe")
+        try:  # read back: a store may take a PUT with credentials it refuses for reads (HEAD)
+            read_bytes(join(folder, "probe"))
+        finally:  # a listing and DeleteObjects: removable even where the HEAD was refused
+            delete_tree(folder)
+
+    _check_store(loc, probe, timeout_s)
+
+
+def check_readable(loc: Location, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """For a URI: that its bucket exists and the store answers a listing, within ``timeout_s``
+    (read only: for ``resume`` and ``report``); one ValueError line otherwise."""
+    def probe(text: str) -> None:
+        fs, path = resolve(text)
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"AWS Error NO_SUCH_BUCKET during HeadBucket operation: {bucket}")
+        fs.get_file_info(path)
+
+    _check_store(loc, probe, timeout_s, missing_bucket="check the location and AWS_ENDPOINT_URL")
+
+
+def _check_store(loc: Location, probe, timeout_s: float, missing_bucket: str | None = None) -> None:
+    """Run ``probe(uri)`` in a thread bounded by ``timeout_s``: one ValueError line for a bad
+    URI, a missing bucket, refused credentials or an unreachable store."""
     text = os.fspath(loc)
     problem = uri_problem(text)
     if problem:
@@ -339,21 +366,19 @@ def check_location(loc: Location, timeout_s: float = CHECK_TIMEOUT_S) -> None:
         return
     result: list[BaseException | None] = []
 
-    def probe() -> None:
+    def run() -> None:
         try:
             try:
                 resolve(text)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
                 result.append(ValueError(f"cannot use {text}: {_first_line(exc)}"))
                 return
-            target = join(text, f".bitflip-probe-{uuid.uuid4().hex}")
-            write_bytes(target, b"probe")
-            delete(target)
+            probe(text)
             result.append(None)
         except BaseException as exc:  # reported by the caller's thread
             result.append(exc)
 
-    worker = threading.Thread(target=probe, name="bitflip-storage-check", daemon=True)
+    worker = threading.Thread(target=run, name="bitflip-storage-check", daemon=True)
     worker.start()
     worker.join(timeout_s)
     if not result:
@@ -362,4 +387,4 @@ def check_location(loc: Location, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     if isinstance(result[0], ValueError):
         raise result[0]
     if result[0] is not None:
-        raise ValueError(_store_problem(text, result[0]))
+        raise ValueError(_store_problem(text, result[0], *([missing_bucket] if missing_bucket else [])))

@@ -24,6 +24,7 @@ from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, uncommit_trial, write_trial
 from trainables.zoo.data import load_dataset
+from trainables import hardware
 from trainables.zoo import quantization
 from trainables.zoo.models import load_model
 
@@ -90,7 +91,7 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
     """The per-process cached model + data + golden pass; (bench, synthetic)."""
     key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
            settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb,
-           settings.weight_format)
+           settings.weight_format, quantization.backend() if settings.mode == "int8" else None)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
         data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images)
@@ -170,7 +171,8 @@ def run_trial(
         "sdc": counts.total("sdc"), "masked": counts.masked, "failures": counts.total("failures"),
         "misclassification_rate": counts.misclassification_rate, "sdc_rate": counts.sdc_rate,
         "nonfinite_rate": counts.nonfinite_rate, "masked_rate": counts.masked_rate, "failure_rate": counts.failure_rate, "ci_low": low, "ci_high": high, "stopped_early": stopped_early,
-        "wall_s": time.time() - started, "device": device_label,
+        "wall_s": time.time() - started, "device": device_label, "hardware": hardware.describe(bench.device, settings.mode),
+        "torch_version": torch.__version__, "golden_digest": bench.golden_digest,
         "started_at": started, "worker": f"{socket.gethostname()}:{os.getpid()}",
         "path": paths.pop() if len(paths) == 1 else "mixed",
         "fault": str(fault), "effective": counts.total("effective"),

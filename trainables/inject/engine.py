@@ -20,6 +20,7 @@ Usable without Ray::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
@@ -103,6 +104,7 @@ class Workbench:
     params: list[ParamSite] = field(default_factory=list)  # param sites (their own numbering)
     weight_format: str | None = None  # fp8 weight storage (trainables.inject.formats); None: the mode's dtype
     qsites: list[qparams.QParamSite] = field(default_factory=list)  # an int8 model's qparam sites (own numbering)
+    golden_digest: str = ""  # SHA-256 (16 hex digits) of the golden logits and predictions: equal where kernels agree
 
     def site(self, kind: str, index: int) -> Site | ParamSite | qparams.QParamSite | None:
         """The site of ``kind`` with ``index`` (param and qparam sites are numbered apart), or None."""
@@ -217,15 +219,19 @@ def prepare(
         if weight_format is not None:
             formats.store_weights_fp8(model, [s.name for s in sites if s.is_weight_site], weight_format)
         golden = torch.empty_like(labels)
+        digest = hashlib.sha256()
         with torch.inference_mode():
             for lo in range(0, images.shape[0], batch_size):
                 logits = model(images[lo : lo + batch_size])
                 check_logits(logits, batch=min(batch_size, images.shape[0] - lo))
                 golden[lo : lo + batch_size] = logits.argmax(dim=1)
+                digest.update(logits.float().cpu().contiguous().numpy().tobytes())
+        digest.update(golden.cpu().numpy().tobytes())
     return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device,
                      prefix=bool(prefix), prefix_cache_mb=prefix_cache_mb, prefix_state=suffix.PrefixState(prefix_cache_mb),
                      params=param_sites(model)[0], weight_format=weight_format,
-                     qsites=qparams.qparam_sites(model, sites) if mode == "int8" else [])
+                     qsites=qparams.qparam_sites(model, sites) if mode == "int8" else [],
+                     golden_digest=digest.hexdigest()[:16])
 
 
 @dataclass(frozen=True)

@@ -406,11 +406,20 @@ def load_bounds(path: str | Path, spec: ProtectSpec, model: str, sites: Sequence
         raise ProtectError(f"bounds: {path} lacks bounds for {len(missing)} protected site(s): {', '.join(missing[:8])}"
                            f"{', ...' if len(missing) > 8 else ''}")
     for e in record["sites"]:
-        lo, hi = float(e["lo"]), float(e["hi"])
+        lo, hi = (_bound(path, e, key) for key in ("lo", "hi"))
         if not (lo <= hi):
             raise ProtectError(f"bounds: {path}: {e['name']} call {e['call']} has lo {lo!r} above hi {hi!r}")
     wanted = {(s.name, s.call) for s in need}
     return {**record, "protect": spec.text, "sites": [e for e in record["sites"] if (e["name"], int(e["call"])) in wanted]}
+
+
+def _bound(path: str | Path, entry: dict, key: str) -> float:
+    """``entry[key]`` as a float; one line naming the file, the site and the key otherwise."""
+    try:
+        return float(entry[key])
+    except (KeyError, TypeError, ValueError):
+        raise ProtectError(f"bounds: {path}: {entry.get('name')} call {entry.get('call', 0)} has "
+                           f"{key} {entry.get(key, 'missing')!r}, not a number") from None
 
 
 def calibration_record(dataset: str, images: torch.Tensor, weights_sha256: str | None = None) -> dict:
@@ -418,11 +427,17 @@ def calibration_record(dataset: str, images: torch.Tensor, weights_sha256: str |
             "weights_sha256": weights_sha256}
 
 
-def check_calibration(calibration: str, images: torch.Tensor, evaluated_shape: Sequence[int]) -> None:
-    """One line if the calibration images do not have the evaluated images' shape."""
-    if tuple(images.shape[1:]) != tuple(evaluated_shape):
-        raise ProtectError(f"calibration: {calibration} has {'x'.join(map(str, images.shape[1:]))} images; "
-                           f"the evaluated images are {'x'.join(map(str, evaluated_shape))}")
+def check_calibration(calibration: str, images: torch.Tensor, evaluated_shape: Sequence[int],
+                      evaluated_tokens: bool = False) -> None:
+    """One line if the calibration inputs do not have the evaluated inputs' shape and kind
+    (images, or sequences of token ids)."""
+    tokens = not images.is_floating_point()
+    if tuple(images.shape[1:]) != tuple(evaluated_shape) or tokens != evaluated_tokens:
+        size = lambda shape: "x".join(map(str, shape))  # noqa: E731
+        have = f"sequences of {size(images.shape[1:])} tokens" if tokens else f"{size(images.shape[1:])} images"
+        want = (f"sequences have {size(evaluated_shape)} tokens" if evaluated_tokens
+                else f"images are {size(evaluated_shape)}")
+        raise ProtectError(f"calibration: {calibration} has {have}; the evaluated {want}")
 
 
 # The calibration split of each evaluation data set: disjoint from it (training images).

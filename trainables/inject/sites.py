@@ -635,3 +635,39 @@ def coverage_lines(model: nn.Module, found: Survey, chosen: dict[str, list], sho
     else:
         lines.append("calls that are no neuron sites: none")
     return lines
+
+
+def float_outputs(model: nn.Module, sites: Sequence[Site], input_shape: Sequence[int], input_dtype: torch.dtype) -> list[Site]:
+    """The ``sites`` of an int8 model whose injected output element is not quantized (a float
+    module, e.g. nn.MultiheadAttention, left unconverted): one dummy forward, hooked."""
+    by_module = {}
+    for s in sites:
+        by_module.setdefault(s.name, {})[s.call] = s
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    floating: list[Site] = []
+
+    def make_hook(name: str):
+        def hook(_module, _inputs, output):
+            call = calls.get(name, 0)
+            calls[name] = call + 1
+            site = by_module[name].get(call)
+            if site is not None:
+                element = output if site.output_index is None else output[site.output_index]
+                if isinstance(element, torch.Tensor) and not element.is_quantized:
+                    floating.append(site)
+
+        return hook
+
+    handles = []
+    try:
+        for name in by_module:
+            if name in modules and name:
+                handles.append(modules[name].register_forward_hook(make_hook(name)))
+        device, _ = _model_device_dtype(model)
+        with torch.inference_mode():
+            model(_survey_input((SURVEY_BATCH, *input_shape), device, input_dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(set(floating), key=lambda s: s.index)

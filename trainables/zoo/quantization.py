@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import warnings
 from typing import Iterator
 
@@ -40,6 +41,11 @@ from trainables.inject import formats
 
 QUANTIZE_MODES = ("int8",)
 BACKENDS = ("x86", "fbgemm")  # CPU backends with per-channel int8 weights, in order of preference
+# Forces a quantized engine (x86, fbgemm or onednn) in this process and the workers it starts: how
+# one CPU reproduces another class's int8 kernels (x86 runs convolutions on oneDNN where the CPU
+# has AVX512-VNNI, on fbgemm elsewhere; fbgemm everywhere; onednn its own kernels and qconfig).
+ENGINE_VARIABLE = "BITFLIP_QUANTIZED_ENGINE"
+FORCEABLE = ("x86", "fbgemm", "onednn")
 # The first 256 calibration images, in one batch: x86's HistogramObserver costs mostly per call,
 # and on the demo models 256 images give the accuracy of 2,000 (within 0.1 point).
 CALIBRATION_IMAGES = 256
@@ -76,8 +82,16 @@ def check_quantize(value: object) -> str | None:
 
 
 def backend() -> str:
-    """The quantized CPU backend to use; one ValueError line when this torch has none."""
+    """The quantized CPU backend to use (``BITFLIP_QUANTIZED_ENGINE`` when set); one ValueError
+    line when this torch has none, or not the forced one."""
     engines = _supported_engines()
+    forced = os.environ.get(ENGINE_VARIABLE)
+    if forced:
+        if forced not in FORCEABLE or forced not in engines:
+            raise ValueError(f"{ENGINE_VARIABLE}={forced}: use one of "
+                             f"{', '.join(e for e in FORCEABLE if e in engines)} (the quantized engines of this torch "
+                             f"build that have per-channel int8 weights)")
+        return forced
     for name in BACKENDS:
         if name in engines:
             return name
