@@ -665,7 +665,8 @@ def float_outputs(model: nn.Module, sites: Sequence[Site], input_shape: Sequence
             if name in modules and name:
                 handles.append(modules[name].register_forward_hook(make_hook(name)))
         device, _ = _model_device_dtype(model)
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*must share the same quantization parameters.*")
             model(_survey_input((SURVEY_BATCH, *input_shape), device, input_dtype))
     finally:
         for handle in handles:
