@@ -1,0 +1,39 @@
+"""Helpers the data-set sources share: limits, label checks, the Dataset they return."""
+from __future__ import annotations
+
+import torch
+
+from trainables.zoo.datasets import DataOptions
+from trainables.zoo.datasets.images import ImageSource, in_memory, mapped
+from trainables.zoo.datasets.transforms import ImageTransform
+
+
+def apply_limit(name: str, count: int, limit: int | None) -> int:
+    """How many examples to take: all, or the first ``limit`` (at most the ``count`` there are)."""
+    if limit is not None and limit > count:
+        raise ValueError(f"limit {limit} exceeds the {count} examples of {name}")
+    return count if limit is None else limit
+
+
+def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
+    """Labels must be whole numbers in 0..num_classes-1: one line naming the first one outside."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise ValueError(f"{name}: labels must be a 1-d tensor of whole numbers, got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}")
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name}: label {int(labels[i])} of example {i} is outside 0..{num_classes - 1} "
+                         f"({num_classes} classes)")
+
+
+def image_dataset(name: str, source: ImageSource, transform: ImageTransform, labels: torch.Tensor, num_classes: int,
+                  options: DataOptions):
+    """A Dataset of decoded images: in memory, or memory-mapped from ``options.cache``."""
+    from trainables.zoo.data import Dataset
+
+    check_labels(name, labels, num_classes)
+    if options.cache:
+        images, sha256, _ = mapped(source, transform, labels, options.cache)
+        return Dataset(name, images, labels, num_classes, synthetic=False, sha256=sha256)
+    return Dataset(name, in_memory(source, transform), labels, num_classes, synthetic=False)
