@@ -84,6 +84,10 @@ class CampaignSpec:
     calibration: str | None = None  # ranger: the data set profiled (default: the evaluation set's training split)
     quantize: str | None = None  # int8: post-training static int8 quantization (campaign.numformats); mode int8
     weight_format: str | None = None  # fp8_e4m3fn | fp8_e5m2: weights stored in fp8, upcast for compute
+    transform: str | None = None  # folder:/hf-dataset: images: torchvision:<Weights>, timm, hf, resize=..,crop=..,mean=..,std=..
+    input_column: str | None = None  # hf-dataset:/tensors: the inputs' column (key)
+    label_column: str | None = None  # hf-dataset:/tensors: the labels' column (key)
+    data_cache: str | None = None  # image sources: a directory (or auto) for the memory-mapped uint8 cache; None: in memory
 
     @property
     def directory(self) -> Path | str:
@@ -435,7 +439,9 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
             problems.append(f"dataset: {spec.model} has no default data set: pass --dataset")
     try:
         if dataset is not None:
-            check_dataset_name(dataset)
+            from trainables.zoo.datasets import DataOptions
+
+            check_dataset_name(dataset, DataOptions(**data_options(spec)))
     except ValueError as exc:
         problems.append(str(exc))
     if problems:
@@ -444,7 +450,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         problems.append(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial requested, but this machine has no CUDA GPU"
                         " (pass --address to use a cluster that has GPUs)")
     try:
-        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
+        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images, **data_options(spec))
         model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
                            weights=spec.weights)
         digests = None
@@ -576,6 +582,12 @@ def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exce
     detail = " ".join(str(error).split())[:300] or type(error).__name__
     return (f"model {model} does not accept {dataset}'s {'x'.join(map(str, shape))} images ({detail}); "
             f"pick a data set of the input shape the model expects")
+
+
+def data_options(spec: CampaignSpec) -> dict[str, Any]:
+    """The keyword arguments of load_dataset that the registered sources read (beyond root and limit)."""
+    return {"transform": spec.transform, "input_column": spec.input_column, "label_column": spec.label_column,
+            "model": spec.model, "cache": spec.data_cache}
 
 
 def input_digests(spec: CampaignSpec, data, model) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """Helpers the data-set sources share: limits, label checks, the Dataset they return."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from trainables.zoo.datasets import DataOptions
@@ -27,6 +29,16 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
                          f"({num_classes} classes)")
 
 
+def cache_directory(options: DataOptions) -> str:
+    """The image cache's directory: ``options.cache``, where ``auto`` is <data root>/image-cache
+    (the data root: --data-root, else $BITFLIP_DATA_ROOT or ~/.cache/bitflip/data)."""
+    from trainables.zoo.data import default_data_root
+
+    if options.cache == "auto":
+        return str(Path(options.root or default_data_root()).expanduser() / "image-cache")
+    return str(Path(options.cache).expanduser())
+
+
 def image_dataset(name: str, source: ImageSource, transform: ImageTransform, labels: torch.Tensor, num_classes: int,
                   options: DataOptions):
     """A Dataset of decoded images: in memory, or memory-mapped from ``options.cache``."""
@@ -34,6 +46,6 @@ def image_dataset(name: str, source: ImageSource, transform: ImageTransform, lab
 
     check_labels(name, labels, num_classes)
     if options.cache:
-        images, sha256, _ = mapped(source, transform, labels, options.cache)
+        images, sha256, _ = mapped(source, transform, labels, cache_directory(options))
         return Dataset(name, images, labels, num_classes, synthetic=False, sha256=sha256)
     return Dataset(name, in_memory(source, transform), labels, num_classes, synthetic=False)

@@ -4,6 +4,7 @@ by file name across classes (ImageNet's validation files keep their official ord
 ``--images N`` takes a mix of classes)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,6 +13,10 @@ from trainables.zoo.datasets import DataOptions, DataSource, register_dataset
 from trainables.zoo.datasets.common import apply_limit, image_dataset
 from trainables.zoo.datasets.images import ImageSource, sha256_files
 from trainables.zoo.datasets.transforms import parse_transform
+
+# torchvision 0.29 deprecates its decoders for TorchCodec (not installed); they work, and warned once per image
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 

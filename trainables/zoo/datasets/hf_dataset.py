@@ -7,6 +7,7 @@ holds class indices (a ClassLabel gives the class count)."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,10 @@ from trainables.zoo.datasets import DataOptions, DataSource, register_dataset
 from trainables.zoo.datasets.common import apply_limit, check_labels, image_dataset
 from trainables.zoo.datasets.images import ImageSource, sha256_files
 from trainables.zoo.datasets.transforms import parse_transform
+
+# torchvision 0.29 deprecates its decoders for TorchCodec (not installed); they work, and warned once per image
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
 
 SYNTAX = "hf-dataset:<dir>[:<split>] (a datasets.save_to_disk directory; --input-column, --label-column)"
 INPUT_DEFAULTS = ("image", "img", "text", "sentence")

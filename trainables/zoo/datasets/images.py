@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,10 @@ class MappedImages:
         self.transform = transform
         self.device = torch.device(device)
         self.dtype = dtype
-        self._pixels = np.memmap(self.path, dtype=np.uint8, mode="r", shape=tuple(self.shape))
+        with open(self.path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        self._pixels = np.frombuffer(self._map, dtype=np.uint8).reshape(tuple(self.shape))
+        self._row = int(np.prod(self.shape[1:]))
         self._constants = transform.constants(self.device)
 
     def __len__(self) -> int:
@@ -68,8 +72,15 @@ class MappedImages:
         return False
 
     def pixels(self, start: int, stop: int) -> torch.Tensor:
-        """The stored uint8 pixels of images start..stop-1 (a copy, on the CPU)."""
-        return torch.from_numpy(np.array(self._pixels[start:stop]))
+        """The stored uint8 pixels of images start..stop-1 (a copy, on the CPU). The pages read
+        leave this process's mapping again (MADV_DONTNEED; the page cache keeps them for every
+        worker), so its resident memory does not grow with the images it has gone through."""
+        out = torch.from_numpy(np.array(self._pixels[start:stop]))
+        lo = start * self._row // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(len(self._map), -(-stop * self._row // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return out
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):
