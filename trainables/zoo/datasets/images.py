@@ -58,6 +58,7 @@ class MappedImages:
         self._pixels = np.frombuffer(self._map, dtype=np.uint8).reshape(tuple(self.shape))
         self._row = int(np.prod(self.shape[1:]))
         self._constants = transform.constants(self.device)
+        self._lut: np.ndarray | None = None  # (C, 256) normalized values, made on first use on the CPU
 
     def __len__(self) -> int:
         return int(self.shape[0])
@@ -76,10 +77,7 @@ class MappedImages:
         leave this process's mapping again (MADV_DONTNEED; the page cache keeps them for every
         worker), so its resident memory does not grow with the images it has gone through."""
         out = torch.from_numpy(np.array(self._pixels[start:stop]))
-        lo = start * self._row // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = min(len(self._map), -(-stop * self._row // mmap.PAGESIZE) * mmap.PAGESIZE)
-        if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        self._drop(start, stop)
         return out
 
     def __getitem__(self, index) -> torch.Tensor:
@@ -91,8 +89,33 @@ class MappedImages:
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError("MappedImages takes an integer or a contiguous slice")
         start, stop, _ = index.indices(len(self))
-        out = normalize(self.pixels(start, max(start, stop)).to(self.device), self._constants)
+        stop = max(start, stop)
+        if self.device.type == "cpu":
+            out = self._lookup(start, stop)
+        else:
+            out = normalize(self.pixels(start, stop).to(self.device), self._constants)
         return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def _lookup(self, start: int, stop: int) -> torch.Tensor:
+        """Images start..stop-1 normalized on the CPU by table look-up straight from the mapping:
+        the table holds ``normalize`` of each of the 256 values per channel, so every output
+        equals ``normalize`` of its pixel (one pass instead of four); the pages read are dropped."""
+        if self._lut is None:
+            values = torch.arange(256, dtype=torch.uint8).view(1, 256, 1).expand(self.shape[1], 256, 1)
+            self._lut = normalize(values, self.transform.constants())[:, :, 0].contiguous().numpy()
+        out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
+        for n in range(stop - start):
+            for c in range(self.shape[1]):
+                np.take(self._lut[c], self._pixels[start + n, c], out=out[n, c], mode="clip")
+        self._drop(start, stop)
+        return torch.from_numpy(out)
+
+    def _drop(self, start: int, stop: int) -> None:
+        """Unmap the pages of images start..stop-1 from this process (the page cache keeps them)."""
+        lo = start * self._row // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(len(self._map), -(-stop * self._row // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def to(self, device=None, dtype=None, **_) -> "MappedImages":
         """A view that yields slices on ``device`` in ``dtype`` (nothing is read now)."""
