@@ -292,7 +292,9 @@ def test_a_source_from_an_entry_point_joins_the_registry(tmp_path, monkeypatch):
 
 
 def _refused(tmp_path, match, **changes):
-    values = dict(model="demo:vgg", out=str(tmp_path / "runs"), name="bad", data_cache=str(tmp_path / "cache"))
+    values = dict(model="demo:vgg", out=str(tmp_path / "runs"), name="bad")
+    if changes["dataset"].startswith(("folder:", "hf-dataset:")):  # image sources: the cache must not appear either
+        values["data_cache"] = str(tmp_path / "cache")
     with pytest.raises(SpecError, match=match) as info:
         resolve(CampaignSpec(**{**values, **changes}))
     assert "\n" not in str(info.value)
@@ -323,3 +325,18 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, monkeypatch):
     message = _refused(tmp_path, r"module brokenmod failed to import \(ModuleNotFoundError: No module named 'no_such_package_xyz'\)",
                        dataset="py:brokenmod:load")
     assert message.startswith("data set py:brokenmod:load")
+
+
+def test_cli_flags_reach_the_spec_and_image_settings_are_refused_elsewhere(tmp_path):
+    from campaign import cli
+
+    args = cli.build_parser().parse_args(["run", "--dataset", "hf-dataset:d:test", "--transform", "resize=8,crop=8",
+                                          "--input-column", "img", "--label-column", "cls", "--data-cache", "auto"])
+    spec = cli.spec_from_args(args, env={})
+    assert (spec.dataset, spec.transform, spec.input_column, spec.label_column, spec.data_cache) == (
+        "hf-dataset:d:test", "resize=8,crop=8", "img", "cls", "auto")
+    torch.save((torch.zeros(2, 4), torch.tensor([0, 1])), tmp_path / "t.pt")
+    with pytest.raises(ValueError, match=r"^transform: apply to image sources .*not tensors:"):
+        load_dataset(f"tensors:{tmp_path / 't.pt'}", transform="resize=8")
+    with pytest.raises(ValueError, match=r"^transform: apply to folder:, tensors:, hf-dataset: and py: data sets, not fashion-mnist"):
+        load_dataset("fashion-mnist", transform="resize=8")

@@ -49,3 +49,10 @@ def image_dataset(name: str, source: ImageSource, transform: ImageTransform, lab
         images, sha256, _ = mapped(source, transform, labels, cache_directory(options))
         return Dataset(name, images, labels, num_classes, synthetic=False, sha256=sha256)
     return Dataset(name, in_memory(source, transform), labels, num_classes, synthetic=False)
+
+
+def refuse_image_settings(name: str, options: DataOptions) -> None:
+    """Sources of ready tensors take no --transform or --data-cache: say so rather than ignore them."""
+    given = [flag for flag, value in (("transform", options.transform), ("data_cache", options.cache)) if value]
+    if given:
+        raise ValueError(f"{' and '.join(given)}: apply to image sources (folder:, hf-dataset: image columns), not {name}")

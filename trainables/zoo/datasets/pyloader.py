@@ -10,6 +10,7 @@ import sys
 import torch
 
 from trainables.zoo.datasets import DataOptions, DataSource, register_dataset
+from trainables.zoo.datasets.common import refuse_image_settings
 from trainables.zoo.datasets.tensors import from_tensors
 
 SYNTAX = "py:<module>:<callable> (e.g. py:mydata:load)"
@@ -24,6 +25,7 @@ def split(rest: str) -> tuple[str, str]:
 
 def check(rest: str, options: DataOptions) -> None:
     split(rest)
+    refuse_image_settings(f"py:{rest}", options)
 
 
 def resolve_callable(module_name: str, attr: str):

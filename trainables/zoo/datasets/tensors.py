@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from trainables.zoo.datasets import DataOptions, DataSource, register_dataset
-from trainables.zoo.datasets.common import apply_limit, check_labels
+from trainables.zoo.datasets.common import apply_limit, check_labels, refuse_image_settings
 
 SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 INPUT_KEYS = ("inputs", "images", "x", "input_ids")
@@ -21,6 +21,7 @@ LABEL_KEYS = ("labels", "targets", "y")
 def check(rest: str, options: DataOptions) -> None:
     if not rest or not rest.lower().endswith(SUFFIXES):
         raise ValueError(f"tensors:{rest}: name a {', '.join(SUFFIXES)} file")
+    refuse_image_settings(f"tensors:{rest}", options)
 
 
 def read(path: Path) -> dict[str, torch.Tensor]:
