@@ -116,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="300,3000")
     parser.add_argument("--trials", type=int, default=2, help="trials (seeds) per throughput worker")
+    parser.add_argument("--repeats", type=int, default=2, help="alternated throughput runs per path (the best counts)")
     parser.add_argument("--site", type=int, default=100, help="mobilenet_v3_small neuron site of the throughput trials")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,12 +137,14 @@ def main() -> None:
             results[f"prep_img_s_{n}"] = n / prep["prepare_s"]
             print(f"{n} images: first preparation {prep['prepare_s']:.1f} s = {n / prep['prepare_s']:.0f} images/s", flush=True)
         base = {"what": "trials", "folder": str(folder)}
-        for path in ("mapped", "memory"):
-            r = run_job({**base, "images": small, "cache": str(cache) if path == "mapped" else None, "model": "mobilenet",
-                         "site": args.site, "trials": args.trials})
-            results[f"throughput_{path}"] = r
-            print(f"throughput, {small} images, {path:6s}: {r['inj_s']:.1f} injections/s (mobilenet_v3_small, site "
-                  f"{args.site}, {r['injections']} injections)", flush=True)
+        for repeat in range(args.repeats):  # alternated, the best of each: the machine is shared
+            for path in ("mapped", "memory"):
+                r = run_job({**base, "images": small, "cache": str(cache) if path == "mapped" else None, "model": "mobilenet",
+                             "site": args.site, "trials": args.trials})
+                if r["inj_s"] > results.get(f"throughput_{path}", {}).get("inj_s", 0):
+                    results[f"throughput_{path}"] = r
+                print(f"throughput, {small} images, {path:6s}: {r['inj_s']:.1f} injections/s (mobilenet_v3_small, site "
+                      f"{args.site}, {r['injections']} injections)", flush=True)
         for n in sizes:
             for path in ("mapped", "memory"):
                 r = run_job({**base, "images": n, "cache": str(cache) if path == "mapped" else None, "model": "tiny",

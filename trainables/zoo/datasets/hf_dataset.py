@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trainables.zoo.datasets import DataOptions, DataSource, register_dataset
-from trainables.zoo.datasets.common import apply_limit, check_labels, image_dataset
+from trainables.zoo.datasets.common import apply_limit, image_dataset
 from trainables.zoo.datasets.images import ImageSource, sha256_files
 from trainables.zoo.datasets.transforms import parse_transform
 
@@ -119,7 +119,6 @@ def _images(name: str, ds, column: str, path: Path, labels: torch.Tensor, num_cl
     files = sorted(p for p in path.rglob("*") if p.is_file())
     source = ImageSource(len(ds), read, lambda i: f"{name} row {i} ({column})",
                          lambda: sha256_files(files, path) + f"/{ds.split}/{column}/{len(ds)}")
-    check_labels(name, labels, num_classes)
     return image_dataset(name, source, transform, labels, num_classes, options)
 
 
