@@ -46,8 +46,8 @@ class ImageTransform:
         return image
 
     def constants(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """255, mean and std as float32 tensors on ``device`` (tensors, not Python scalars: a CUDA
-        division by a scalar multiplies by its reciprocal, a division by a tensor is exact)."""
+        """255, mean and std as float32 tensors on ``device`` (not Python scalars: CUDA divides by a CPU
+        scalar by multiplying with its reciprocal; by a tensor on the device it divides exactly)."""
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(-1, 1, 1)
         return torch.tensor(255.0, device=device), mean, std
