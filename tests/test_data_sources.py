@@ -340,3 +340,22 @@ def test_cli_flags_reach_the_spec_and_image_settings_are_refused_elsewhere(tmp_p
         load_dataset(f"tensors:{tmp_path / 't.pt'}", transform="resize=8")
     with pytest.raises(ValueError, match=r"^transform: apply to folder:, tensors:, hf-dataset: and py: data sets, not fashion-mnist"):
         load_dataset("fashion-mnist", transform="resize=8")
+
+
+def test_a_worker_keeps_no_pages_of_the_mapped_images_it_has_read(fashion300, tmp_path):
+    """Reading slices (what the golden pass and trials do) leaves none of the file's pages in
+    this process's resident set: the page cache keeps them, worker memory does not grow."""
+    data = load_dataset(f"folder:{fashion300}", transform=FASHION_TRANSFORM, cache=str(tmp_path / "cache"))
+    for lo in range(0, len(data), 64):
+        data.images[lo:lo + 64]
+
+    def resident_kib(path: Path) -> int:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+        starts = [i for i, line in enumerate(lines) if line.endswith(str(path))]
+        assert len(starts) == 1  # one mapping of the cache file
+        return next(int(line.split()[1]) for line in lines[starts[0] + 1:] if line.startswith("Rss:"))
+
+    assert data.images.path.stat().st_size == 300 * 28 * 28
+    assert resident_kib(data.images.path) == 0
+    np.asarray(data.images._pixels[:]).sum()  # touching the mapping without the reader makes it resident
+    assert resident_kib(data.images.path) > 0

@@ -94,9 +94,13 @@ def load(rest: str, options: DataOptions):
     feature = ds.features[input_col]
     if isinstance(feature, datasets.Image):
         return _images(name, ds, input_col, path, labels, num_classes, options)
+    if options.cache:
+        raise ValueError(f"data_cache: applies to image columns; {name} column {input_col!r} holds {feature}")
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         inputs = tokenize(name, list(ds[input_col]), options)
     else:
+        if options.transform:
+            raise ValueError(f"transform: applies to image and text columns; {name} column {input_col!r} holds {feature}")
         inputs = torch.as_tensor(np.asarray(ds.with_format("numpy")[input_col]))
     from trainables.zoo.datasets.tensors import from_tensors
 

@@ -26,6 +26,7 @@ from trainables.zoo.datasets.transforms import ImageTransform, normalize
 CACHE_VERSION = "bitflip-image-cache-1"
 PIXELS_FILE, LABELS_FILE, META_FILE = "pixels.u8", "labels.npy", "meta.json"
 CHUNK = 64  # images decoded per round of the thread pool
+DROP_MARGIN = 1 << 20  # bytes around a slice also dropped from the mapping (covers the kernel's fault-around)
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,10 @@ class MappedImages:
         return torch.from_numpy(out)
 
     def _drop(self, start: int, stop: int) -> None:
-        """Unmap the pages of images start..stop-1 from this process (the page cache keeps them)."""
-        lo = start * self._row // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = min(len(self._map), -(-stop * self._row // mmap.PAGESIZE) * mmap.PAGESIZE)
+        """Unmap the pages of images start..stop-1 from this process (the page cache keeps them),
+        with a margin: a page fault maps its neighbours too (the kernel's fault-around, 64 KiB)."""
+        lo = max(0, start * self._row - DROP_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(len(self._map), -(-(stop * self._row + DROP_MARGIN) // mmap.PAGESIZE) * mmap.PAGESIZE)
         if hi > lo:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 

@@ -59,8 +59,12 @@ def load(rest: str, options: DataOptions):
         items = [result[i] for i in range(count)]
         if not items or not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items[:1]):
             raise ValueError(f"data set {name}: its items must be (input, label) pairs")
-        inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
-        labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+        try:
+            inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
+            labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"data set {name}: its items do not stack into one batch (inputs of one shape, whole-number "
+                             f"labels): {' '.join(str(exc).split())[:200]}") from None
     else:
         raise ValueError(f"data set {name}: returned {type(result).__name__}: return a torch Dataset of (input, label) "
                          "or (inputs, labels) tensors")
