@@ -225,7 +225,7 @@ def _load_for_inspection(args, shape_only: bool = False):
             from campaign.spec import data_options
 
             data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images, **data_options(spec))
-        model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
+        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
         model = quantized_model(spec, dataset, model)  # --quantize int8; else unchanged
     except (ValueError, FileNotFoundError) as exc:
         raise SpecError(str(exc)) from None

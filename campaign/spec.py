@@ -451,7 +451,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                         " (pass --address to use a cluster that has GPUs)")
     try:
         data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images, **data_options(spec))
-        model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
+        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
                            weights=spec.weights)
         digests = None
         if spec.quantize:  # the digests are of the float model, taken before quantizing it
@@ -501,6 +501,10 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
     except Exception as exc:  # the model's own forward refused the input: a shape mismatch
         raise SpecError("\n".join(problems + [shape_mismatch(spec.model, dataset, shape, exc)])) from None
+    if found.classes is not None and len(data.labels) and int(data.labels.max()) >= found.classes:
+        i = int((data.labels >= found.classes).nonzero()[0])
+        raise SpecError(f"labels: label {int(data.labels[i])} of example {i} of {dataset} is outside the model's "
+                        f"{found.classes} classes (0..{found.classes - 1})")
     # neuron and weight together: the weight kind keeps the selected layers that have weights
     selected, selection_problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                          spec.modules, spec.buffers)

@@ -260,6 +260,7 @@ def test_py_loader_returns_a_dataset_or_a_pair(tmp_path, monkeypatch):
     a, b = load_dataset("py:userdata:items"), load_dataset("py:userdata:pair", limit=3)
     assert torch.equal(a.images, X) and torch.equal(a.labels, Y) and a.num_classes == 4
     assert torch.equal(b.images, X[:3]) and torch.equal(b.labels, Y[:3]) and b.num_classes == 3
+    assert a.model_classes == 4 and b.model_classes is None  # no class count given: the model decides
 
 
 def test_a_source_from_an_entry_point_joins_the_registry(tmp_path, monkeypatch):
@@ -315,6 +316,9 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, monkeypatch):
     torch.save({"inputs": torch.zeros(4, 1, 28, 28), "labels": torch.tensor([0, 1, 10, 2]), "num_classes": 10},
                tmp_path / "t.pt")
     _refused(tmp_path, r"label 10 of example 2 is outside 0\.\.9", dataset=f"tensors:{tmp_path / 't.pt'}")
+    torch.save({"inputs": torch.zeros(4, 1, 28, 28), "labels": torch.tensor([0, 1, 3, 12])}, tmp_path / "u.pt")
+    _refused(tmp_path, r"labels: label 12 of example 3 of tensors:.*u\.pt is outside the model's 10 classes \(0\.\.9\)",
+             dataset=f"tensors:{tmp_path / 'u.pt'}")
     import datasets
 
     datasets.Dataset.from_dict({"text": ["a"], "label": [0]}).save_to_disk(tmp_path / "hf")
@@ -359,3 +363,14 @@ def test_a_worker_keeps_no_pages_of_the_mapped_images_it_has_read(fashion300, tm
     assert resident_kib(data.images.path) == 0
     np.asarray(data.images._pixels[:]).sum()  # touching the mapping without the reader makes it resident
     assert resident_kib(data.images.path) > 0
+
+
+def test_data_without_a_class_count_runs_on_the_models_own_classes(tmp_path):
+    """Labels 0..5 of a 10-class model: the data names no class count, so demo:vgg keeps its
+    10 classes (a count of 6 from the labels would be refused by the model)."""
+    images, labels = read_idx_split(SHIPPED_DIR, "t10k")
+    keep = (labels < 6).nonzero()[:, 0][:8]
+    torch.save({"inputs": load_dataset("fashion-mnist").images[keep], "labels": labels[keep]}, tmp_path / "six.pt")
+    plan = resolve(CampaignSpec(model="demo:vgg", dataset=f"tensors:{tmp_path / 'six.pt'}", layers="0", sites=("neuron",),
+                                out=str(tmp_path / "runs")))
+    assert plan.num_images == 8 and len(plan.trials) == 1

@@ -100,7 +100,7 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
         data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images, transform=settings.transform,
                             input_column=settings.input_column, label_column=settings.label_column,
                             model=settings.model, cache=settings.data_cache)
-        model = load_model(settings.model, num_classes=data.num_classes, hub_dir=settings.hub_dir,
+        model = load_model(settings.model, num_classes=data.model_classes, hub_dir=settings.hub_dir,
                            hub_ref=settings.hub_ref, weights=settings.weights)
         if settings.inputs:  # a worker must run on what the campaign was planned with
             actual = input_digests(settings.model, settings.weights, settings.hub_dir, settings.hub_ref, data, model)

@@ -74,6 +74,12 @@ class Dataset:
     num_classes: int
     synthetic: bool
     sha256: str | None = None  # the data digest when known without reading the images (a prepared cache)
+    classes_known: bool = True  # False: num_classes is max label + 1 (the source names no class count): the model decides
+
+    @property
+    def model_classes(self) -> int | None:
+        """The class count to build the model with: None when the data cannot tell (the model's own)."""
+        return self.num_classes if self.classes_known else None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -39,16 +39,20 @@ def cache_directory(options: DataOptions) -> str:
     return str(Path(options.cache).expanduser())
 
 
-def image_dataset(name: str, source: ImageSource, transform: ImageTransform, labels: torch.Tensor, num_classes: int,
+def image_dataset(name: str, source: ImageSource, transform: ImageTransform, labels: torch.Tensor, num_classes: int | None,
                   options: DataOptions):
-    """A Dataset of decoded images: in memory, or memory-mapped from ``options.cache``."""
+    """A Dataset of decoded images: in memory, or memory-mapped from ``options.cache``. Without a
+    class count (None) the model's logits decide: max label + 1 is recorded, not imposed."""
     from trainables.zoo.data import Dataset
 
+    known = num_classes is not None
+    if not known:
+        num_classes = max(2, int(labels.max()) + 1) if labels.numel() else 2
     check_labels(name, labels, num_classes)
     if options.cache:
         images, sha256, _ = mapped(source, transform, labels, cache_directory(options))
-        return Dataset(name, images, labels, num_classes, synthetic=False, sha256=sha256)
-    return Dataset(name, in_memory(source, transform), labels, num_classes, synthetic=False)
+        return Dataset(name, images, labels, num_classes, synthetic=False, sha256=sha256, classes_known=known)
+    return Dataset(name, in_memory(source, transform), labels, num_classes, synthetic=False, classes_known=known)
 
 
 def refuse_image_settings(name: str, options: DataOptions) -> None:

@@ -89,8 +89,7 @@ def load(rest: str, options: DataOptions):
     ds = ds.select(range(n)) if n < len(ds) else ds
     labels = torch.as_tensor(np.asarray(ds.with_format("numpy")[label_col]))
     label_feature = ds.features[label_col]
-    num_classes = (label_feature.num_classes if isinstance(label_feature, datasets.ClassLabel)
-                   else max(2, int(labels.max()) + 1) if labels.numel() and not labels.dtype.is_floating_point else 2)
+    num_classes = label_feature.num_classes if isinstance(label_feature, datasets.ClassLabel) else None
     feature = ds.features[input_col]
     if isinstance(feature, datasets.Image):
         return _images(name, ds, input_col, path, labels, num_classes, options)
@@ -107,7 +106,8 @@ def load(rest: str, options: DataOptions):
     return from_tensors(name, inputs, labels, num_classes, None)
 
 
-def _images(name: str, ds, column: str, path: Path, labels: torch.Tensor, num_classes: int, options: DataOptions):
+def _images(name: str, ds, column: str, path: Path, labels: torch.Tensor, num_classes: int | None,
+            options: DataOptions):
     import datasets
     from torchvision.io import ImageReadMode, decode_image
 

@@ -67,12 +67,14 @@ def from_tensors(name: str, inputs: torch.Tensor, labels: torch.Tensor, num_clas
         raise ValueError(f"{name}: {inputs.shape[0]} inputs but labels of shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point and bool((labels == labels.round()).all()):
         labels = labels.to(torch.int64)
-    if num_classes is None:
+    known = num_classes is not None
+    if not known:  # the model's logits decide (campaign.spec checks the labels against them)
         num_classes = max(2, int(labels.max()) + 1) if labels.numel() and not labels.dtype.is_floating_point else 2
     check_labels(name, labels, num_classes)
     n = apply_limit(name, int(inputs.shape[0]), limit)
     inputs = inputs[:n].to(torch.float32 if inputs.is_floating_point() else torch.int64).contiguous().clone()
-    return Dataset(name, inputs, labels[:n].to(torch.int64).clone(), int(num_classes), synthetic=False)
+    return Dataset(name, inputs, labels[:n].to(torch.int64).clone(), int(num_classes), synthetic=False,
+                   classes_known=known)
 
 
 def load(rest: str, options: DataOptions):
