@@ -2,7 +2,6 @@
 image cache and one-line errors for bad input. Data are made in the test (offline)."""
 import multiprocessing
 import os
-import sys
 import textwrap
 from pathlib import Path
 
