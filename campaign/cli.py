@@ -40,7 +40,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                                          "torchvision:<arch> | file:<path> (default demo:vgg)")
     parser.add_argument("--dataset", help="fashion-mnist | fashion-mnist-calib | cifar10 | cifar10-train | cifar100 | "
                                            "cifar100-train | synthetic:CxHxW:classes[:N] | "
-                                           "synthetic-tokens:T:vocab:classes[:N] (default: the model's own)")
+                                           "synthetic-tokens:T:vocab:classes[:N] | folder:<dir> | tensors:<file> | "
+                                           "hf-dataset:<dir>[:<split>] | py:<module>:<callable> (default: the model's own)")
     parser.add_argument("--hub-dir", help="a local clone of chenyaofo/pytorch-cifar-models (torch.hub source='local')")
     parser.add_argument("--hub-ref", help="git ref of the zoo to load through torch.hub")
     parser.add_argument("--weights", help="a state_dict file, or 'none' for random initialization")
@@ -55,6 +56,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                              "weight faults flip its 8 stored bits")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default 256)")
     parser.add_argument("--images", help="use the first N test images, or 'all' (default)")
+    parser.add_argument("--transform", help="folder:/hf-dataset: image preprocessing: torchvision:<WeightsEnum>, timm, hf, "
+                                            "or resize=256,crop=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225; "
+                                            "text: tokenizer=<dir>,max_length=N (see docs/data.md)")
+    parser.add_argument("--input-column", help="hf-dataset:/tensors: the inputs' column or key")
+    parser.add_argument("--label-column", help="hf-dataset:/tensors: the labels' column or key")
+    parser.add_argument("--data-cache", help="image sources: prepare once into this directory (or auto) and memory-map "
+                                             "uint8 pixels (default: in memory)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,8 +226,10 @@ def _load_for_inspection(args, shape_only: bool = False):
             data = Dataset(dataset, torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.int64),
                            CIFAR_SPECS[dataset].num_classes, synthetic=False)
         else:
-            data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
-        model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
+            from campaign.spec import data_options
+
+            data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images, **data_options(spec))
+        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
         model = quantized_model(spec, dataset, model)  # --quantize int8; else unchanged
     except (ValueError, FileNotFoundError) as exc:
         raise SpecError(str(exc)) from None

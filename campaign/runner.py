@@ -190,7 +190,8 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         inputs=dict(plan.inputs),
         prefix=plan.reuses_prefix, prefix_cache_mb=s.prefix_cache_mb,
         protect=plan.protection["protect"] if plan.protection else None, protection=plan.protection,
-        weight_format=s.weight_format,
+        weight_format=s.weight_format, transform=s.transform, input_column=s.input_column, label_column=s.label_column,
+        data_cache=s.data_cache,
     ))
 
 

@@ -84,6 +84,10 @@ class CampaignSpec:
     calibration: str | None = None  # ranger: the data set profiled (default: the evaluation set's training split)
     quantize: str | None = None  # int8: post-training static int8 quantization (campaign.numformats); mode int8
     weight_format: str | None = None  # fp8_e4m3fn | fp8_e5m2: weights stored in fp8, upcast for compute
+    transform: str | None = None  # folder:/hf-dataset: images: torchvision:<Weights>, timm, hf, resize=..,crop=..,mean=..,std=..
+    input_column: str | None = None  # hf-dataset:/tensors: the inputs' column (key)
+    label_column: str | None = None  # hf-dataset:/tensors: the labels' column (key)
+    data_cache: str | None = None  # image sources: a directory (or auto) for the memory-mapped uint8 cache; None: in memory
 
     @property
     def directory(self) -> Path | str:
@@ -436,7 +440,9 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
             problems.append(f"dataset: {spec.model} has no default data set: pass --dataset")
     try:
         if dataset is not None:
-            check_dataset_name(dataset)
+            from trainables.zoo.datasets import DataOptions
+
+            check_dataset_name(dataset, DataOptions(**data_options(spec)))
     except ValueError as exc:
         problems.append(str(exc))
     if problems:
@@ -445,8 +451,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         problems.append(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial requested, but this machine has no CUDA GPU"
                         " (pass --address to use a cluster that has GPUs)")
     try:
-        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
-        model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
+        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images, **data_options(spec))
+        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
                            weights=spec.weights)
         digests = None
         if spec.quantize:  # the digests are of the float model, taken before quantizing it
@@ -496,6 +502,10 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
     except Exception as exc:  # the model's own forward refused the input: a shape mismatch
         raise SpecError("\n".join(problems + [shape_mismatch(spec.model, dataset, shape, exc)])) from None
+    if found.classes is not None and len(data.labels) and int(data.labels.max()) >= found.classes:
+        i = int((data.labels >= found.classes).nonzero()[0])
+        raise SpecError(f"labels: label {int(data.labels[i])} of example {i} of {dataset} is outside the model's "
+                        f"{found.classes} classes (0..{found.classes - 1})")
     # neuron and weight together: the weight kind keeps the selected layers that have weights
     selected, selection_problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                          spec.modules, spec.buffers)
@@ -597,6 +607,12 @@ def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exce
     detail = " ".join(str(error).split())[:300] or type(error).__name__
     return (f"model {model} does not accept {dataset}'s {'x'.join(map(str, shape))} images ({detail}); "
             f"pick a data set of the input shape the model expects")
+
+
+def data_options(spec: CampaignSpec) -> dict[str, Any]:
+    """The keyword arguments of load_dataset that the registered sources read (beyond root and limit)."""
+    return {"transform": spec.transform, "input_column": spec.input_column, "label_column": spec.label_column,
+            "model": spec.model, "cache": spec.data_cache}
 
 
 def input_digests(spec: CampaignSpec, data, model) -> dict[str, str]:

@@ -46,10 +46,13 @@ def input_digests(model_name: str, weights: str | None, hub_dir: str | None, hub
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
         out["weights_sha256"] = "state_dict:" + digest.hexdigest()
-    digest = hashlib.sha256()
-    for tensor in (data.images, data.labels):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    out["data_sha256"] = digest.hexdigest()
+    if getattr(data, "sha256", None):  # a prepared image cache knows it (the same value, without reading the images)
+        out["data_sha256"] = data.sha256
+    else:
+        digest = hashlib.sha256()
+        for tensor in (data.images, data.labels):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        out["data_sha256"] = digest.hexdigest()
     if prefix == "chenyaofo":
         hub = Path(hub_dir).expanduser() if hub_dir else zoo_cache_dir(hub_ref or ZOO_DEFAULT_REF)
         if hub.is_dir():

@@ -19,12 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from trainables import hardware
 from trainables.digests import changed_inputs, input_digests
 from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, uncommit_trial, write_trial
 from trainables.zoo.data import load_dataset
-from trainables import hardware
 from trainables.zoo import quantization
 from trainables.zoo.models import load_model
 
@@ -57,6 +57,10 @@ class CampaignSettings:
     protect: str | None = None  # the protection spec of a paired campaign (trainables.inject.protection)
     protection: dict | None = None  # its guard record: protected sites and their bounds
     weight_format: str | None = None  # fp8 weight storage (fp8_e4m3fn, fp8_e5m2); mode "int8": a quantized model
+    transform: str | None = None  # the data set's preprocessing (trainables.zoo.datasets)
+    input_column: str | None = None
+    label_column: str | None = None
+    data_cache: str | None = None  # image sources: memory-mapped from this node's cache, prepared once per node
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -91,11 +95,14 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
     """The per-process cached model + data + golden pass; (bench, synthetic)."""
     key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
            settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb,
-           settings.weight_format, quantization.backend() if settings.mode == "int8" else None)
+           settings.weight_format, settings.transform, settings.input_column, settings.label_column, settings.data_cache,
+           quantization.backend() if settings.mode == "int8" else None)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
-        data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images)
-        model = load_model(settings.model, num_classes=data.num_classes, hub_dir=settings.hub_dir,
+        data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images, transform=settings.transform,
+                            input_column=settings.input_column, label_column=settings.label_column,
+                            model=settings.model, cache=settings.data_cache)
+        model = load_model(settings.model, num_classes=data.model_classes, hub_dir=settings.hub_dir,
                            hub_ref=settings.hub_ref, weights=settings.weights)
         if settings.inputs:  # a worker must run on what the campaign was planned with
             actual = input_digests(settings.model, settings.weights, settings.hub_dir, settings.hub_ref, data, model)

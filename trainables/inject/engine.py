@@ -173,6 +173,10 @@ class Workbench:
 def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return data[0], data[1]
+    # memory-mapped images (trainables.zoo.datasets.images.MappedImages): read and normalized per slice
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and getattr(data[0], "is_mapped_images", False)
+            and isinstance(data[1], torch.Tensor)):
+        return data[0], data[1]
     if isinstance(data, torch.utils.data.DataLoader):
         xs, ys = zip(*[(x, y) for x, y in data])
         return torch.cat(xs), torch.cat(ys)

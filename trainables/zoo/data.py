@@ -6,7 +6,9 @@ of the training split, shipped the same way: calibration data for mitigations, n
 evaluated on), ``cifar10`` / ``cifar100`` (torchvision's test splits under a data root,
 downloaded only when asked), ``synthetic:<C>x<H>x<W>:<classes>[:<N>]`` (deterministic
 random float images, for benchmarks) and ``synthetic-tokens:<T>:<vocab>:<classes>[:<N>]``
-(deterministic random int64 token ids, for text models).
+(deterministic random int64 token ids, for text models). Prefixed names of the data-set
+registry (``folder:``, ``tensors:``, ``hf-dataset:``, ``py:`` and those of other packages:
+trainables.zoo.datasets) load through their source.
 """
 from __future__ import annotations
 
@@ -71,6 +73,13 @@ class Dataset:
     labels: torch.Tensor
     num_classes: int
     synthetic: bool
+    sha256: str | None = None  # the data digest when known without reading the images (a prepared cache)
+    classes_known: bool = True  # False: num_classes is max label + 1 (the source names no class count): the model decides
+
+    @property
+    def model_classes(self) -> int | None:
+        """The class count to build the model with: None when the data cannot tell (the model's own)."""
+        return self.num_classes if self.classes_known else None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -360,17 +369,24 @@ DATASETS: dict[str, DatasetFactory] = {
 
 
 def valid_dataset_names() -> str:
-    return ", ".join([*DATASETS, SYNTHETIC_SYNTAX, SYNTHETIC_TOKENS_SYNTAX])
+    from trainables.zoo.datasets import syntaxes
+
+    return ", ".join([*DATASETS, SYNTHETIC_SYNTAX, SYNTHETIC_TOKENS_SYNTAX, *syntaxes()])
 
 
-def check_dataset_name(name: object) -> None:
-    """Raise ValueError (listing the valid names) unless ``name`` names a data set; loads nothing."""
+def check_dataset_name(name: object, options=None) -> None:
+    """Raise ValueError (listing the valid names) unless ``name`` names a data set; loads nothing.
+    ``options`` (trainables.zoo.datasets.DataOptions) lets a registered source check its settings."""
+    from trainables.zoo.datasets import DataOptions, source_for
+
     if not isinstance(name, str):
         raise ValueError(f"data set name must be a string, got {type(name).__name__}; use one of: {valid_dataset_names()}")
     if name.startswith(SYNTHETIC_PREFIX):
         parse_synthetic(name)
     elif name.startswith(SYNTHETIC_TOKENS_PREFIX):
         parse_synthetic_tokens(name)
+    elif (found := source_for(name)) is not None:
+        found[0].check(found[1], options or DataOptions())
     elif name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: use one of: {valid_dataset_names()}")
 
@@ -383,11 +399,24 @@ def _check_limit(limit: object) -> int | None:
     return int(limit)
 
 
-def load_dataset(name: str, *, root: str | None = None, download: bool = False, limit: int | None = None) -> Dataset:
+def load_dataset(name: str, *, root: str | None = None, download: bool = False, limit: int | None = None,
+                 transform: str | None = None, input_column: str | None = None, label_column: str | None = None,
+                 model: str | None = None, cache: str | None = None) -> Dataset:
     """Load a data set's evaluation split by name; ``limit`` keeps its first ``limit`` images.
-    ``root`` and ``download`` apply to CIFAR; Fashion-MNIST is always the shipped copy."""
-    check_dataset_name(name)
+    ``root`` and ``download`` apply to CIFAR; Fashion-MNIST is always the shipped copy. The
+    other settings are the registered sources' (trainables.zoo.datasets.DataOptions)."""
+    from trainables.zoo.datasets import DataOptions, source_for
+
+    options = DataOptions(root, download, None, transform, input_column, label_column, model, cache)
+    check_dataset_name(name, options)
     limit = _check_limit(limit)
+    if (found := source_for(name)) is not None:
+        source, rest = found
+        return source.load(rest, DataOptions(root, download, limit, transform, input_column, label_column, model, cache))
+    if any(v is not None for v in (transform, input_column, label_column, cache)):
+        given = [k for k, v in (("transform", transform), ("input_column", input_column),
+                                ("label_column", label_column), ("data_cache", cache)) if v is not None]
+        raise ValueError(f"{', '.join(given)}: apply to folder:, tensors:, hf-dataset: and py: data sets, not {name}")
     if name.startswith(SYNTHETIC_PREFIX):
         spec = parse_synthetic(name)
         if limit is not None and limit > spec.num_images:
