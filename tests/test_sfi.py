@@ -103,3 +103,19 @@ def test_cs_sample_size_is_the_first_n_with_the_margin():
     half = lambda m: (lambda lo, hi: (hi - lo) / 2)(*sfi.confidence_sequence(round(m / 2), m, 0.99))  # noqa: E731
     assert half(n) <= 0.01 < half(n - 1)
     assert n > sfi.leveugle_sample_size(math.inf, 0.01, 0.99)
+
+
+@pytest.mark.parametrize("rate", [0.001, 0.01, 0.1, 0.5])
+def test_simulated_early_stopping_keeps_the_confidence_sequence_above_nominal(rate):
+    # the trial schedule (--report-every 2048 over 10,000 images), a margin the CS reaches at half
+    low, high = sfi.confidence_sequence(round(rate * 5000), 5000, 0.95)
+    out = sfi.simulate_stopping(rate, 2000, 2048, 10_000, (high - low) / 2, 0.95, seed=7)
+    assert out["cs"].covered >= 0.95 * 2000 and out["cs"].runs == 2000
+    assert out["cs"].stopped_early > 0  # the rule did stop runs early
+    again = sfi.simulate_stopping(rate, 2000, 2048, 10_000, (high - low) / 2, 0.95, seed=7)
+    assert again == out  # deterministic by seed
+
+
+def test_simulated_repeated_wilson_checks_cover_less_than_the_confidence_sequence():
+    out = sfi.simulate_stopping(0.1, 2000, 2048, 10_000, 0.01641, 0.95, seed=3)
+    assert out["wilson"].stopped_early == 2000 and out["wilson"].covered < out["cs"].covered

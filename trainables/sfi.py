@@ -206,3 +206,42 @@ def stratified_rate(successes: Sequence[float], trials: Sequence[float], sizes: 
         n_eff = 1.0 / float((w * w / n).sum())
     low, high = wilson_interval(rate * n_eff, n_eff, z_quantile(confidence))
     return StratifiedEstimate(rate, float(low), float(high), float(n_eff), int(n.sum()))
+
+
+@dataclass(frozen=True)
+class StoppingResult:
+    """How one interval fared in a simulated campaign that stops at a margin."""
+
+    interval: str  # "cs" (the confidence sequence) or "wilson" (today's repeated Wilson check)
+    runs: int
+    covered: int  # runs whose interval at the stop contains the true rate
+    stopped_early: int  # runs that stopped before the last look
+    mean_injections: float
+
+
+def simulate_stopping(rate: float, runs: int, look_every: int, max_n: int, margin: float, confidence: float = 0.95,
+                      seed: int = 0) -> dict[str, StoppingResult]:
+    """Simulate ``runs`` campaigns of Bernoulli(``rate``) faults that look after every ``look_every``
+    injections (up to ``max_n``) and stop at the first look whose interval has half-width <
+    ``margin``; the same draws judged by the confidence sequence and by the Wilson interval."""
+    rng = np.random.default_rng(seed)
+    sizes = np.minimum(np.arange(look_every, max_n + look_every, look_every), max_n)
+    steps = np.diff(sizes, prepend=0)
+    k = np.cumsum(rng.binomial(steps, rate, size=(runs, len(sizes))), axis=1)
+    n = np.broadcast_to(sizes, k.shape)
+    out = {}
+    for name in ("cs", "wilson"):
+        if name == "cs":
+            low, high = confidence_sequence(k, n, confidence)
+        else:
+            from trainables.stats import wilson_interval
+
+            low, high = wilson_interval(k, n, z_quantile(confidence))
+        narrow = (high - low) / 2 < margin
+        narrow[:, -1] = True  # the last look ends the campaign anyway
+        stop = narrow.argmax(axis=1)
+        rows = np.arange(runs)
+        covered = (low[rows, stop] <= rate) & (rate <= high[rows, stop])
+        out[name] = StoppingResult(name, runs, int(covered.sum()), int((stop < len(sizes) - 1).sum()),
+                                   float(sizes[stop].mean()))
+    return out
