@@ -35,6 +35,15 @@ neuron and weight sites, all layers, random bit, one seed) on this machine.
 """
 
 
+PLAN_EPILOG = """\
+Prints, per stratum, its fault population (elements x bits x golden-correct images), the
+injections a --margin at --confidence needs (Leveugle et al. 2009, rate 0.5 or from --prior),
+those of a campaign stopping at that margin with the anytime-valid interval, what the spec as
+given spends and the margin it buys, and wall times from a short timed calibration.
+See docs/statistics.md.
+"""
+
+
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="demo:vgg | demo:resnet | chenyaofo:cifar10_resnet20 | torchvision:<arch> | file:<path> (default demo:vgg)")
     parser.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | synthetic:CxHxW:classes (default: the model's own)")
@@ -70,6 +79,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", nargs="?", help="YAML campaign spec (keys = the long flag names with _)")
     _model_flags(run)
     _site_flags(run)
+    _run_flags(run)
+
+    plan = sub.add_parser("plan", help="size a campaign before running it: injections per stratum for a margin, and time",
+                          epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("spec", nargs="?", help="YAML campaign spec (as for run)")
+    _model_flags(plan)
+    _site_flags(plan)
+    _run_flags(plan)
+    plan.add_argument("--margin", type=float, default=0.01, help="interval half-width wanted per stratum (default 0.01)")
+    plan.add_argument("--confidence", type=float, default=0.99, help="confidence level (default 0.99)")
+    plan.add_argument("--by", default="trial", help="strata: trial (site x bit x fault, the default), site, type")
+    plan.add_argument("--prior", help="an earlier campaign directory: plan with its rates instead of p = 0.5")
+    plan.add_argument("--budget", help="injections (2e6) or time (30m, 2h): the margin it buys, split evenly")
+    plan.add_argument("--calibrate-images", type=int, default=512,
+                      help="images timed per site for the time estimate (default 512; 0: no timing)")
+    plan.add_argument("--slots", type=int, help="trials the cluster runs at once (default: what this machine runs)")
+
+    resume = sub.add_parser("resume", help="finish an interrupted campaign")
+    resume.add_argument("directory")
+    _resource_flags(resume)
+    resume.add_argument("--batch-size", type=int, help="images per forward pass (results do not depend on it)")
+
+    layers = sub.add_parser("layers", help="print the injection sites of a model and what they cover")
+    _model_flags(layers)
+    _site_flags(layers)
+
+    evaluate = sub.add_parser("eval", help="print a model's clean accuracy")
+    _model_flags(evaluate)
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    report = sub.add_parser("report", help="tables, the seed's CSV and plots for campaign directories")
+    report.add_argument("directories", nargs="+")
+    report.add_argument("--out", help="output directory (default <first directory>/report; a local folder, needed "
+                                       "when the campaign is on object storage)")
+    return parser
+
+
+def _run_flags(run: argparse.ArgumentParser) -> None:
+    """The flags of run that shape a campaign (plan takes them too: it sizes the campaign run would start)."""
     run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering); "
                                     "a bit pool, one trial set whose faults draw their bits from it: random:23-30, "
                                     "random:23+25+30, random:exponent (sign, exponent, mantissa, magnitude: per format)")
@@ -98,25 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="parent directory of campaign directories (default runs), or an object-store URI "
                                     "such as s3://bucket/prefix (configured by the store's environment: AWS_*)")
     run.add_argument("--name", help="campaign directory name (default <model>-<dataset>-<dtype>)")
-
-    resume = sub.add_parser("resume", help="finish an interrupted campaign")
-    resume.add_argument("directory")
-    _resource_flags(resume)
-    resume.add_argument("--batch-size", type=int, help="images per forward pass (results do not depend on it)")
-
-    layers = sub.add_parser("layers", help="print the injection sites of a model and what they cover")
-    _model_flags(layers)
-    _site_flags(layers)
-
-    evaluate = sub.add_parser("eval", help="print a model's clean accuracy")
-    _model_flags(evaluate)
-    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-
-    report = sub.add_parser("report", help="tables, the seed's CSV and plots for campaign directories")
-    report.add_argument("directories", nargs="+")
-    report.add_argument("--out", help="output directory (default <first directory>/report; a local folder, needed "
-                                       "when the campaign is on object storage)")
-    return parser
 
 
 def _site_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +186,23 @@ def cmd_run(args) -> int:
     from campaign.runner import run_campaign
 
     return _finish(run_campaign(spec_from_args(args)))
+
+
+PLAN_ONLY = ("margin", "confidence", "by", "prior", "budget", "calibrate_images", "slots")
+
+
+def cmd_plan(args) -> int:
+    from campaign.plan import check_plan_args, make_plan, parse_budget, plan_lines
+
+    check_plan_args(args.margin, args.confidence, args.by, args.calibrate_images)
+    parse_budget(args.budget)
+    if args.slots is not None and args.slots < 1:
+        raise SpecError(f"slots: must be a positive integer, got {args.slots}")
+    values = {k: v for k, v in vars(args).items() if k not in PLAN_ONLY}
+    spec = spec_from_args(argparse.Namespace(**values))
+    plan = make_plan(spec, args.margin, args.confidence, args.by, args.prior, args.budget, args.calibrate_images, args.slots)
+    print("\n".join(plan_lines(plan, f" of {spec.model}")))
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -315,7 +361,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "layers": cmd_layers, "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "resume": cmd_resume, "layers": cmd_layers, "eval": cmd_eval, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

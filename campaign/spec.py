@@ -328,6 +328,8 @@ class ResolvedCampaign:
     inputs: dict[str, str] = field(default_factory=dict)  # content digests (DIGEST_FIELDS)
     notes: tuple[str, ...] = ()  # said once per campaign before it runs (sites that cannot reuse the prefix)
     protection: dict | None = None  # the guard record of a protected campaign: sites and bounds (spec.json)
+    site_sizes: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict, repr=False)  # (kind, index) ->
+    # (module type, elements a fault can hit per image: output elements, weight elements or tensor elements)
 
     @property
     def directory(self) -> Path | str:
@@ -533,7 +535,18 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
                             digests or input_digests(spec, data, model), notes=said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
                             + (numformats.weight_note(spec, selected) if spec.prefix and trials_per_site(trials) > 1 else ()),
-                            protection=protection)
+                            protection=protection, site_sizes=site_sizes(selected))
+
+
+def site_sizes(selected: dict[str, list]) -> dict[tuple[str, int], tuple[str, int]]:
+    """(kind, index) -> (module type, elements a fault of that kind can hit): the statistical
+    planner's fault populations (campaign.plan)."""
+    out = {}
+    for kind, chosen in selected.items():
+        for s in chosen:
+            n = s.output_numel if kind == "neuron" else s.weight_numel if kind == "weight" else s.numel
+            out[(kind, s.index)] = (s.module_type, int(n))
+    return out
 
 
 def fault_problem(text: str) -> str | None:

@@ -12,6 +12,7 @@ estimates and an interval that stays valid when a campaign stops early. Pure num
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Sequence
@@ -147,6 +148,7 @@ def confidence_sequence(successes, trials, confidence: float = 0.95, prior: tupl
     return low, high
 
 
+@lru_cache(maxsize=4096)
 def cs_sample_size(margin: float, confidence: float = 0.95, p: float = 0.5, prior=CS_PRIOR) -> int:
     """The smallest n at which the confidence sequence at k = p n has half-width <= ``margin``:
     what a campaign that stops at that margin spends, when the rate is ``p``."""
