@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(run)
     _site_flags(run)
     _run_flags(run)
+    run.add_argument("--margin", type=float, help="stop each stratum (site x bit x fault, pooled over seeds: --num-seeds "
+                                                   "is the most) once its anytime-valid interval's half-width is below this")
+    run.add_argument("--confidence", type=float, help="confidence of the intervals --margin and --target-margin stop "
+                                                       "on (default 0.95)")
+    run.add_argument("--stop-interval", choices=("cs", "wilson"),
+                     help="--target-margin stops on: cs, the anytime-valid confidence sequence (default), or wilson, "
+                          "the Wilson interval checked at every window (not valid under early stopping; as before)")
 
     plan = sub.add_parser("plan", help="size a campaign before running it: injections per stratum for a margin, and time",
                           epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,7 +143,8 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--master-seed", type=int, help="master seed (default 0; -1 = from the clock, recorded)")
     run.add_argument("--images-per-weight-fault", type=int, help="consecutive images sharing one weight fault (default 256)")
     run.add_argument("--record", choices=RECORD_LEVELS, help="per-fault rows: none, changed (default), all")
-    run.add_argument("--target-margin", type=float, help="stop a trial once its Wilson 95%% half-width is below this")
+    run.add_argument("--target-margin", type=float, help="stop a trial once its interval's half-width is below this "
+                                                          "(the anytime-valid confidence sequence at --confidence)")
     run.add_argument("--report-every", type=int, help="images between progress reports / early-stop checks (default 2048)")
     run.add_argument("--prefix-cache-mb", help="golden-activation cache per worker for prefix reuse, MiB "
                                                  "(default: a quarter of the device's free memory)")
@@ -182,10 +190,19 @@ def spec_from_args(args: argparse.Namespace, env=os.environ) -> CampaignSpec:
     return spec_from_mapping(_flags(args), spec, source="flags")
 
 
-def cmd_run(args) -> int:
+def _run(spec: CampaignSpec):
+    """A campaign stopping per stratum runs in rounds (campaign.adaptive); any other in one go."""
+    if spec.margin is not None:
+        from campaign.adaptive import run_margin_campaign
+
+        return run_margin_campaign(spec)
     from campaign.runner import run_campaign
 
-    return _finish(run_campaign(spec_from_args(args)))
+    return run_campaign(spec)
+
+
+def cmd_run(args) -> int:
+    return _finish(_run(spec_from_args(args)))
 
 
 PLAN_ONLY = ("margin", "confidence", "by", "prior", "budget", "calibrate_images", "slots")
@@ -206,10 +223,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from campaign.runner import run_campaign, spec_from_directory
+    from campaign.runner import spec_from_directory
 
     overrides = _flags(args)
-    return _finish(run_campaign(spec_from_directory(args.directory, **overrides)))
+    return _finish(_run(spec_from_directory(args.directory, **overrides)))
 
 
 def _finish(outcome) -> int:

@@ -22,7 +22,9 @@ MODES = ("fp32", "tf32", "fp16", "bf16")
 # these is a different campaign. Batch size, resources and names may change between runs.
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
-                   "params", "modules", "buffers", "fault", "quantize", "weight_format")
+                   "params", "modules", "buffers", "fault", "quantize", "weight_format", "stop_interval", "margin",
+                   "confidence")
+STOP_INTERVALS = ("cs", "wilson")  # how a campaign that stops at a margin judges it (trainables.sfi)
 
 
 MAX_SEED = 2**63 - 1  # seeds are stored as int64
@@ -70,8 +72,11 @@ class CampaignSpec:
     gpus_per_trial: float = 0.0
     out: str = "runs"
     name: str | None = None
-    target_margin: float | None = None
+    target_margin: float | None = None  # stop each trial once its interval's half-width is below this
     report_every: int = 2048
+    margin: float | None = None  # stop each stratum (site x bit x fault, over seeds) once its half-width is below this
+    confidence: float = 0.95  # of the intervals that --target-margin and --margin stop on
+    stop_interval: str = "cs"  # cs: the anytime-valid confidence sequence; wilson: repeated Wilson checks (before)
     max_failures: int = 2
     max_concurrent: int | None = None
     address: str | None = None  # Ray cluster address; None: connect to a running one or start locally
@@ -99,7 +104,7 @@ def default_name(spec: CampaignSpec) -> str:
 _FIELDS = {f.name: f for f in dataclasses.fields(CampaignSpec)}
 _INT_FIELDS = {"num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
                "max_failures", "max_concurrent", "img_size", "channels"}
-_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb"}
+_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb", "margin", "confidence"}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -311,6 +316,8 @@ class TrialPlan:
     bit: int | str
     seed: int
     fault: str = "flip"  # the fault model (trainables.inject.fault_models); part of the key unless flip
+    prior_k: int = 0  # --margin: the stratum's mismatches and golden-correct images of earlier rounds
+    prior_n: int = 0
 
 
 @dataclass(frozen=True)
@@ -348,6 +355,10 @@ class ResolvedCampaign:
         values.update(params=None if str(self.spec.params).lower() == "all" else self.spec.params,
                       buffers=True if self.spec.buffers else None,
                       fault=None if self.spec.fault == "flip" else self.spec.fault)
+        stops = self.spec.target_margin is not None or self.spec.margin is not None
+        # campaigns that never stop early, or stop on repeated Wilson checks (the only rule before), match older ones
+        values.update(stop_interval=self.spec.stop_interval if stops and self.spec.stop_interval != "wilson" else None,
+                      confidence=self.spec.confidence if stops and self.spec.confidence != 0.95 else None)
         return {**{k: values[k] for k in IDENTITY_FIELDS}, **protection_identity(self.protection), **self.inputs}
 
 
@@ -377,6 +388,16 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
         problems.append(f"gpus_per_trial: use a fraction in (0, 1] or a whole number, got {spec.gpus_per_trial}")
     if spec.target_margin is not None and not 0 < spec.target_margin < 0.5:
         problems.append(f"target_margin: a Wilson half-width in (0, 0.5), got {spec.target_margin}")
+    if spec.margin is not None and not 0 < spec.margin < 0.5:
+        problems.append(f"margin: a half-width in (0, 0.5), got {spec.margin}")
+    if spec.margin is not None and spec.target_margin is not None:
+        problems.append("margin: stops each stratum over its trials; target_margin stops each trial: give one of them")
+    if not 0 < spec.confidence < 1:
+        problems.append(f"confidence: a level in (0, 1), got {spec.confidence}")
+    if spec.stop_interval not in STOP_INTERVALS:
+        problems.append(f"stop_interval: {spec.stop_interval!r}: use cs (anytime-valid) or wilson")
+    if spec.margin is not None and spec.stop_interval != "cs":
+        problems.append("stop_interval: --margin stops on the anytime-valid interval only (cs)")
     if spec.max_failures < 0:
         problems.append(f"max_failures: must be >= 0, got {spec.max_failures}")
     if spec.seeds is not None and (not spec.seeds or any(not 0 <= s <= MAX_SEED for s in spec.seeds)):

@@ -5,7 +5,10 @@ Model, data and golden predictions are loaded once per worker process and reused
 trial that process runs (Tune's ``reuse_actors``). Images are processed in windows of
 ``report_every`` (independent of batch size): after each, running counts are reported (the
 last window's with what the trial's commit lists, while its files are written) and an
-optional ``target_margin`` on the Wilson 95% half-width stops the trial early.
+optional ``target_margin`` on the interval's half-width stops the trial early: the anytime-valid
+confidence sequence (trainables.sfi, ``stop_interval="cs"``, what campaign specs use) or, as
+before, the Wilson 95% interval checked at every window (``"wilson"``, this class's default). A
+trial of a campaign stopping per stratum stops on the stratum's pooled counts (``prior_k/n``).
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from trainables import sfi
 from trainables.digests import changed_inputs, input_digests
 from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, uncommit_trial, write_trial
+from trainables.stats import wilson_interval
 from trainables.zoo.data import load_dataset
 from trainables.zoo import quantization
 from trainables.zoo.models import load_model
@@ -49,6 +54,8 @@ class CampaignSettings:
     record: str = "changed"
     target_margin: float | None = None
     report_every: int = 2048
+    stop_interval: str = "wilson"  # what target_margin stops on: "cs" (anytime-valid) or "wilson" (repeated checks)
+    confidence: float = 0.95  # the confidence sequence's level
     cpus_per_trial: float = 1.0
     prefix: bool = True  # prefix reuse (same results; see trainables.inject.suffix)
     prefix_cache_mb: float | None = None  # its cache budget per worker; None: a quarter of free memory
@@ -70,6 +77,8 @@ class TrialPoint:
     bit: int | str  # an LSB-0 bit index or "random"
     seed: int
     fault: str = "flip"  # the fault model (trainables.inject.fault_models); in the key unless flip
+    prior_k: int = 0  # mismatches and golden-correct images its stratum counted in earlier rounds (--margin):
+    prior_n: int = 0  # the trial stops once the stratum's pooled interval is narrow enough
 
     @property
     def key(self) -> str:
@@ -150,14 +159,17 @@ def run_trial(
         paths.add(outcome.path)
         if outcome.records is not None:
             record_parts.append(outcome.records)
-        low, high = counts.wilson()
+        low, high = _interval(settings, counts.mismatches, counts.golden_correct)
         metrics = _metrics(point, counts, low, high, time.perf_counter() - t0)
-        if settings.target_margin and stop < n and (high - low) / 2 < settings.target_margin:
-            stopped_early = True
-            break
+        if settings.target_margin and stop < n:
+            pooled = (low, high) if not point.prior_n else _interval(
+                settings, counts.mismatches + point.prior_k, counts.golden_correct + point.prior_n)
+            if (pooled[1] - pooled[0]) / 2 < settings.target_margin:
+                stopped_early = True
+                break
         if report is not None and stop < n:
             report(metrics)
-    low, high = counts.wilson()
+    low, high = _interval(settings, counts.mismatches, counts.golden_correct)
     row = {
         "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
         "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
@@ -189,6 +201,13 @@ def run_trial(
                 uncommitted=uncommitted,
                 while_writing=None if report is None else lambda c: report({**metrics, "commit": json.dumps(c)}))
     return row
+
+
+def _interval(settings: CampaignSettings, k: int, n: int) -> tuple[float, float]:
+    """The trial's interval: the confidence sequence when it stops at a margin on it, else Wilson 95%."""
+    if settings.target_margin and settings.stop_interval == "cs":
+        return sfi.confidence_sequence(k, n, settings.confidence)
+    return wilson_interval(k, n)
 
 
 def _metrics(point: TrialPoint, counts: engine.Counts, low: float, high: float, seconds: float) -> dict:
