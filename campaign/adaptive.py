@@ -118,3 +118,88 @@ def _record(plan, spec, rounds: list, states: dict, active: list, r: int, comple
                           "low": s.low, "high": s.high, "reached": s.half_width < spec.margin}
                          for s in states.values()]}
     storage.write_bytes(storage.join(plan.directory, SFI_FILE), json.dumps(record, indent=2).encode())
+
+
+def allocation_targets(method: str, total: int, sizes, mismatches, correct) -> list[int]:
+    """Each stratum's share of ``total`` injections by ``method``, from the counts so far: uniform
+    (equal), neyman (N_h sqrt(p q): the whole-model estimate) or equal-width (p q: equal margins),
+    with rates (k + 1/2) / (n + 1) so that a stratum that saw no failure still gets a little."""
+    rates = sfi.shrunk_rate(mismatches, correct)
+    if method == "uniform":
+        return sfi.round_to_total([1.0] * len(rates), total)
+    if method == "neyman":
+        return sfi.neyman_allocation(total, sizes, rates)
+    return sfi.equal_width_allocation(total, rates)
+
+
+def _trials_for(plans: list[TrialPlan], first: int, images: int, per_trial: int) -> list[TrialPlan]:
+    """``images`` more images of a stratum as trials from its ``first``-th seed on, each at most a
+    data set (the last one limited)."""
+    out = []
+    while images > 0:
+        take = min(images, per_trial)
+        out.append(dataclasses.replace(plans[first + len(out)], limit=take if take < per_trial else 0))
+        images -= take
+    return out
+
+
+def run_allocated_campaign(spec: CampaignSpec, **kwargs):
+    """Spend ``spec.budget`` injections: a ``spec.pilot`` share evenly over the strata, then the
+    rest by ``spec.allocate`` from the pilot's rates. Two rounds of (seed, site, bit) trials; a
+    stratum's trials take its seeds in order, the last one limited to the images it is owed."""
+    from campaign.runner import run_campaign
+    from campaign.spec import SpecError
+
+    plan = resolve(spec)
+    strata = strata_of(plan)
+    keys = list(strata)
+    per_trial = plan.num_images
+    seeds_needed = -(-spec.budget // per_trial) + 1
+    if len(plan.seeds) < seeds_needed:
+        raise SpecError(f"allocate: a budget of {spec.budget:,} injections of {per_trial:,} images per trial may put up "
+                        f"to {seeds_needed} trials on one stratum: pass --num-seeds {seeds_needed} (or more)")
+    pilot = sfi.round_to_total([1.0] * len(keys), int(spec.budget * spec.pilot))
+    chosen = {k: _trials_for(strata[k], 0, pilot[i], per_trial) for i, k in enumerate(keys)}
+    rounds: list[dict] = []
+    print(f"[campaign] allocate {spec.allocate}: pilot of {sum(pilot):,} injections over {len(keys)} strata", flush=True)
+    outcome = run_campaign(spec, resolved=plan, only=[t for v in chosen.values() for t in v], **kwargs)
+    states = pooled_states(plan.directory, {k: v for k, v in chosen.items() if v}, spec.confidence)
+    rounds.append({"round": 1, "name": "pilot", "images": dict(zip(map(_name, keys), pilot)), "complete": outcome.complete})
+    if not outcome.complete:
+        _record_allocation(plan, spec, rounds, states)
+        return outcome
+    sizes = [plan.site_sizes.get((k[0], k[1]), ("", 1))[1] for k in keys]
+    k_seen = [states[k].mismatches if k in states else 0 for k in keys]
+    n_seen = [states[k].golden_correct if k in states else 0 for k in keys]
+    targets = allocation_targets(spec.allocate, spec.budget, sizes, k_seen, n_seen)
+    deficits = [max(0, t - p) for t, p in zip(targets, pilot)]
+    extra = sfi.round_to_total(deficits, spec.budget - sum(pilot)) if sum(deficits) else [0] * len(keys)
+    for i, k in enumerate(keys):
+        chosen[k] = chosen[k] + _trials_for(strata[k], len(chosen[k]), extra[i], per_trial)
+    print(f"[campaign] allocate {spec.allocate}: {sum(extra):,} more injections to {sum(e > 0 for e in extra)} strata",
+          flush=True)
+    last = run_campaign(spec, resolved=plan, only=[t for v in chosen.values() for t in v], **kwargs)
+    outcome = dataclasses.replace(last, seconds=outcome.seconds + last.seconds,
+                                  injections=outcome.injections + last.injections,
+                                  launched=outcome.launched + last.launched)
+    states = pooled_states(plan.directory, {k: v for k, v in chosen.items() if v}, spec.confidence)
+    rounds.append({"round": 2, "name": spec.allocate, "images": dict(zip(map(_name, keys), extra)),
+                   "complete": outcome.complete})
+    _record_allocation(plan, spec, rounds, states)
+    widest = max(s.half_width for s in states.values())
+    print(f"[campaign] allocate {spec.allocate}: {spec.budget:,} injections over {len(keys)} strata; widest "
+          f"+/-{100 * widest:.3f} pp ({100 * spec.confidence:g}% confidence sequence)", flush=True)
+    return outcome
+
+
+def _name(key: tuple) -> str:
+    return "/".join(map(str, key))
+
+
+def _record_allocation(plan, spec, rounds: list, states: dict) -> None:
+    record = {"method": "allocate", "allocate": spec.allocate, "budget": spec.budget, "pilot": spec.pilot,
+              "confidence": spec.confidence, "rounds": rounds,
+              "strata": [{"kind": s.key[0], "site": s.key[1], "bit": s.key[2], "fault": s.key[3],
+                          "mismatches": s.mismatches, "golden_correct": s.golden_correct, "trials": s.trials,
+                          "low": s.low, "high": s.high} for s in states.values()]}
+    storage.write_bytes(storage.join(plan.directory, SFI_FILE), json.dumps(record, indent=2).encode())

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "is the most) once its anytime-valid interval's half-width is below this")
     run.add_argument("--confidence", type=float, help="confidence of the intervals --margin and --target-margin stop "
                                                        "on (default 0.95)")
+    run.add_argument("--allocate", choices=("uniform", "neyman", "equal-width"),
+                     help="spend --budget injections over the strata: a --pilot share evenly first, the rest by the "
+                          "pilot's rates: uniform, neyman (best whole-model estimate) or equal-width (equal margins)")
+    run.add_argument("--budget", type=int, help="injections (golden-correct images) that --allocate spends")
+    run.add_argument("--pilot", type=float, help="share of --budget spent evenly first (default 0.2)")
     run.add_argument("--stop-interval", choices=("cs", "wilson"),
                      help="--target-margin stops on: cs, the anytime-valid confidence sequence (default), or wilson, "
                           "the Wilson interval checked at every window (not valid under early stopping; as before)")
@@ -196,6 +201,10 @@ def _run(spec: CampaignSpec):
         from campaign.adaptive import run_margin_campaign
 
         return run_margin_campaign(spec)
+    if spec.allocate is not None:
+        from campaign.adaptive import run_allocated_campaign
+
+        return run_allocated_campaign(spec)
     from campaign.runner import run_campaign
 
     return run_campaign(spec)

@@ -23,7 +23,8 @@ MODES = ("fp32", "tf32", "fp16", "bf16")
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
                    "params", "modules", "buffers", "fault", "quantize", "weight_format", "stop_interval", "margin",
-                   "confidence")
+                   "confidence", "allocate", "budget", "pilot")
+ALLOCATIONS = ("uniform", "neyman", "equal-width")
 STOP_INTERVALS = ("cs", "wilson")  # how a campaign that stops at a margin judges it (trainables.sfi)
 
 
@@ -77,6 +78,9 @@ class CampaignSpec:
     margin: float | None = None  # stop each stratum (site x bit x fault, over seeds) once its half-width is below this
     confidence: float = 0.95  # of the intervals that --target-margin and --margin stop on
     stop_interval: str = "cs"  # cs: the anytime-valid confidence sequence; wilson: repeated Wilson checks (before)
+    allocate: str | None = None  # uniform | neyman | equal-width: spend --budget over strata after a pilot (campaign.adaptive)
+    budget: int | None = None  # injections (golden-correct images) that --allocate spends
+    pilot: float = 0.2  # the share of --budget spent evenly first, to estimate the strata's rates
     max_failures: int = 2
     max_concurrent: int | None = None
     address: str | None = None  # Ray cluster address; None: connect to a running one or start locally
@@ -102,9 +106,9 @@ def default_name(spec: CampaignSpec) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CampaignSpec)}
-_INT_FIELDS = {"num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
+_INT_FIELDS = {"budget", "num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
                "max_failures", "max_concurrent", "img_size", "channels"}
-_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb", "margin", "confidence"}
+_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb", "margin", "confidence", "pilot"}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -318,6 +322,7 @@ class TrialPlan:
     fault: str = "flip"  # the fault model (trainables.inject.fault_models); part of the key unless flip
     prior_k: int = 0  # --margin: the stratum's mismatches and golden-correct images of earlier rounds
     prior_n: int = 0
+    limit: int = 0  # --allocate: the trial runs only the first this many images (0: all)
 
 
 @dataclass(frozen=True)
@@ -358,7 +363,8 @@ class ResolvedCampaign:
         stops = self.spec.target_margin is not None or self.spec.margin is not None
         # campaigns that never stop early, or stop on repeated Wilson checks (the only rule before), match older ones
         values.update(stop_interval=self.spec.stop_interval if stops and self.spec.stop_interval != "wilson" else None,
-                      confidence=self.spec.confidence if stops and self.spec.confidence != 0.95 else None)
+                      confidence=self.spec.confidence if stops and self.spec.confidence != 0.95 else None,
+                      pilot=self.spec.pilot if self.spec.allocate else None)
         return {**{k: values[k] for k in IDENTITY_FIELDS}, **protection_identity(self.protection), **self.inputs}
 
 
@@ -396,6 +402,18 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
         problems.append(f"confidence: a level in (0, 1), got {spec.confidence}")
     if spec.stop_interval not in STOP_INTERVALS:
         problems.append(f"stop_interval: {spec.stop_interval!r}: use cs (anytime-valid) or wilson")
+    if spec.allocate is not None and spec.allocate not in ALLOCATIONS:
+        problems.append(f"allocate: {spec.allocate!r}: use one of {', '.join(ALLOCATIONS)}")
+    if spec.allocate is not None and spec.budget is None:
+        problems.append("allocate: needs --budget, the injections to spend")
+    if spec.budget is not None and spec.allocate is None:
+        problems.append("budget: spent by --allocate uniform|neyman|equal-width: give one")
+    if spec.budget is not None and spec.budget < 1:
+        problems.append(f"budget: must be a positive number of injections, got {spec.budget}")
+    if not 0 < spec.pilot < 1:
+        problems.append(f"pilot: a share of the budget in (0, 1), got {spec.pilot}")
+    if spec.allocate is not None and (spec.margin is not None or spec.target_margin is not None):
+        problems.append("allocate: spends a fixed budget; not with --margin or --target-margin")
     if spec.margin is not None and spec.stop_interval != "cs":
         problems.append("stop_interval: --margin stops on the anytime-valid interval only (cs)")
     if spec.max_failures < 0:

@@ -17,7 +17,7 @@ def _direct(spec, *, resolved, only, **_):
     done = finished_keys(resolved.directory)
     launched = [t for t in only if trial_key(t.kind, t.site, t.bit, t.seed, t.fault) not in done]
     write_spec(resolved.directory, {"name": "m"})
-    rows = [run_trial(settings, TrialPoint(t.kind, t.site, t.bit, t.seed, t.fault, t.prior_k, t.prior_n))
+    rows = [run_trial(settings, TrialPoint(t.kind, t.site, t.bit, t.seed, t.fault, t.prior_k, t.prior_n, t.limit))
             for t in launched]
     check_and_aggregate(resolved.directory, {trial_key(t.kind, t.site, t.bit, t.seed, t.fault): t for t in only})
     return runner.CampaignOutcome(resolved.directory, len(only), len(only), (), 0.0, sum(r["images"] for r in rows),
@@ -68,3 +68,41 @@ def test_margin_and_target_margin_are_exclusive_and_checked():
     assert any(p.startswith("stop_interval: 'x'") for p in problems)
     with pytest.raises(SpecError):
         resolve(CampaignSpec(margin=0.7))
+
+
+def test_allocation_targets_match_the_formulas():
+    # shrunk rates (k + 1/2) / (n + 1): 50.5/101 = 0.5 and 0.5/101
+    k, n = [50, 0], [100, 100]
+    p = [0.5, 0.5 / 101]
+    assert adaptive.allocation_targets("uniform", 1001, [1, 1], k, n) == [501, 500]
+    assert adaptive.allocation_targets("neyman", 1000, [1, 4], k, n) == sfi.neyman_allocation(1000, [1, 4], p)
+    assert adaptive.allocation_targets("equal-width", 1000, [1, 4], k, n) == sfi.round_to_total(
+        [x * (1 - x) for x in p], 1000)
+
+
+def test_allocated_campaign_spends_the_budget_pilot_first(tmp_path, direct):
+    spec = CampaignSpec(sites=("neuron",), layers="16", bits="5,30", images=300, allocate="neyman", budget=700,
+                        pilot=0.2, num_seeds=4, out=str(tmp_path), name="a")
+    outcome = adaptive.run_allocated_campaign(spec)
+    record = json.loads((tmp_path / "a" / adaptive.SFI_FILE).read_text())
+    pilot, extra = (r["images"] for r in record["rounds"])
+    assert pilot == {"neuron/16/5/flip": 70, "neuron/16/30/flip": 70}
+    assert sum(pilot.values()) + sum(extra.values()) == 700 == outcome.injections
+    # bit 30 of the logits fails often, bit 5 almost never: Neyman gives bit 30 nearly everything
+    assert extra["neuron/16/30/flip"] > 5 * max(1, extra["neuron/16/5/flip"])
+    import pandas as pd
+
+    images = pd.read_parquet(tmp_path / "a" / "trials.parquet").groupby("bit")["images"].sum().to_dict()
+    assert images == {5: 70 + extra["neuron/16/5/flip"], 30: 70 + extra["neuron/16/30/flip"]}
+    again = adaptive.run_allocated_campaign(spec)  # resume: nothing left, the same allocation
+    assert again.launched == 0 and json.loads((tmp_path / "a" / adaptive.SFI_FILE).read_text())["rounds"] == record["rounds"]
+
+
+def test_allocation_refuses_too_few_seeds(tmp_path):
+    from campaign.spec import SpecError
+
+    spec = CampaignSpec(sites=("neuron",), layers="16", bits="30", images=300, allocate="uniform", budget=700,
+                        num_seeds=2, out=str(tmp_path), name="a")
+    with pytest.raises(SpecError, match="pass --num-seeds 4"):
+        adaptive.run_allocated_campaign(spec)
+    assert not (tmp_path / "a").exists()

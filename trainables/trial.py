@@ -79,6 +79,7 @@ class TrialPoint:
     fault: str = "flip"  # the fault model (trainables.inject.fault_models); in the key unless flip
     prior_k: int = 0  # mismatches and golden-correct images its stratum counted in earlier rounds (--margin):
     prior_n: int = 0  # the trial stops once the stratum's pooled interval is narrow enough
+    limit: int = 0  # run only the first this many images (--allocate's share of a stratum); 0: all
 
     @property
     def key(self) -> str:
@@ -147,7 +148,7 @@ def run_trial(
     record_parts = []
     paths = set()
     stopped_early = False
-    n = bench.num_images
+    n = min(bench.num_images, point.limit) if point.limit else bench.num_images
     t0 = time.perf_counter()
     for start in range(0, n, settings.report_every):
         stop = min(start + settings.report_every, n)
