@@ -151,6 +151,8 @@ def record_spec(plan: ResolvedCampaign) -> None:
         "num_images": plan.num_images,
         "num_trials": len(plan.trials),
         "sites": plan.sites_by_kind,
+        "site_sizes": {kind: {str(index): list(v) for (k, index), v in plan.site_sizes.items() if k == kind}
+                       for kind in plan.sites_by_kind},  # elements a fault can hit: whole-model weights (analysis.sfi)
         "site_table": plan.site_table,
         "protection": plan.protection,  # protected campaigns: the protected sites and their bounds
         "versions": versions(),

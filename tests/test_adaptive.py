@@ -106,3 +106,25 @@ def test_allocation_refuses_too_few_seeds(tmp_path):
     with pytest.raises(SpecError, match="pass --num-seeds 4"):
         adaptive.run_allocated_campaign(spec)
     assert not (tmp_path / "a").exists()
+
+
+def test_report_and_whole_model_of_a_margin_campaign(tmp_path, direct):
+    import analysis.sfi as S
+    from analysis.report import run as report
+    from trainables.results import read_spec
+
+    spec = CampaignSpec(sites=("neuron",), layers="0,16", bits="30,31", images=300, report_every=100, margin=0.1,
+                        num_seeds=2, out=str(tmp_path), name="m")
+    plan = resolve(spec)
+    runner.record_spec(plan)  # the real spec.json (with its site sizes), as run_campaign writes it
+    adaptive.run_margin_campaign(spec)
+    runner.record_spec(plan)
+    assert read_spec(tmp_path / "m")["site_sizes"]["neuron"] == {"0": ["Identity", 784], "16": ["Linear", 10]}
+    table = S.strata(tmp_path / "m")
+    est = S.whole_model(tmp_path / "m")
+    weights = [784 if s == 0 else 10 for s in table["site_index"]]
+    assert est == sfi.stratified_rate(table["mismatches"], table["golden_correct"], weights, 0.95)
+    text = report([str(tmp_path / "m")], out_dir=str(tmp_path / "r"))
+    assert "statistical fault injection (--margin +/-10 pp" in text
+    spent = int(table["golden_correct"].sum())
+    assert f"injections counted {spent:,} vs" in text and "whole-model neuron rate" in text
