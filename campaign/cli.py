@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(plan)
     _site_flags(plan)
     _run_flags(plan)
-    plan.add_argument("--margin", type=float, default=0.01, help="interval half-width wanted per stratum (default 0.01)")
-    plan.add_argument("--confidence", type=float, default=0.99, help="confidence level (default 0.99)")
+    plan.add_argument("--margin", type=float, help="interval half-width wanted per stratum (default: the spec's margin, "
+                                                    "else 0.01)")
+    plan.add_argument("--confidence", type=float, help="confidence level (default: the spec's with a margin, else 0.99)")
     plan.add_argument("--by", default="trial", help="strata: trial (site x bit x fault, the default), site, type")
     plan.add_argument("--prior", help="an earlier campaign directory: plan with its rates instead of p = 0.5")
     plan.add_argument("--budget", help="injections (2e6) or time (30m, 2h): the margin it buys, split evenly")
@@ -220,13 +221,15 @@ PLAN_ONLY = ("margin", "confidence", "by", "prior", "budget", "calibrate_images"
 def cmd_plan(args) -> int:
     from campaign.plan import check_plan_args, make_plan, parse_budget, plan_lines
 
-    check_plan_args(args.margin, args.confidence, args.by, args.calibrate_images)
+    values = {k: v for k, v in vars(args).items() if k not in PLAN_ONLY}
+    spec = spec_from_args(argparse.Namespace(**values))
+    margin = args.margin if args.margin is not None else spec.margin or 0.01
+    confidence = args.confidence if args.confidence is not None else spec.confidence if spec.margin else 0.99
+    check_plan_args(margin, confidence, args.by, args.calibrate_images)
     parse_budget(args.budget)
     if args.slots is not None and args.slots < 1:
         raise SpecError(f"slots: must be a positive integer, got {args.slots}")
-    values = {k: v for k, v in vars(args).items() if k not in PLAN_ONLY}
-    spec = spec_from_args(argparse.Namespace(**values))
-    plan = make_plan(spec, args.margin, args.confidence, args.by, args.prior, args.budget, args.calibrate_images, args.slots)
+    plan = make_plan(spec, margin, confidence, args.by, args.prior, args.budget, args.calibrate_images, args.slots)
     print("\n".join(plan_lines(plan, f" of {spec.model}")))
     return 0
 

@@ -110,7 +110,6 @@ def test_allocation_refuses_too_few_seeds(tmp_path):
 
 def test_report_and_whole_model_of_a_margin_campaign(tmp_path, direct):
     import analysis.sfi as S
-    from analysis.report import run as report
     from trainables.results import read_spec
 
     spec = CampaignSpec(sites=("neuron",), layers="0,16", bits="30,31", images=300, report_every=100, margin=0.1,
@@ -124,7 +123,7 @@ def test_report_and_whole_model_of_a_margin_campaign(tmp_path, direct):
     est = S.whole_model(tmp_path / "m")
     weights = [784 if s == 0 else 10 for s in table["site_index"]]
     assert est == sfi.stratified_rate(table["mismatches"], table["golden_correct"], weights, 0.95)
-    text = report([str(tmp_path / "m")], out_dir=str(tmp_path / "r"))
+    text = "\n".join(S.report_lines(tmp_path / "m"))  # the section `report` appends (analysis.report.run)
     assert "statistical fault injection (--margin +/-10 pp" in text
     spent = int(table["golden_correct"].sum())
     assert f"injections counted {spent:,} vs" in text and "whole-model neuron rate" in text
