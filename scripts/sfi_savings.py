@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                    for r in table.itertuples()]
     uniform = [sfi.leveugle_sample_size(N, args.margin, args.confidence, 0.5) for N in populations]
     cache: dict[float, sfi.StoppingResult] = {}
-    spent, covered, worst = 0.0, 0, 1.0
+    spent, covered, worst, reached = 0.0, 0, 1.0, 0
     for i, rate in enumerate(rates):
         if rate not in cache:
             cache[rate] = sfi.simulate_stopping(float(rate), args.runs, look, largest, args.margin + 1e-12,
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         result = cache[rate]
         spent += min(result.mean_injections, populations[i])
         covered += result.covered
+        reached += result.stopped_early  # stopped at the margin before the cap on trials
         worst = min(worst, result.covered / result.runs)
     total_uniform = sum(uniform)
     print(f"reference {args.reference}: {len(rates)} strata, {per_trial:,} counted injections per trial, rates "
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     print(f"uniform p = 0.5 plan (Leveugle): {total_uniform:,} injections; stopping at the margin spends "
           f"{spent:,.0f} on average = {100 * spent / total_uniform:.1f}% of it")
     print(f"coverage of the reference rate: {covered / (args.runs * len(rates)):.5f} over all strata, "
-          f"{worst:.4f} in the worst stratum (nominal {args.confidence})")
+          f"{worst:.4f} in the worst stratum (nominal {args.confidence}); {reached / (args.runs * len(rates)):.5f} of the "
+          f"stratum runs reached the margin before the cap")
     return 0
 
 
