@@ -31,7 +31,7 @@ class Stratum:
     rate: float  # the rate planned with (0.5, or from --prior)
     prior: str  # where the rate came from
     needed: int  # Leveugle's fixed-size sample for the margin
-    needed_cs: int  # expected injections of a campaign that stops at the margin with the confidence sequence
+    needed_cs: int  # injections of a campaign that stops at the margin with the confidence sequence (whole windows)
     spec_injections: int  # what `run` with the spec as given spends on it
     spec_margin: float  # the half-width that buys (Leveugle, at the planned rate)
     seconds_per_injection: float | None  # measured on this machine (None: not calibrated)
@@ -173,6 +173,7 @@ def make_plan(spec: CampaignSpec, margin: float = 0.01, confidence: float = 0.99
             if per_image:
                 g["spi"].append(per_image[(t.kind, t.site)] / max(accuracy, 1e-12))
         g["seeds"].add(t.seed)
+    window = min(plan.spec.report_every, bench.num_images) * accuracy  # counted injections between looks
     strata = []
     for (kind, key, bit, fault), g in groups.items():
         population = max(1, g["population"])
@@ -181,7 +182,8 @@ def make_plan(spec: CampaignSpec, margin: float = 0.01, confidence: float = 0.99
         strata.append(Stratum(
             kind, key, g["type"], bit if by == "trial" else "all", fault if by == "trial" else "all", population,
             len(g["units"]), rate, source, sfi.leveugle_sample_size(population, margin, confidence, rate),
-            min(sfi.cs_sample_size(margin, confidence, rate) if 0 < rate < 1 else 0, population), spent,
+            min(_whole_windows(sfi.cs_sample_size(margin, confidence, rate) if 0 < rate < 1 else 0, window), population),
+            spent,
             sfi.leveugle_margin(spent, population, confidence, rate),
             sum(g["spi"]) / len(g["spi"]) if g["spi"] else None))
     n_slots = slots or _local_slots(plan.spec)
@@ -196,6 +198,11 @@ def make_plan(spec: CampaignSpec, margin: float = 0.01, confidence: float = 0.99
         out = Plan(out.strata, margin, confidence, correct, out.images, n_slots, out.setup_s, out.calibration,
                    budget_injections, margins)
     return out
+
+
+def _whole_windows(n: int, window: float) -> int:
+    """``n`` rounded up to the looks a campaign stopping at a margin makes (every ``window``)."""
+    return math.ceil(math.ceil(n / window) * window - 1e-9) if n and window > 0 else n
 
 
 def _calibrate(bench, plan: ResolvedCampaign, images: int, parse_bit_spec) -> dict[tuple[str, int], float]:

@@ -30,7 +30,8 @@ def test_plan_sizes_each_site_bit_stratum(plan):
     assert [s.needed for s in plan.strata] == [math.ceil(N / (1 + (N - 1) / t2)) for N in (784 * c, 784 * c, 10 * c, 10 * c)]
     assert all(s.spec_injections == 2 * c for s in plan.strata)  # two seeds, one trial each
     assert plan.strata[0].spec_margin == pytest.approx(2.5758293 * math.sqrt(0.25 / (2 * c) * (784 * c - 2 * c) / (784 * c - 1)))
-    assert plan.strata[0].needed_cs == sfi.cs_sample_size(0.01, 0.99, 0.5)
+    # looks every --report-every images (2048: here the whole 200-image trial, c counted injections)
+    assert plan.strata[0].needed_cs == math.ceil(sfi.cs_sample_size(0.01, 0.99, 0.5) / c) * c
     assert plan.strata[2].needed_cs == 10 * c  # capped at the population
     assert plan.seconds(lambda s: s.needed) is None  # not calibrated
 
