@@ -89,8 +89,11 @@ def report_lines(directory) -> list[str]:
     except ValueError:
         sizes = None  # an older spec.json: no finite-population correction, no whole-model rate
     margin = record.get("margin") or float(table["half_width"].max())
-    populations = [math.inf if sizes is None else sizes[(str(r.kind), int(r.site_index))][1] * _bits_in(r.bit_spec)
-                   * int(r.golden_correct / max(r.trials, 1)) for r in table.itertuples()]
+    # golden-correct images of one whole pass (trials may have stopped early or been limited)
+    per_trial = table["golden_correct"].sum() / max(table["images"].sum(), 1) * int(read_spec(directory).get("num_images") or 0)
+    populations = [math.inf if sizes is None or per_trial < 1 else
+                   sizes[(str(r.kind), int(r.site_index))][1] * _bits_in(r.bit_spec) * int(round(per_trial))
+                   for r in table.itertuples()]
     uniform = [sfi.leveugle_sample_size(max(N, 1), margin, confidence, 0.5) for N in populations]
     spent = int(table["golden_correct"].sum())
     how = (f"--margin +/-{100 * margin:g} pp" if record["method"] == "margin"

@@ -59,8 +59,10 @@ def test_equal_width_allocation_equalizes_the_margins():
 def test_stratified_rate_weights_strata_by_population():
     est = sfi.stratified_rate([10, 0], [100, 100], [1e6, 3e6])
     assert est.rate == pytest.approx(0.025) and est.injections == 200
-    # Var = (1/4)^2 * 0.1 * 0.9 / 100 * (1 - 100 / 1e6) = 5.6244375e-5; n_eff = 0.025 * 0.975 / Var = 433.38
-    assert est.effective_n == pytest.approx(0.025 * 0.975 / 5.6244375e-5)
+    # Var = (1/4)^2 0.1 0.9 / 100 (1 - 100/1e6) + (3/4)^2 q (1 - q) / 100 (1 - 100/3e6), q = 0.5/101 (no failure seen)
+    q = 0.5 / 101
+    var = (1 / 4) ** 2 * 0.1 * 0.9 / 100 * (1 - 1e-4) + (3 / 4) ** 2 * q * (1 - q) / 100 * (1 - 100 / 3e6)
+    assert est.effective_n == pytest.approx(0.025 * 0.975 / var)
     low, high = wilson_interval(0.025 * est.effective_n, est.effective_n)
     assert (est.low, est.high) == pytest.approx((low, high))
 

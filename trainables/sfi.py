@@ -188,8 +188,8 @@ def stratified_rate(successes: Sequence[float], trials: Sequence[float], sizes: 
                     confidence: float = 0.95) -> StratifiedEstimate:
     """Population-weighted rate sum_h W_h k_h / n_h (W_h = N_h / N) and its interval: the Wilson
     interval at Kish's effective sample size n_eff = p (1 - p) / Var, Var = sum_h W_h^2 p_h
-    (1 - p_h) / n_h (1 - n_h / N_h). One stratum, or equal rates under proportional allocation,
-    give the plain Wilson interval."""
+    (1 - p_h) / n_h (1 - n_h / N_h), where a stratum with 0 or n_h failures uses (k + 1/2)/(n + 1)
+    for p_h. One stratum, or equal rates under proportional allocation, give the plain Wilson interval."""
     from trainables.stats import wilson_interval
 
     k, n, N = (np.asarray(x, dtype=np.float64) for x in (successes, trials, sizes))
@@ -201,7 +201,9 @@ def stratified_rate(successes: Sequence[float], trials: Sequence[float], sizes: 
     ph = k / n
     rate = float((w * ph).sum())
     fpc = np.clip(1 - n / N, 0.0, 1.0)
-    var = float((w * w * ph * (1 - ph) / n * fpc).sum())
+    # a stratum that saw 0 (or all) failures would add no variance: it gets its shrunk rate's
+    pv = np.where((k == 0) | (k == n), shrunk_rate(k, n), ph)
+    var = float((w * w * pv * (1 - pv) / n * fpc).sum())
     if var > 0 and 0 < rate < 1:
         n_eff = rate * (1 - rate) / var
     else:  # no variation seen: the design effect of the weights alone
