@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from campaign.spec import CampaignSpec, ResolvedCampaign, SpecError
 from trainables import sfi
 
-GROUPINGS = ("trial", "site", "type")  # a stratum: one trial without its seed (site x bit x fault), a site, a type
+GROUPINGS = ("trial", "site", "type")
+# Seconds a trial costs beyond its injections (Tune scheduling, its parquet files and reports, the
+# driver's checks), per slot. Measured on the development machine (2 shared CPUs): a 544-trial
+# campaign (497 s) and a 644-trial --margin campaign (353 s) both left 0.9 s per trial per slot
+# beyond the calibrated injection time. Not measured by `plan`: pass --trial-overhead-s for a cluster.
+TRIAL_OVERHEAD_S = 0.9  # a stratum: one trial without its seed (site x bit x fault), a site, a type
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Plan:
     calibration: str  # how the timing was measured
     budget_injections: int | None = None
     budget_margins: tuple[float, ...] = ()  # per stratum, what the budget buys split evenly
+    trial_overhead_s: float = 0.0  # per trial, beyond its injections: scheduling, its files, reports
 
     @property
     def needed(self) -> int:
@@ -59,11 +65,13 @@ class Plan:
         return sum(s.needed_cs for s in self.strata)
 
     def seconds(self, injections_of) -> float | None:
-        """Estimated wall time of spending ``injections_of(stratum)`` injections per stratum."""
+        """Estimated wall time of spending ``injections_of(stratum)`` injections per stratum, in
+        trials of at most one pass over the data set each (and at least one per unit)."""
         if any(s.seconds_per_injection is None for s in self.strata):
             return None
         work = sum(injections_of(s) * s.seconds_per_injection for s in self.strata)
-        return work / self.slots + (self.setup_s or 0.0)
+        trials = sum(max(s.units, math.ceil(injections_of(s) / max(self.golden_correct, 1))) for s in self.strata)
+        return (work + trials * self.trial_overhead_s) / self.slots + (self.setup_s or 0.0)
 
 
 def parse_budget(text: str | None) -> tuple[int | None, float | None]:
@@ -133,7 +141,8 @@ def planning_rate(counts: tuple[int, int] | None) -> tuple[float, str]:
 
 def make_plan(spec: CampaignSpec, margin: float = 0.01, confidence: float = 0.99, by: str = "trial",
               prior: str | None = None, budget: str | None = None, calibrate_images: int = 512,
-              slots: int | None = None, resolved: ResolvedCampaign | None = None) -> Plan:
+              slots: int | None = None, resolved: ResolvedCampaign | None = None,
+              trial_overhead_s: float = TRIAL_OVERHEAD_S) -> Plan:
     """Resolve ``spec`` as `run` would, measure, and size each stratum."""
     from campaign.runner import settings_for
     from campaign.spec import resolve
@@ -188,15 +197,17 @@ def make_plan(spec: CampaignSpec, margin: float = 0.01, confidence: float = 0.99
             sum(g["spi"]) / len(g["spi"]) if g["spi"] else None))
     n_slots = slots or _local_slots(plan.spec)
     out = Plan(tuple(strata), margin, confidence, correct, bench.num_images, n_slots, setup_s if calibrate_images else None,
-               _calibration_text(calibrate_images, device, plan.spec, n_slots, slots is not None))
+               _calibration_text(calibrate_images, device, plan.spec, n_slots, slots is not None),
+               trial_overhead_s=trial_overhead_s)
     if budget_seconds is not None:
         per_injection = sum(s.seconds_per_injection for s in strata) / len(strata)
+        per_injection += trial_overhead_s / max(correct, 1)  # whole trials: their overhead spread over their faults
         budget_injections = int(max(0.0, budget_seconds - setup_s) * n_slots / per_injection)
     if budget_injections is not None:
         share = budget_injections / len(strata)
         margins = tuple(sfi.leveugle_margin(share, s.population, confidence, s.rate) for s in strata)
         out = Plan(out.strata, margin, confidence, correct, out.images, n_slots, out.setup_s, out.calibration,
-                   budget_injections, margins)
+                   budget_injections, margins, trial_overhead_s)
     return out
 
 
@@ -290,7 +301,8 @@ def plan_lines(plan: Plan, spec_label: str = "") -> list[str]:
         f"stopping at the margin (confidence sequence) about {plan.needed_cs:,}, the spec as given {spent:,}",
         f"time: fixed-size plan {_fmt_s(plan.seconds(lambda s: s.needed))}, stopping at the margin "
         f"{_fmt_s(plan.seconds(lambda s: s.needed_cs))}, the spec as given {_fmt_s(plan.seconds(lambda s: s.spec_injections))}",
-        f"calibration: {plan.calibration}" + (f"; setup {plan.setup_s:.1f} s" if plan.setup_s is not None else ""),
+        f"calibration: {plan.calibration}" + (f"; setup {plan.setup_s:.1f} s; plus {plan.trial_overhead_s:g} s per "
+                                              f"trial (--trial-overhead-s) and Ray's start" if plan.setup_s is not None else ""),
         "fixed n: Leveugle et al. 2009 at the planned rate (Wilson/normal interval, one look); stop-at-margin n: the "
         "first n whose anytime-valid interval at that rate is narrow enough (what --margin spends)",
     ]

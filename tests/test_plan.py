@@ -86,3 +86,13 @@ def test_plan_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "plan of demo:vgg: margin +/-5 pp at 95% confidence" in out
     assert "strata: 1 (0 with a prior rate)" in out
+
+
+def test_time_estimate_adds_the_overhead_of_each_trial(plan):
+    import dataclasses
+
+    timed = dataclasses.replace(plan, strata=tuple(dataclasses.replace(s, seconds_per_injection=1e-3) for s in plan.strata),
+                                setup_s=2.0, slots=2, trial_overhead_s=0.5)
+    c = plan.golden_correct
+    # the spec as given: 2 seeds x 4 strata = 8 trials of c injections
+    assert timed.seconds(lambda s: s.spec_injections) == pytest.approx((8 * c * 1e-3 + 8 * 0.5) / 2 + 2.0)
