@@ -122,11 +122,13 @@ def _record(plan, spec, rounds: list, states: dict, active: list, r: int, comple
 
 def allocation_targets(method: str, total: int, sizes, mismatches, correct) -> list[int]:
     """Each stratum's share of ``total`` injections by ``method``, from the counts so far: uniform
-    (equal), neyman (N_h sqrt(p q): the whole-model estimate) or equal-width (p q: equal margins),
+    (equal), proportional (to the population: pooled counts estimate the whole-model rate), neyman (N_h sqrt(p q): the whole-model estimate) or equal-width (p q: equal margins),
     with rates (k + 1/2) / (n + 1) so that a stratum that saw no failure still gets a little."""
     rates = sfi.shrunk_rate(mismatches, correct)
     if method == "uniform":
         return sfi.round_to_total([1.0] * len(rates), total)
+    if method == "proportional":  # n_h proportional to N_h: a self-weighting sample of the whole model
+        return sfi.round_to_total(sizes, total)
     if method == "neyman":
         return sfi.neyman_allocation(total, sizes, rates)
     return sfi.equal_width_allocation(total, rates)

@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "is the most) once its anytime-valid interval's half-width is below this")
     run.add_argument("--confidence", type=float, help="confidence of the intervals --margin and --target-margin stop "
                                                        "on (default 0.95)")
-    run.add_argument("--allocate", choices=("uniform", "neyman", "equal-width"),
+    run.add_argument("--allocate", choices=("uniform", "proportional", "neyman", "equal-width"),
                      help="spend --budget injections over the strata: a --pilot share evenly first, the rest by the "
-                          "pilot's rates: uniform, neyman (best whole-model estimate) or equal-width (equal margins)")
+                          "pilot's rates: uniform, proportional (to the strata's fault populations), neyman (best "
+                          "whole-model estimate) or equal-width (equal margins)")
     run.add_argument("--budget", type=int, help="injections (golden-correct images) that --allocate spends")
     run.add_argument("--pilot", type=float, help="share of --budget spent evenly first (default 0.2)")
     run.add_argument("--stop-interval", choices=("cs", "wilson"),

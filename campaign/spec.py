@@ -24,7 +24,7 @@ IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", 
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
                    "params", "modules", "buffers", "fault", "quantize", "weight_format", "stop_interval", "margin",
                    "confidence", "allocate", "budget", "pilot")
-ALLOCATIONS = ("uniform", "neyman", "equal-width")
+ALLOCATIONS = ("uniform", "proportional", "neyman", "equal-width")
 STOP_INTERVALS = ("cs", "wilson")  # how a campaign that stops at a margin judges it (trainables.sfi)
 
 

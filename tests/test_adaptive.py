@@ -75,6 +75,7 @@ def test_allocation_targets_match_the_formulas():
     k, n = [50, 0], [100, 100]
     p = [0.5, 0.5 / 101]
     assert adaptive.allocation_targets("uniform", 1001, [1, 1], k, n) == [501, 500]
+    assert adaptive.allocation_targets("proportional", 1000, [1, 4], k, n) == [200, 800]
     assert adaptive.allocation_targets("neyman", 1000, [1, 4], k, n) == sfi.neyman_allocation(1000, [1, 4], p)
     assert adaptive.allocation_targets("equal-width", 1000, [1, 4], k, n) == sfi.round_to_total(
         [x * (1 - x) for x in p], 1000)
