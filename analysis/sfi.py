@@ -111,7 +111,9 @@ def report_lines(directory) -> list[str]:
     })
     lines += shown.to_string(index=False).splitlines()
     reached = int((table["half_width"] < margin).sum())
-    lines.append(f"{reached} of {len(table)} strata within +/-{100 * margin:g} pp; injections counted {spent:,} vs "
+    achieved = (f"{reached} of {len(table)} strata within +/-{100 * margin:g} pp" if record["method"] == "margin"
+                else f"widest margin +/-{100 * margin:.3f} pp")
+    lines.append(f"{achieved}; injections counted {spent:,} vs "
                  f"{sum(uniform):,} for the uniform p = 0.5 plan at that margin (Leveugle 2009): "
                  f"{100 * spent / max(sum(uniform), 1):.1f}%")
     if sizes is None:
