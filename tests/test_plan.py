@@ -5,7 +5,7 @@ import pytest
 
 from campaign.cli import main
 from campaign.plan import make_plan, parse_budget, planning_rate
-from campaign.spec import CampaignSpec, SpecError, TrialPlan
+from campaign.spec import CampaignSpec, TrialPlan
 from trainables import sfi
 from trainables.results import check_and_aggregate, write_spec
 from trainables.stats import wilson_interval

@@ -2,7 +2,6 @@
 interval, against hand-computed values and the martingale that defines it."""
 import math
 
-import numpy as np
 import pytest
 
 from trainables import sfi
