@@ -13,6 +13,7 @@ import pandas as pd
 from analysis.compare import compare
 from analysis.load import campaign_dirs, golden_warnings, load, load_bits
 from analysis.paired import report_lines as report_protection
+from analysis.sfi import report_lines as sfi_report_lines
 from analysis.plots import plot_bit_rates, plot_site_bit_heatmap, plot_site_rates
 from analysis.tables import (
     FORMATS,
@@ -211,6 +212,8 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     protection_text, protection_files = report_protection(trials, out)  # --protect campaigns only
     lines += [""] * bool(protection_text) + protection_text
     written += protection_files
+    for path in paths:  # --margin / --allocate campaigns only (their sfi.json)
+        lines += sfi_report_lines(path)
     written += _plots(site_table, site_bits, bit_table, out)
     lines += ["", f"Files written to {out}:", *(f"  {p.name}" for p in written)]
     return "\n".join(lines) + "\n"

@@ -35,6 +35,15 @@ neuron and weight sites, all layers, random bit, one seed) on this machine.
 """
 
 
+PLAN_EPILOG = """\
+Prints, per stratum, its fault population (elements x bits x golden-correct images), the
+injections a --margin at --confidence needs (Leveugle et al. 2009, rate 0.5 or from --prior),
+those of a campaign stopping at that margin with the anytime-valid interval, what the spec as
+given spends and the margin it buys, and wall times from a short timed calibration.
+See docs/statistics.md.
+"""
+
+
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="demo:vgg | demo:resnet | demo:vit | demo:text | chenyaofo:cifar10_resnet20 | "
                                          "torchvision:<arch> | file:<path> (default demo:vgg)")
@@ -81,34 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", nargs="?", help="YAML campaign spec (keys = the long flag names with _)")
     _model_flags(run)
     _site_flags(run)
-    run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering); "
-                                    "a bit pool, one trial set whose faults draw their bits from it: random:23-30, "
-                                    "random:23+25+30, random:exponent (sign, exponent, mantissa, magnitude: per format)")
-    run.add_argument("--fault", help="fault model(s), one trial set each: flip (default), flip:K (K distinct bits: uniform "
-                                     "among the width or a bit pool, or the given bit and K-1 above it), burst:K (K "
-                                     "adjacent bits up from it), stuck0, stuck1, random (all bits random), zero; a list "
-                                     "like flip,burst:2")
-    run.add_argument("--protect", help="mitigation, run as paired trials on the same faults: none (default), "
-                                       "clamp:<types>:<lo>:<hi> (fmin/fmax, NaN -> bound), relu6, ranger[:<types or module "
-                                       "patterns>] (bounds profiled on --calibration)")
-    run.add_argument("--bounds", help="ranger: reuse the bounds of this file (a bounds file or a ranger campaign's spec.json)")
-    run.add_argument("--calibration", help="ranger: the data set to profile bounds on (default: the evaluation set's "
-                                           "training split: fashion-mnist-calib, cifar10-train, cifar100-train)")
-    run.add_argument("--seeds", help="explicit seeds, e.g. 1,2,3 (default: --num-seeds drawn from --master-seed)")
-    run.add_argument("--num-seeds", type=int, help="how many seeds to draw from --master-seed (default 1)")
-    run.add_argument("--master-seed", type=int, help="master seed (default 0; -1 = from the clock, recorded)")
-    run.add_argument("--images-per-weight-fault", type=int, help="consecutive images sharing one weight fault (default 256)")
-    run.add_argument("--record", choices=RECORD_LEVELS, help="per-fault rows: none, changed (default), all")
-    run.add_argument("--target-margin", type=float, help="stop a trial once its Wilson 95%% half-width is below this")
-    run.add_argument("--report-every", type=int, help="images between progress reports / early-stop checks (default 2048)")
-    run.add_argument("--prefix-cache-mb", help="golden-activation cache per worker for prefix reuse, MiB "
-                                                 "(default: a quarter of the device's free memory)")
-    run.add_argument("--no-prefix", dest="prefix", action="store_false", default=None,
-                     help="run every fault through the whole forward pass (same results, slower)")
-    _resource_flags(run)
-    run.add_argument("--out", help="parent directory of campaign directories (default runs), or an object-store URI "
-                                    "such as s3://bucket/prefix (configured by the store's environment: AWS_*)")
-    run.add_argument("--name", help="campaign directory name (default <model>-<dataset>-<dtype>)")
+    _run_flags(run)
+    run.add_argument("--margin", type=float, help="stop each stratum (site x bit x fault, pooled over seeds: --num-seeds "
+                                                   "is the most) once its anytime-valid interval's half-width is below this")
+    run.add_argument("--confidence", type=float, help="confidence of the intervals --margin and --target-margin stop "
+                                                       "on (default 0.95)")
+    run.add_argument("--allocate", choices=("uniform", "proportional", "neyman", "equal-width"),
+                     help="spend --budget injections over the strata: a --pilot share evenly first, the rest by the "
+                          "pilot's rates: uniform, proportional (to the strata's fault populations), neyman (best "
+                          "whole-model estimate) or equal-width (equal margins)")
+    run.add_argument("--budget", type=int, help="injections (golden-correct images) that --allocate spends")
+    run.add_argument("--pilot", type=float, help="share of --budget spent evenly first (default 0.2)")
+    run.add_argument("--stop-interval", choices=("cs", "wilson"),
+                     help="--target-margin stops on: cs, the anytime-valid confidence sequence (default), or wilson, "
+                          "the Wilson interval checked at every window (not valid under early stopping; as before)")
+
+    plan = sub.add_parser("plan", help="size a campaign before running it: injections per stratum for a margin, and time",
+                          epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("spec", nargs="?", help="YAML campaign spec (as for run)")
+    _model_flags(plan)
+    _site_flags(plan)
+    _run_flags(plan)
+    plan.add_argument("--margin", type=float, help="interval half-width wanted per stratum (default: the spec's margin, "
+                                                    "else 0.01)")
+    plan.add_argument("--confidence", type=float, help="confidence level (default: the spec's with a margin, else 0.99)")
+    plan.add_argument("--by", default="trial", help="strata: trial (site x bit x fault, the default), site, type")
+    plan.add_argument("--prior", help="an earlier campaign directory: plan with its rates instead of p = 0.5")
+    plan.add_argument("--budget", help="injections (2e6) or time (30m, 2h): the margin it buys, split evenly")
+    plan.add_argument("--calibrate-images", type=int, default=512,
+                      help="images timed per site for the time estimate (default 512; 0: no timing)")
+    plan.add_argument("--slots", type=int, help="trials the cluster runs at once (default: what this machine runs)")
+    plan.add_argument("--trial-overhead-s", type=float, help="seconds a trial costs beyond its injections (scheduling, "
+                                                               "files; default 0.9, measured on a 2-CPU machine)")
 
     resume = sub.add_parser("resume", help="finish an interrupted campaign")
     resume.add_argument("directory")
@@ -128,6 +141,39 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output directory (default <first directory>/report; a local folder, needed "
                                        "when the campaign is on object storage)")
     return parser
+
+
+def _run_flags(run: argparse.ArgumentParser) -> None:
+    """The flags of run that shape a campaign (plan takes them too: it sizes the campaign run would start)."""
+    run.add_argument("--bits", help="random (default), all, 30, 0-31, 23,30, msb:1 (MSB-first, the seed's numbering); "
+                                    "a bit pool, one trial set whose faults draw their bits from it: random:23-30, "
+                                    "random:23+25+30, random:exponent (sign, exponent, mantissa, magnitude: per format)")
+    run.add_argument("--fault", help="fault model(s), one trial set each: flip (default), flip:K (K distinct bits: uniform "
+                                     "among the width or a bit pool, or the given bit and K-1 above it), burst:K (K "
+                                     "adjacent bits up from it), stuck0, stuck1, random (all bits random), zero; a list "
+                                     "like flip,burst:2")
+    run.add_argument("--protect", help="mitigation, run as paired trials on the same faults: none (default), "
+                                       "clamp:<types>:<lo>:<hi> (fmin/fmax, NaN -> bound), relu6, ranger[:<types or module "
+                                       "patterns>] (bounds profiled on --calibration)")
+    run.add_argument("--bounds", help="ranger: reuse the bounds of this file (a bounds file or a ranger campaign's spec.json)")
+    run.add_argument("--calibration", help="ranger: the data set to profile bounds on (default: the evaluation set's "
+                                           "training split: fashion-mnist-calib, cifar10-train, cifar100-train)")
+    run.add_argument("--seeds", help="explicit seeds, e.g. 1,2,3 (default: --num-seeds drawn from --master-seed)")
+    run.add_argument("--num-seeds", type=int, help="how many seeds to draw from --master-seed (default 1)")
+    run.add_argument("--master-seed", type=int, help="master seed (default 0; -1 = from the clock, recorded)")
+    run.add_argument("--images-per-weight-fault", type=int, help="consecutive images sharing one weight fault (default 256)")
+    run.add_argument("--record", choices=RECORD_LEVELS, help="per-fault rows: none, changed (default), all")
+    run.add_argument("--target-margin", type=float, help="stop a trial once its interval's half-width is below this "
+                                                          "(the anytime-valid confidence sequence at --confidence)")
+    run.add_argument("--report-every", type=int, help="images between progress reports / early-stop checks (default 2048)")
+    run.add_argument("--prefix-cache-mb", help="golden-activation cache per worker for prefix reuse, MiB "
+                                                 "(default: a quarter of the device's free memory)")
+    run.add_argument("--no-prefix", dest="prefix", action="store_false", default=None,
+                     help="run every fault through the whole forward pass (same results, slower)")
+    _resource_flags(run)
+    run.add_argument("--out", help="parent directory of campaign directories (default runs), or an object-store URI "
+                                    "such as s3://bucket/prefix (configured by the store's environment: AWS_*)")
+    run.add_argument("--name", help="campaign directory name (default <model>-<dataset>-<dtype>)")
 
 
 def _site_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,17 +210,54 @@ def spec_from_args(args: argparse.Namespace, env=os.environ) -> CampaignSpec:
     return spec_from_mapping(_flags(args), spec, source="flags")
 
 
-def cmd_run(args) -> int:
+def _run(spec: CampaignSpec):
+    """A campaign stopping per stratum runs in rounds (campaign.adaptive); any other in one go."""
+    if spec.margin is not None:
+        from campaign.adaptive import run_margin_campaign
+
+        return run_margin_campaign(spec)
+    if spec.allocate is not None:
+        from campaign.adaptive import run_allocated_campaign
+
+        return run_allocated_campaign(spec)
     from campaign.runner import run_campaign
 
-    return _finish(run_campaign(spec_from_args(args)))
+    return run_campaign(spec)
+
+
+def cmd_run(args) -> int:
+    return _finish(_run(spec_from_args(args)))
+
+
+PLAN_ONLY = ("margin", "confidence", "by", "prior", "budget", "calibrate_images", "slots", "trial_overhead_s")
+
+
+def cmd_plan(args) -> int:
+    from campaign.plan import check_plan_args, make_plan, parse_budget, plan_lines
+
+    values = {k: v for k, v in vars(args).items() if k not in PLAN_ONLY}
+    spec = spec_from_args(argparse.Namespace(**values))
+    margin = args.margin if args.margin is not None else spec.margin or 0.01
+    confidence = args.confidence if args.confidence is not None else spec.confidence if spec.margin else 0.99
+    check_plan_args(margin, confidence, args.by, args.calibrate_images)
+    parse_budget(args.budget)
+    if args.slots is not None and args.slots < 1:
+        raise SpecError(f"slots: must be a positive integer, got {args.slots}")
+    if args.trial_overhead_s is not None and not 0 <= args.trial_overhead_s < 3600:
+        raise SpecError(f"trial_overhead_s: seconds in [0, 3600), got {args.trial_overhead_s}")
+    from campaign.plan import TRIAL_OVERHEAD_S
+
+    plan = make_plan(spec, margin, confidence, args.by, args.prior, args.budget, args.calibrate_images, args.slots,
+                     trial_overhead_s=TRIAL_OVERHEAD_S if args.trial_overhead_s is None else args.trial_overhead_s)
+    print("\n".join(plan_lines(plan, f" of {spec.model}")))
+    return 0
 
 
 def cmd_resume(args) -> int:
-    from campaign.runner import run_campaign, spec_from_directory
+    from campaign.runner import spec_from_directory
 
     overrides = _flags(args)
-    return _finish(run_campaign(spec_from_directory(args.directory, **overrides)))
+    return _finish(_run(spec_from_directory(args.directory, **overrides)))
 
 
 def _finish(outcome) -> int:
@@ -330,7 +413,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "layers": cmd_layers, "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "resume": cmd_resume, "layers": cmd_layers, "eval": cmd_eval, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

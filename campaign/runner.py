@@ -151,6 +151,8 @@ def record_spec(plan: ResolvedCampaign) -> None:
         "num_images": plan.num_images,
         "num_trials": len(plan.trials),
         "sites": plan.sites_by_kind,
+        "site_sizes": {kind: {str(index): list(v) for (k, index), v in plan.site_sizes.items() if k == kind}
+                       for kind in plan.sites_by_kind},  # elements a fault can hit: whole-model weights (analysis.sfi)
         "site_table": plan.site_table,
         "protection": plan.protection,  # protected campaigns: the protected sites and their bounds
         "versions": versions(),
@@ -171,6 +173,7 @@ def spec_from_directory(directory: str | Path, **overrides) -> CampaignSpec:
         values = dict(stored["spec"])
         values.update(out=str(storage.parent(directory)), name=storage.name(directory), seeds=tuple(stored["seeds"]),
                       sites=tuple(values["sites"]))
+        values.setdefault("stop_interval", "wilson")  # written before the confidence sequence: stopped on Wilson
         values.update({k: v for k, v in overrides.items() if v is not None})
         if (stored.get("protection") or {}).get("calibration") and not values.get("bounds"):
             values.update(bounds=str(storage.join(directory, SPEC_FILE)), calibration=None)  # resume on the profiled bounds
@@ -186,7 +189,8 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         name=storage.name(plan.directory), directory=str(plan.directory), model=s.model, dataset=plan.dataset,
         hub_dir=s.hub_dir, hub_ref=s.hub_ref, weights=s.weights, data_root=s.data_root, images=s.images,
         mode=effective_mode(s), batch_size=s.batch_size, images_per_weight_fault=s.images_per_weight_fault, record=s.record,
-        target_margin=s.target_margin, report_every=s.report_every, cpus_per_trial=s.cpus_per_trial,
+        target_margin=s.target_margin if s.margin is None else s.margin, report_every=s.report_every,
+        stop_interval=s.stop_interval, confidence=s.confidence, cpus_per_trial=s.cpus_per_trial,
         inputs=dict(plan.inputs),
         prefix=plan.reuses_prefix, prefix_cache_mb=s.prefix_cache_mb,
         protect=plan.protection["protect"] if plan.protection else None, protection=plan.protection,
@@ -373,11 +377,16 @@ class Progress(tune.Callback):
 
 
 def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
-                 progress_every_s: float = 5.0) -> CampaignOutcome:
-    """Validate, run the missing trials on Ray Tune, aggregate the parquet files."""
+                 progress_every_s: float = 5.0, resolved: ResolvedCampaign | None = None,
+                 only: list | None = None) -> CampaignOutcome:
+    """Validate, run the missing trials on Ray Tune, aggregate the parquet files. ``resolved``:
+    ``spec`` resolved already; ``only``: run and aggregate these of its trials (a round of a
+    campaign that stops per stratum, campaign.adaptive)."""
     started = time.monotonic()
     check_store(spec)
-    plan = resolve(spec)
+    plan = resolved or resolve(spec)
+    if only is not None:
+        plan = dataclasses.replace(plan, trials=tuple(only))
     check_directory(plan)
     check_writable(plan.directory)
     check_address(plan.spec.address)

@@ -22,7 +22,10 @@ MODES = ("fp32", "tf32", "fp16", "bf16")
 # these is a different campaign. Batch size, resources and names may change between runs.
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
-                   "params", "modules", "buffers", "fault", "quantize", "weight_format")
+                   "params", "modules", "buffers", "fault", "quantize", "weight_format", "stop_interval", "margin",
+                   "confidence", "allocate", "budget", "pilot")
+ALLOCATIONS = ("uniform", "proportional", "neyman", "equal-width")
+STOP_INTERVALS = ("cs", "wilson")  # how a campaign that stops at a margin judges it (trainables.sfi)
 
 
 MAX_SEED = 2**63 - 1  # seeds are stored as int64
@@ -70,8 +73,14 @@ class CampaignSpec:
     gpus_per_trial: float = 0.0
     out: str = "runs"
     name: str | None = None
-    target_margin: float | None = None
+    target_margin: float | None = None  # stop each trial once its interval's half-width is below this
     report_every: int = 2048
+    margin: float | None = None  # stop each stratum (site x bit x fault, over seeds) once its half-width is below this
+    confidence: float = 0.95  # of the intervals that --target-margin and --margin stop on
+    stop_interval: str = "cs"  # cs: the anytime-valid confidence sequence; wilson: repeated Wilson checks (before)
+    allocate: str | None = None  # uniform | neyman | equal-width: spend --budget over strata after a pilot (campaign.adaptive)
+    budget: int | None = None  # injections (golden-correct images) that --allocate spends
+    pilot: float = 0.2  # the share of --budget spent evenly first, to estimate the strata's rates
     max_failures: int = 2
     max_concurrent: int | None = None
     address: str | None = None  # Ray cluster address; None: connect to a running one or start locally
@@ -101,9 +110,9 @@ def default_name(spec: CampaignSpec) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CampaignSpec)}
-_INT_FIELDS = {"num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
+_INT_FIELDS = {"budget", "num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
                "max_failures", "max_concurrent", "img_size", "channels"}
-_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb"}
+_FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb", "margin", "confidence", "pilot"}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -315,6 +324,9 @@ class TrialPlan:
     bit: int | str
     seed: int
     fault: str = "flip"  # the fault model (trainables.inject.fault_models); part of the key unless flip
+    prior_k: int = 0  # --margin: the stratum's mismatches and golden-correct images of earlier rounds
+    prior_n: int = 0
+    limit: int = 0  # --allocate: the trial runs only the first this many images (0: all)
 
 
 @dataclass(frozen=True)
@@ -332,6 +344,8 @@ class ResolvedCampaign:
     inputs: dict[str, str] = field(default_factory=dict)  # content digests (DIGEST_FIELDS)
     notes: tuple[str, ...] = ()  # said once per campaign before it runs (sites that cannot reuse the prefix)
     protection: dict | None = None  # the guard record of a protected campaign: sites and bounds (spec.json)
+    site_sizes: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict, repr=False)  # (kind, index) ->
+    # (module type, elements a fault can hit per image: output elements, weight elements or tensor elements)
 
     @property
     def directory(self) -> Path | str:
@@ -350,6 +364,11 @@ class ResolvedCampaign:
         values.update(params=None if str(self.spec.params).lower() == "all" else self.spec.params,
                       buffers=True if self.spec.buffers else None,
                       fault=None if self.spec.fault == "flip" else self.spec.fault)
+        stops = self.spec.target_margin is not None or self.spec.margin is not None
+        # campaigns that never stop early, or stop on repeated Wilson checks (the only rule before), match older ones
+        values.update(stop_interval=self.spec.stop_interval if stops and self.spec.stop_interval != "wilson" else None,
+                      confidence=self.spec.confidence if stops and self.spec.confidence != 0.95 else None,
+                      pilot=self.spec.pilot if self.spec.allocate else None)
         return {**{k: values[k] for k in IDENTITY_FIELDS}, **protection_identity(self.protection), **self.inputs}
 
 
@@ -379,6 +398,28 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
         problems.append(f"gpus_per_trial: use a fraction in (0, 1] or a whole number, got {spec.gpus_per_trial}")
     if spec.target_margin is not None and not 0 < spec.target_margin < 0.5:
         problems.append(f"target_margin: a Wilson half-width in (0, 0.5), got {spec.target_margin}")
+    if spec.margin is not None and not 0 < spec.margin < 0.5:
+        problems.append(f"margin: a half-width in (0, 0.5), got {spec.margin}")
+    if spec.margin is not None and spec.target_margin is not None:
+        problems.append("margin: stops each stratum over its trials; target_margin stops each trial: give one of them")
+    if not 0 < spec.confidence < 1:
+        problems.append(f"confidence: a level in (0, 1), got {spec.confidence}")
+    if spec.stop_interval not in STOP_INTERVALS:
+        problems.append(f"stop_interval: {spec.stop_interval!r}: use cs (anytime-valid) or wilson")
+    if spec.allocate is not None and spec.allocate not in ALLOCATIONS:
+        problems.append(f"allocate: {spec.allocate!r}: use one of {', '.join(ALLOCATIONS)}")
+    if spec.allocate is not None and spec.budget is None:
+        problems.append("allocate: needs --budget, the injections to spend")
+    if spec.budget is not None and spec.allocate is None:
+        problems.append("budget: spent by --allocate uniform|neyman|equal-width: give one")
+    if spec.budget is not None and spec.budget < 1:
+        problems.append(f"budget: must be a positive number of injections, got {spec.budget}")
+    if not 0 < spec.pilot < 1:
+        problems.append(f"pilot: a share of the budget in (0, 1), got {spec.pilot}")
+    if spec.allocate is not None and (spec.margin is not None or spec.target_margin is not None):
+        problems.append("allocate: spends a fixed budget; not with --margin or --target-margin")
+    if spec.margin is not None and spec.stop_interval != "cs":
+        problems.append("stop_interval: --margin stops on the anytime-valid interval only (cs)")
     if spec.max_failures < 0:
         problems.append(f"max_failures: must be >= 0, got {spec.max_failures}")
     if spec.seeds is not None and (not spec.seeds or any(not 0 <= s <= MAX_SEED for s in spec.seeds)):
@@ -564,7 +605,18 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
                             digests or input_digests(spec, data, model), notes=left_out + said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
                             + (numformats.weight_note(spec, selected) if spec.prefix and trials_per_site(trials) > 1 else ()),
-                            protection=protection)
+                            protection=protection, site_sizes=site_sizes(selected))
+
+
+def site_sizes(selected: dict[str, list]) -> dict[tuple[str, int], tuple[str, int]]:
+    """(kind, index) -> (module type, elements a fault of that kind can hit): the statistical
+    planner's fault populations (campaign.plan)."""
+    out = {}
+    for kind, chosen in selected.items():
+        for s in chosen:
+            n = s.output_numel if kind == "neuron" else s.weight_numel if kind == "weight" else s.numel
+            out[(kind, s.index)] = (s.module_type, int(n))
+    return out
 
 
 def fault_problem(text: str) -> str | None:

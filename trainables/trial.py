@@ -5,7 +5,10 @@ Model, data and golden predictions are loaded once per worker process and reused
 trial that process runs (Tune's ``reuse_actors``). Images are processed in windows of
 ``report_every`` (independent of batch size): after each, running counts are reported (the
 last window's with what the trial's commit lists, while its files are written) and an
-optional ``target_margin`` on the Wilson 95% half-width stops the trial early.
+optional ``target_margin`` on the interval's half-width stops the trial early: the anytime-valid
+confidence sequence (trainables.sfi, ``stop_interval="cs"``, what campaign specs use) or, as
+before, the Wilson 95% interval checked at every window (``"wilson"``, this class's default). A
+trial of a campaign stopping per stratum stops on the stratum's pooled counts (``prior_k/n``).
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import numpy as np
 import torch
 
 from trainables import hardware
+from trainables import sfi
 from trainables.digests import changed_inputs, input_digests
 from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, uncommit_trial, write_trial
+from trainables.stats import wilson_interval
 from trainables.zoo.data import load_dataset
 from trainables.zoo import quantization
 from trainables.zoo.models import load_model
@@ -50,6 +55,8 @@ class CampaignSettings:
     record: str = "changed"
     target_margin: float | None = None
     report_every: int = 2048
+    stop_interval: str = "wilson"  # what target_margin stops on: "cs" (anytime-valid) or "wilson" (repeated checks)
+    confidence: float = 0.95  # the confidence sequence's level
     cpus_per_trial: float = 1.0
     prefix: bool = True  # prefix reuse (same results; see trainables.inject.suffix)
     prefix_cache_mb: float | None = None  # its cache budget per worker; None: a quarter of free memory
@@ -75,6 +82,9 @@ class TrialPoint:
     bit: int | str  # an LSB-0 bit index or "random"
     seed: int
     fault: str = "flip"  # the fault model (trainables.inject.fault_models); in the key unless flip
+    prior_k: int = 0  # mismatches and golden-correct images its stratum counted in earlier rounds (--margin):
+    prior_n: int = 0  # the trial stops once the stratum's pooled interval is narrow enough
+    limit: int = 0  # run only the first this many images (--allocate's share of a stratum); 0: all
 
     @property
     def key(self) -> str:
@@ -146,7 +156,7 @@ def run_trial(
     record_parts = []
     paths = set()
     stopped_early = False
-    n = bench.num_images
+    n = min(bench.num_images, point.limit) if point.limit else bench.num_images
     t0 = time.perf_counter()
     for start in range(0, n, settings.report_every):
         stop = min(start + settings.report_every, n)
@@ -158,14 +168,17 @@ def run_trial(
         paths.add(outcome.path)
         if outcome.records is not None:
             record_parts.append(outcome.records)
-        low, high = counts.wilson()
+        low, high = _interval(settings, counts.mismatches, counts.golden_correct)
         metrics = _metrics(point, counts, low, high, time.perf_counter() - t0)
-        if settings.target_margin and stop < n and (high - low) / 2 < settings.target_margin:
-            stopped_early = True
-            break
+        if settings.target_margin and stop < n:
+            pooled = (low, high) if not point.prior_n else _interval(
+                settings, counts.mismatches + point.prior_k, counts.golden_correct + point.prior_n)
+            if (pooled[1] - pooled[0]) / 2 < settings.target_margin:
+                stopped_early = True
+                break
         if report is not None and stop < n:
             report(metrics)
-    low, high = counts.wilson()
+    low, high = _interval(settings, counts.mismatches, counts.golden_correct)
     row = {
         "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
         "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
@@ -198,6 +211,13 @@ def run_trial(
                 uncommitted=uncommitted,
                 while_writing=None if report is None else lambda c: report({**metrics, "commit": json.dumps(c)}))
     return row
+
+
+def _interval(settings: CampaignSettings, k: int, n: int) -> tuple[float, float]:
+    """The trial's interval: the confidence sequence when it stops at a margin on it, else Wilson 95%."""
+    if settings.target_margin and settings.stop_interval == "cs":
+        return sfi.confidence_sequence(k, n, settings.confidence)
+    return wilson_interval(k, n)
 
 
 def _metrics(point: TrialPoint, counts: engine.Counts, low: float, high: float, seconds: float) -> dict:
