@@ -36,11 +36,17 @@ neuron and weight sites, all layers, random bit, one seed) on this machine.
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="demo:vgg | demo:resnet | chenyaofo:cifar10_resnet20 | torchvision:<arch> | file:<path> (default demo:vgg)")
+    parser.add_argument("--model", help="demo:vgg | demo:resnet | chenyaofo:cifar10_resnet20 | torchvision:<arch> | file:<path> | "
+                                        "py:<module>:<callable> | timm:<name> | hub:<owner>/<repo>[@ref]:<entry> | "
+                                        "hf:<directory> (default demo:vgg; see docs/models.md)")
+    parser.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
+                        help="a keyword argument for a py:, timm:, hub: or hf: model (repeat it; values are read as "
+                             "int, float, true/false or text)")
     parser.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | synthetic:CxHxW:classes (default: the model's own)")
-    parser.add_argument("--hub-dir", help="a local clone of chenyaofo/pytorch-cifar-models (torch.hub source='local')")
+    parser.add_argument("--hub-dir", help="a local clone of the hub: repository or of chenyaofo/pytorch-cifar-models "
+                                          "(torch.hub source='local')")
     parser.add_argument("--hub-ref", help="git ref of the zoo to load through torch.hub")
-    parser.add_argument("--weights", help="a state_dict file, or 'none' for random initialization")
+    parser.add_argument("--weights", help="a state_dict file (.pt/.pth or .safetensors), or 'none' for random initialization")
     parser.add_argument("--data-root", help="directory holding cifar-10-batches-py / cifar-100-python")
     parser.add_argument("--download", action="store_true", default=None, help="download CIFAR if it is missing (needs network)")
     parser.add_argument("--dtype", choices=MODES, help="math mode: fp32 (strict, TF32 off; default), tf32, fp16, bf16")
@@ -200,7 +206,7 @@ def _load_for_inspection(args, shape_only: bool = False):
     if problems := format_problems(spec):
         raise SpecError("\n".join(problems))
     try:
-        check_model_name(spec.model, hub_dir=spec.hub_dir)  # an unknown model is reported as such first
+        check_model_name(spec.model, hub_dir=spec.hub_dir, model_args=spec.model_args)  # an unknown model first
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     dataset = spec.dataset or default_dataset_for(spec.model)
@@ -214,7 +220,8 @@ def _load_for_inspection(args, shape_only: bool = False):
                            CIFAR_SPECS[dataset].num_classes, synthetic=False)
         else:
             data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
-        model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
+        model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights,
+                           model_args=spec.model_args)
         model = quantized_model(spec, dataset, model)  # --quantize int8; else unchanged
     except (ValueError, FileNotFoundError) as exc:
         raise SpecError(str(exc)) from None
@@ -222,7 +229,7 @@ def _load_for_inspection(args, shape_only: bool = False):
 
 
 def cmd_layers(args) -> int:
-    from campaign.spec import check_plain_fields, shape_mismatch
+    from campaign.spec import check_plain_fields, classes_problem, shape_mismatch
     from trainables.inject.engine import MATH_MODES
     from trainables.inject import qparams
     from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
@@ -240,6 +247,8 @@ def cmd_layers(args) -> int:
         raise SpecError(str(exc)) from None
     except Exception as exc:  # the model's own forward refused the input
         raise SpecError(shape_mismatch(spec.model, dataset, data.input_shape, exc)) from None
+    if (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)) is not None:
+        raise SpecError(problem)
     selected, problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                spec.modules, spec.buffers)
     qsites = qparams.qparam_sites(model, found.sites)  # an int8 model's scales and zero points; [] otherwise

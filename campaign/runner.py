@@ -186,6 +186,7 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         prefix=plan.reuses_prefix, prefix_cache_mb=s.prefix_cache_mb,
         protect=plan.protection["protect"] if plan.protection else None, protection=plan.protection,
         weight_format=s.weight_format,
+        model_args=json.dumps(s.model_args, sort_keys=True) if s.model_args else None,
     ))
 
 
@@ -272,7 +273,8 @@ def connect(spec: CampaignSpec) -> None:
     """Join the given or running Ray cluster, else start a local one; check it can host a trial."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NOTICE_FILTER)
     if not ray.is_initialized():
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        # the driver's working directory too: a py: model's module reaches local workers as it reached the driver
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.getcwd(), os.environ.get("PYTHONPATH")])),
                **storage.environment(spec.out)}  # an object store's standard variables, for the trials' writes
         in_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_ADDRESS")
         stopped = processes.stop_orphans()

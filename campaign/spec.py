@@ -22,7 +22,7 @@ MODES = ("fp32", "tf32", "fp16", "bf16")
 # these is a different campaign. Batch size, resources and names may change between runs.
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
-                   "params", "modules", "buffers", "fault", "quantize", "weight_format")
+                   "params", "modules", "buffers", "fault", "quantize", "weight_format", "model_args")
 
 
 MAX_SEED = 2**63 - 1  # seeds are stored as int64
@@ -32,7 +32,7 @@ MAX_SEEDS = 100_000  # seeds per campaign (each multiplies the trials)
 # The content digests that are part of a campaign's identity, and how messages name them
 # (the same table as trainables.digests.DIGEST_FIELDS; this module imports no torch).
 DIGEST_FIELDS = {"weights_sha256": "the weights", "data_sha256": "the data (images and labels used)",
-                 "hub_code_sha256": "the hub code"}
+                 "hub_code_sha256": "the hub code", "code_sha256": "the model's code or configuration"}
 
 
 class SpecError(ValueError):
@@ -84,6 +84,7 @@ class CampaignSpec:
     calibration: str | None = None  # ranger: the data set profiled (default: the evaluation set's training split)
     quantize: str | None = None  # int8: post-training static int8 quantization (campaign.numformats); mode int8
     weight_format: str | None = None  # fp8_e4m3fn | fp8_e5m2: weights stored in fp8, upcast for compute
+    model_args: dict | None = None  # keyword arguments for py:/timm:/hub:/hf: models (--model-arg key=value)
 
     @property
     def directory(self) -> Path | str:
@@ -135,6 +136,8 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
             return ",".join(_as_list(value))
         if name == "fault":
             return ",".join(v.lower() for v in _as_list(value))
+        if name == "model_args":
+            return model_args(value)
         if name in ("params", "modules") and isinstance(value, (list, tuple)):
             return ",".join(str(v).strip() for v in value)  # a re: item runs to the end: put it last
         return str(value)
@@ -143,8 +146,41 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
         return None
 
 
+def model_arg_value(text: str) -> bool | int | float | str:
+    """A --model-arg value as the factory gets it: true/false -> bool, whole number -> int,
+    number -> float, anything else the text itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def model_args(value: Any) -> dict[str, Any] | None:
+    """model_args from YAML (a mapping of scalars) or flags (['key=value', ...]); ValueError otherwise."""
+    if isinstance(value, Mapping):
+        items = {str(k): v for k, v in value.items()}
+    else:
+        items = {}
+        for item in [value] if isinstance(value, str) else value:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{item!r} is not key=value")
+            items[key.strip()] = model_arg_value(text)
+    for key, v in items.items():
+        if not key.isidentifier() or not (v is None or isinstance(v, (bool, int, float, str))):
+            raise ValueError(f"{key}={v!r}")
+    return items or None
+
+
 def _expected(name: str) -> str:
     """What a field takes, in words (for error messages)."""
+    if name == "model_args":
+        return "keyword=value pairs (a mapping in YAML, --model-arg key=value on the command line) of numbers, true/false or text"
     if name == "images":
         return "a whole number or all"
     if name in _INT_FIELDS:
@@ -427,7 +463,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     problems = check_plain_fields(spec)
     dataset = spec.dataset or default_dataset_for(spec.model)
     try:
-        check_model_name(spec.model, hub_dir=spec.hub_dir)
+        check_model_name(spec.model, hub_dir=spec.hub_dir, model_args=spec.model_args)
     except ValueError as exc:  # an unknown model is reported as such, not as lacking a data set
         problems.append(str(exc))
     else:
@@ -446,7 +482,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     try:
         data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
         model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
-                           weights=spec.weights)
+                           weights=spec.weights, model_args=spec.model_args)
         digests = None
         if spec.quantize:  # the digests are of the float model, taken before quantizing it
             numformats.check_quantizable(spec, dataset, data)
@@ -495,6 +531,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
     except Exception as exc:  # the model's own forward refused the input: a shape mismatch
         raise SpecError("\n".join(problems + [shape_mismatch(spec.model, dataset, shape, exc)])) from None
+    if (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)) is not None:
+        raise SpecError("\n".join(problems + [problem]))
     # neuron and weight together: the weight kind keeps the selected layers that have weights
     selected, selection_problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                          spec.modules, spec.buffers)
@@ -571,6 +609,15 @@ def fault_dimension(text: str, bits: list[int | str], width: int) -> tuple[list[
     return out, problems
 
 
+def classes_problem(model: str, dataset: str, classes: int | None, num_classes: int) -> str | None:
+    """Why a model whose logits are (N, ``classes``) cannot classify a data set of
+    ``num_classes`` classes, or None."""
+    if classes is None or classes == num_classes:
+        return None
+    return (f"model {model} gives logits for {classes} classes, {dataset} has {num_classes}: the model's output must "
+            f"be (N, {num_classes}) (set its classes, e.g. --model-arg num_classes={num_classes})")
+
+
 def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exception) -> str:
     """One line: the model cannot take the data set's images (its forward pass raised ``error``)."""
     detail = " ".join(str(error).split())[:300] or type(error).__name__
@@ -583,7 +630,7 @@ def input_digests(spec: CampaignSpec, data, model) -> dict[str, str]:
     the driver before Ray starts."""
     from trainables.digests import input_digests as digests
 
-    return digests(spec.model, spec.weights, spec.hub_dir, spec.hub_ref, data, model)
+    return digests(spec.model, spec.weights, spec.hub_dir, spec.hub_ref, data, model, spec.model_args)
 
 
 def trials_per_site(trials: Sequence[TrialPlan]) -> int:

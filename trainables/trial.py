@@ -56,6 +56,7 @@ class CampaignSettings:
     protect: str | None = None  # the protection spec of a paired campaign (trainables.inject.protection)
     protection: dict | None = None  # its guard record: protected sites and their bounds
     weight_format: str | None = None  # fp8 weight storage (fp8_e4m3fn, fp8_e5m2); mode "int8": a quantized model
+    model_args: str | None = None  # the model's keyword arguments as sorted JSON text (hashable)
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -90,14 +91,16 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
     """The per-process cached model + data + golden pass; (bench, synthetic)."""
     key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
            settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb,
-           settings.weight_format)
+           settings.weight_format, settings.model_args)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
         data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images)
+        model_args = json.loads(settings.model_args) if settings.model_args else None
         model = load_model(settings.model, num_classes=data.num_classes, hub_dir=settings.hub_dir,
-                           hub_ref=settings.hub_ref, weights=settings.weights)
+                           hub_ref=settings.hub_ref, weights=settings.weights, model_args=model_args)
         if settings.inputs:  # a worker must run on what the campaign was planned with
-            actual = input_digests(settings.model, settings.weights, settings.hub_dir, settings.hub_ref, data, model)
+            actual = input_digests(settings.model, settings.weights, settings.hub_dir, settings.hub_ref, data, model,
+                                   model_args)
             changed = changed_inputs(settings.inputs, actual)
             if changed:
                 raise ValueError(f"inputs changed since the campaign was planned ({'; '.join(changed)}): "

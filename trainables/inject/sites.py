@@ -156,6 +156,7 @@ class Survey:
     calls: dict[str, int] = field(repr=False)  # module name -> calls in one forward pass
     params: tuple[ParamSite, ...] = ()
     non_floating: tuple[tuple[str, str], ...] = ()  # (name, dtype) of tensors that cannot be flipped
+    classes: int | None = None  # the width of the model's logits
 
     @property
     def never_ran(self) -> list[tuple[str, str]]:
@@ -229,7 +230,7 @@ def survey(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype | No
                       for i, (name, call, kind, shape, output_index) in enumerate(blocks)]
     params, non_floating = param_sites(model)
     return Survey(tuple(sites), tuple(skipped), tuple((n, type(m).__name__, leaf) for n, m, leaf in modules), calls,
-                  tuple(params), tuple(non_floating))
+                  tuple(params), tuple(non_floating), int(logits.shape[1]))
 
 
 def injectable_output(output: object, batch: int) -> tuple[int | None, tuple[int, ...] | None, str | None]:
