@@ -100,6 +100,9 @@ def load(rest: str, opts: LoadOptions) -> nn.Module:
     if opts.num_classes is not None and config.num_labels != opts.num_classes:
         raise ValueError(f"hf: {path} classifies {config.num_labels} labels, the data set has {opts.num_classes} classes")
     random_init = opts.random_init or opts.weights_path is not None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per load in every worker's log otherwise
     try:
         if random_init:  # the architecture only: random weights, or the --weights file's
             model = auto.from_config(config, **opts.kwargs)

@@ -50,12 +50,17 @@ def load(rest: str, opts: LoadOptions) -> nn.Module:
 
 def data_config(name: str, model_args: dict | None = None, model: nn.Module | None = None) -> dict:
     """timm's data config of ``timm:<name>`` (input_size, interpolation, mean, std, crop_pct,
-    crop_mode), for the data side's ``--transform timm``; ``model`` skips building it again."""
+    crop_mode), for the data side's ``--transform timm``; ``model`` skips building it again.
+    An ``img_size`` model_arg sets input_size (timm's config keeps the pretrained size)."""
     import timm.data
 
     if model is None:
         model = create(name, LoadOptions(model_args=tuple(sorted((model_args or {}).items()))))
-    return timm.data.resolve_model_data_config(model)
+    config = dict(timm.data.resolve_model_data_config(model))
+    size = (model_args or {}).get("img_size")
+    if isinstance(size, int) and not isinstance(size, bool):
+        config["input_size"] = (config["input_size"][0], size, size)
+    return config
 
 
 SOURCE = ModelSource("timm", FORM, load, check=check, takes_model_args=True)
