@@ -373,6 +373,7 @@ HF_CASES = {  # data set, attention modules, classes
 def test_hf_models_keep_transformers_names_and_logits_and_expose_their_processors(hf_dirs):
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+    reference_vit = None
     for key, auto, sample in (("vit", AutoModelForImageClassification, torch.randn(3, 1, 28, 28)),
                               ("bert", AutoModelForSequenceClassification, torch.randint(0, 100, (3, 16)))):
         model = load_model(f"hf:{hf_dirs[key]}", num_classes=HF_CASES[key][2])
@@ -381,6 +382,11 @@ def test_hf_models_keep_transformers_names_and_logits_and_expose_their_processor
         assert [n for n, _ in model.named_modules()][1:] == [n for n, _ in reference.named_modules()][1:]
         with torch.inference_mode():
             assert torch.equal(model(sample), reference(sample).logits)
+        reference_vit = reference if key == "vit" else reference_vit
+    other = {k: torch.randn(v.shape) for k, v in reference_vit.state_dict().items()}
+    save_file(other, str(hf_dirs["vit"].parent / "other.safetensors"))
+    loaded = load_model(f"hf:{hf_dirs['vit']}", weights=str(hf_dirs["vit"].parent / "other.safetensors"))
+    assert all(torch.equal(loaded.state_dict()[k], other[k]) for k in other)
     assert type(hf.preprocessor(f"hf:{hf_dirs['vit']}")).__name__.startswith("ViTImageProcessor")
     tokenizer = hf.preprocessor(hf_dirs["bert"])
     assert tokenizer("w5 w7 nope")["input_ids"] == [5, 7, 1]
@@ -461,3 +467,26 @@ def test_hf_prefix_reuse_falls_back_to_the_full_pass_with_identical_results(hf_d
         assert reused.path == "full"
         assert reused.records.faulty.tolist() == full.records.faulty.tolist()
         assert reused.records.position.tolist() == full.records.position.tolist()
+
+
+def test_py_model_reaches_the_two_node_cluster_through_ray_job_submit_working_dir(two_nodes, tmp_path):
+    """`ray job submit --working-dir .` from a directory holding the checkout's packages and the
+    user's module: the factory is installed on no node, the job's working dir carries it."""
+    import shutil
+
+    work = tmp_path / "work"
+    for package in ("campaign", "trainables", "analysis"):
+        shutil.copytree(ROOT / package, work / package, ignore=shutil.ignore_patterns("__pycache__"))
+    write_module(work, "nets_job", FACTORY)
+    out = tmp_path / "results"
+    args = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", two_nodes["dashboard"],
+            "--working-dir", ".", "--", "python", "-m", "campaign", "run", "--model", "py:nets_job:build",
+            "--model-arg", "width=9", "--dataset", "synthetic:1x28x28:10:64", "--sites", "neuron", "--layers", "2-3",
+            "--out", str(out), "--name", "job"]
+    env = {k: v for k, v in two_nodes["env"].items() if k != "PYTHONPATH"}
+    result = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = pd.read_parquet(out / "job" / "trials.parquet")
+    assert trials["site_name"].tolist() == ["1", "2"] and (trials["images"] == 64).all()
+    assert (trials["model"] == "py:nets_job:build").all()
+    assert json.loads((out / "job" / "spec.json").read_text())["identity"]["model_args"] == {"width": 9}
