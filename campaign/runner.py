@@ -66,8 +66,13 @@ class CampaignOutcome:
         return len(self.errors)
 
 
-def _trainable(config: dict) -> None:
-    """Tune's function trainable: unpack the config, run the trial, report to Tune."""
+def _trainable(config: dict, objects: dict | None = None) -> None:
+    """Tune's function trainable: unpack the config, run the trial, report to Tune. ``objects``:
+    campaign.run's in-memory model and data, from the object store (tune.with_parameters)."""
+    if objects:
+        from trainables.zoo import memory
+
+        memory.install(objects)
     settings = CampaignSettings.from_dict(config["campaign"])
     point = TrialPoint(**config["trial"])
     crash_dir = config["campaign"].get("_crash_once_dir")
@@ -337,8 +342,9 @@ class Progress(tune.Callback):
 
 
 def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
-                 progress_every_s: float = 5.0) -> CampaignOutcome:
-    """Validate, run the missing trials on Ray Tune, aggregate the parquet files."""
+                 progress_every_s: float = 5.0, objects: dict | None = None) -> CampaignOutcome:
+    """Validate, run the missing trials on Ray Tune, aggregate the parquet files. ``objects``:
+    in-memory models and data (trainables.zoo.memory) sent to the workers via the object store."""
     started = time.monotonic()
     check_store(spec)
     plan = resolve(spec)
@@ -375,7 +381,8 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
             settings["_crash_once_dir"] = _crash_once_dir
         if _barrier:
             settings["_barrier"] = _barrier
-        trainable = tune.with_resources(_trainable, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
+        function = tune.with_parameters(_trainable, objects=objects) if objects else _trainable
+        trainable = tune.with_resources(function, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
         tune_dir = storage.join(plan.directory, "ray")
         attempt = sum(name.startswith("tune-") for name in storage.list_entries(tune_dir))
         tune_fs, tune_path = storage.resolve(tune_dir) if storage.is_uri(tune_dir) else (None, str(tune_dir))

@@ -458,6 +458,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
     from trainables.inject.sites import parse_index_list, parse_type_list
     from trainables.zoo.data import check_dataset_name, load_dataset
+    from trainables.zoo import memory
     from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
     problems = check_plain_fields(spec)
@@ -470,7 +471,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         if dataset is None:
             problems.append(f"dataset: {spec.model} has no default data set: pass --dataset")
     try:
-        if dataset is not None:
+        if dataset is not None and not memory.is_memory(dataset):  # memory: campaign.run's in-memory data
             check_dataset_name(dataset)
     except ValueError as exc:
         problems.append(str(exc))
@@ -480,7 +481,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         problems.append(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial requested, but this machine has no CUDA GPU"
                         " (pass --address to use a cluster that has GPUs)")
     try:
-        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
+        data = memory.load_data(dataset, root=spec.data_root, download=spec.download, limit=spec.images)
         model = load_model(spec.model, num_classes=data.num_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
                            weights=spec.weights, model_args=spec.model_args)
         digests = None

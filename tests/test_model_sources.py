@@ -436,21 +436,14 @@ def _hf_spec(key: str, hf_dirs, tmp_path) -> CampaignSpec:
                         seeds=(1, 2), bits="30", record="all", out=str(tmp_path / "runs"), name=key)
 
 
-def test_hf_vit_campaign_on_ray_on_attention_outputs_equals_a_hook_oracle(ray_address, hf_dirs, tmp_path, capsys):
-    outcome = run_campaign(_hf_spec("vit", hf_dirs, tmp_path))
-    assert outcome.complete and outcome.total == 2 * 2  # two attention modules x two seeds
-    said = capsys.readouterr().out
-    assert said.count(f"prefix reuse: hf:{hf_dirs['vit']}: 2 neuron site(s) run the full forward pass") == 1, said
-    _check_against_oracle("vit", hf_dirs, *_campaign_frames(tmp_path / "runs" / "vit"))
-
-
-def test_hf_bert_campaign_on_attention_outputs_equals_a_hook_oracle(hf_dirs, tmp_path):
-    plan, frames = _run_in_process(_hf_spec("bert", hf_dirs, tmp_path))
-    notes = [note for note in plan.notes if note.startswith("prefix reuse")]
-    assert len(plan.trials) == 4 and len(notes) == 1
-    assert notes[0].startswith(f"prefix reuse: hf:{hf_dirs['bert']}: 2 neuron site(s) run the full forward pass")
+@pytest.mark.parametrize("key", ["vit", "bert"])
+def test_hf_campaign_on_attention_outputs_equals_a_hook_oracle(hf_dirs, tmp_path, key):
+    plan, frames = _run_in_process(_hf_spec(key, hf_dirs, tmp_path))
+    notes = [note for note in plan.notes if note.startswith("prefix reuse")]  # said once, before the campaign runs
+    assert len(plan.trials) == 4 and len(notes) == 1  # two attention modules x two seeds
+    assert notes[0].startswith(f"prefix reuse: hf:{hf_dirs[key]}: 2 neuron site(s) run the full forward pass")
     assert "torch.fx cannot trace HFLogits" in notes[0]
-    _check_against_oracle("bert", hf_dirs, *frames)
+    _check_against_oracle(key, hf_dirs, *frames)
 
 
 def test_hf_prefix_reuse_falls_back_to_the_full_pass_with_identical_results(hf_dirs):
@@ -490,3 +483,38 @@ def test_py_model_reaches_the_two_node_cluster_through_ray_job_submit_working_di
     assert trials["site_name"].tolist() == ["1", "2"] and (trials["images"] == 64).all()
     assert (trials["model"] == "py:nets_job:build").all()
     assert json.loads((out / "job" / "spec.json").read_text())["identity"]["model_args"] == {"width": 9}
+
+
+# ---------------------------------------------------------------- campaign.run (notebooks)
+
+VOLATILE = ["campaign", "campaign_dir", "model", "dataset", "wall_s", "started_at", "worker", "device"]
+
+
+def test_notebook_run_equals_the_same_campaign_from_the_cli(ray_address, tmp_path):
+    import campaign
+
+    import analysis
+
+    settings = {"sites": "neuron,weight", "layers": "0-1", "bits": "30", "record": "all", "out": str(tmp_path)}
+    assert cli.main(["run", "--model", "demo:vgg", "--dataset", "fashion-mnist", "--images", "64", "--sites",
+                     settings["sites"], "--layers", "0-1", "--bits", "30", "--record", "all",
+                     "--out", str(tmp_path), "--name", "cli"]) == 0
+    data = load_dataset("fashion-mnist", limit=64)
+    model = load_model("demo:vgg")
+    trials = campaign.run(model, (data.images, data.labels), name="notebook", **settings)
+    cli_trials, cli_faults = analysis.load(tmp_path / "cli"), _campaign_frames(tmp_path / "cli")[1]
+    nb_faults = _campaign_frames(tmp_path / "notebook")[1]
+    assert len(trials) == len(cli_trials) == 2 + 1  # neuron sites 0-1 + weight site 1
+    columns = [c for c in cli_trials.columns if c not in VOLATILE]
+    pd.testing.assert_frame_equal(trials[columns], cli_trials[columns])
+    columns = [c for c in cli_faults.columns if c not in VOLATILE]
+    pd.testing.assert_frame_equal(nb_faults[columns], cli_faults[columns])
+    assert next(model.parameters()).dtype == torch.float32 and not model.training  # the caller's model is untouched
+    # a factory and a Dataset of the same model and data are the same campaign: nothing runs again (same started_at)
+    again = campaign.run(lambda: load_model("demo:vgg"), torch.utils.data.TensorDataset(data.images, data.labels),
+                         name="notebook", **settings)
+    pd.testing.assert_frame_equal(again.drop(columns=["campaign_dir"]), trials.drop(columns=["campaign_dir"]))
+    with pytest.raises(ValueError, match=r"data: labels must lie in 0..9 \(10 classes\); got 10..10"):
+        campaign.run(model, (data.images, torch.full((64,), 10)), num_classes=10, **settings)
+    with pytest.raises(ValueError, match="model: the factory returned a str, not a torch.nn.Module"):
+        campaign.run(lambda: "vgg", (data.images, data.labels), **settings)

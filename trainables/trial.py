@@ -23,8 +23,7 @@ from trainables.digests import changed_inputs, input_digests
 from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, uncommit_trial, write_trial
-from trainables.zoo.data import load_dataset
-from trainables.zoo import quantization
+from trainables.zoo import memory, quantization
 from trainables.zoo.models import load_model
 
 _WORKBENCH: dict[tuple, tuple[engine.Workbench, bool]] = {}
@@ -94,7 +93,7 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
            settings.weight_format, settings.model_args)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
-        data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images)
+        data = memory.load_data(settings.dataset, root=settings.data_root, limit=settings.images)
         model_args = json.loads(settings.model_args) if settings.model_args else None
         model = load_model(settings.model, num_classes=data.num_classes, hub_dir=settings.hub_dir,
                            hub_ref=settings.hub_ref, weights=settings.weights, model_args=model_args)

@@ -60,13 +60,13 @@ def reload_entry_points() -> None:
 
 
 def _builtins() -> list[ModelSource]:
-    from trainables.zoo import models
+    from trainables.zoo import memory, models
     from trainables.zoo.sources import hf, hub, py, timm
 
     legacy = [ModelSource(prefix, form, models.MODEL_SOURCES[prefix], check=check, code_digest=digest,
                           takes_model_args=False)
               for prefix, form, check, digest in models.LEGACY_SOURCES]
-    return legacy + [py.SOURCE, timm.SOURCE, hub.SOURCE, hf.SOURCE]
+    return legacy + [py.SOURCE, timm.SOURCE, hub.SOURCE, hf.SOURCE, memory.SOURCE]
 
 
 def _from_entry_point(entry: importlib.metadata.EntryPoint) -> ModelSource:
