@@ -5,7 +5,6 @@ in one line with nothing created."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from campaign import cli
-from campaign.runner import run_campaign, settings_for
+from campaign.runner import record_spec, settings_for
 from campaign.spec import CampaignSpec, SpecError, resolve, spec_from_yaml
 from tests.test_models import write_hub
 from trainables.inject import engine
@@ -209,28 +208,22 @@ def _campaign_frames(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return trials, faults
 
 
-def test_py_campaign_reaches_ray_workers_from_the_working_directory_and_a_changed_factory_is_refused(
-        ray_address, in_tmp, capsys):
-    path = write_module(in_tmp, "nets_ray", FACTORY)
-    run = [sys.executable, "-m", "campaign", "run", "--model", "py:nets_ray:build", "--model-arg", "width=12",
-           "--dataset", "fashion-mnist", "--images", "96", "--sites", "neuron", "--layers", "2-3", "--bits", "30",
-           "--record", "all", "--address", ray_address, "--out", str(in_tmp / "runs"), "--name", "c"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}  # nets_ray: only in the working dir
-    result = subprocess.run(run, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    trials, faults = _campaign_frames(in_tmp / "runs" / "c")
+def test_py_campaign_equals_the_engine_and_a_changed_factory_is_refused_on_resume(in_tmp, capsys):
+    path = write_module(in_tmp, "nets_run", FACTORY)
+    spec = CampaignSpec(model="py:nets_run:build", model_args={"width": 12}, dataset="fashion-mnist", images=96,
+                        sites=("neuron",), layers="2-3", bits="30", record="all", out=str(in_tmp / "runs"), name="c")
+    plan, (trials, faults) = _run_in_process(spec)
     assert trials["site_name"].tolist() == ["1", "2"] and (trials["images"] == 96).all()
-    # the engine on the same model and data gives the same faults and predictions
-    data = load_dataset("fashion-mnist", limit=96)
-    bench = engine.prepare(load_model("py:nets_ray:build", num_classes=10, model_args={"width": 12}),
+    data = load_dataset("fashion-mnist", limit=96)  # the engine on the same model and data: same faults and predictions
+    bench = engine.prepare(load_model("py:nets_run:build", num_classes=10, model_args={"width": 12}),
                            (data.images, data.labels), device="cpu")
     for row in trials.itertuples():
         direct = engine.run_faults(bench, bench.site("neuron", row.site_index), "neuron", 30, row.seed, record="all")
         mine = faults[faults["trial_key"] == row.trial_key]
         assert mine["position"].tolist() == direct.records.position.tolist()
         assert mine["faulty"].tolist() == direct.records.faulty.tolist()
-    spec = json.loads((in_tmp / "runs" / "c" / "spec.json").read_text())
-    assert spec["identity"]["model_args"] == {"width": 12} and len(spec["identity"]["code_sha256"]) == 64
+    spec_json = json.loads((in_tmp / "runs" / "c" / "spec.json").read_text())
+    assert spec_json["identity"]["model_args"] == {"width": 12} and len(spec_json["identity"]["code_sha256"]) == 64
     path.write_text(path.read_text() + "\n# edited after the campaign\n")
     capsys.readouterr()
     assert cli.main(["resume", str(in_tmp / "runs" / "c")]) == 2
@@ -257,9 +250,11 @@ def test_timm_param_sites_cover_every_parameter(name, capsys):
 
 
 def _run_in_process(spec: CampaignSpec):
-    """The campaign's trials through the function a Ray worker runs (run_trial), without Ray;
-    returns the plan and the aggregated (trials, faults) frames."""
+    """The campaign's trials through the function a Ray worker runs (run_trial), without Ray
+    (the Ray paths: the job-submit and notebook tests); returns the plan and the aggregated
+    (trials, faults) frames."""
     plan = resolve(spec)
+    record_spec(plan)  # spec.json, as a campaign writes it: resume reads it
     settings = CampaignSettings.from_dict(settings_for(plan))
     for t in plan.trials:
         run_trial(settings, TrialPoint(t.kind, t.site, t.bit, t.seed, t.fault))
