@@ -78,6 +78,10 @@ def test_registry_has_every_source_and_names_them_in_errors():
         check_model_name("nope:x")
     for form in ("py:<module>:<callable>", "timm:<name>", "hub:<owner>/<repo>[@ref]:<entry>", "hf:<directory"):
         assert form in str(info.value)
+    assert "memory:" not in str(info.value)  # campaign.run's in-memory models are not typed by users
+    with pytest.raises(ValueError, match=r"^memory:model-0 is an in-memory object of the Python session that ran "
+                                         r"campaign.run\(...\): run it there again"):
+        check_model_name("memory:model-0")
     with pytest.raises(ValueError, match="prefix 'timm' is built in"):
         sources.register_model_source(ModelSource("timm", "timm:<x>", lambda rest, opts: nn.Identity()))
 

@@ -95,4 +95,4 @@ def _check(rest: str, opts: LoadOptions) -> None:
         raise _gone(PREFIX + rest)
 
 
-SOURCE = ModelSource("memory", "memory:<held by campaign.run>", _load, check=_check)
+SOURCE = ModelSource("memory", "memory:<held by campaign.run>", _load, check=_check, listed=False)

@@ -35,6 +35,7 @@ class ModelSource:
     code_digest: Callable[[str, "LoadOptions"], tuple[str, str] | None] | None = None
     default_dataset: Callable[[str], str | None] | None = None
     takes_model_args: bool = False  # whether model_args (--model-arg) reach the model
+    listed: bool = True  # named in the valid forms of error messages (memory: is not typed by users)
 
 
 _REGISTERED: dict[str, ModelSource] = {}  # register_model_source, in this process
@@ -110,7 +111,8 @@ def source_prefixes() -> list[str]:
 
 def source_forms() -> list[str]:
     """How names of each source look, for messages (plugins: ``<prefix>:<name>``)."""
-    return [s.form if isinstance(s, ModelSource) else f"{p}:<name>" for p, s in _table().items()]
+    return [s.form if isinstance(s, ModelSource) else f"{p}:<name>" for p, s in _table().items()
+            if not isinstance(s, ModelSource) or s.listed]
 
 
 def get_source(prefix: str) -> ModelSource | None:
