@@ -46,14 +46,21 @@ See docs/statistics.md.
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="demo:vgg | demo:resnet | demo:vit | demo:text | chenyaofo:cifar10_resnet20 | "
-                                         "torchvision:<arch> | file:<path> (default demo:vgg)")
+                                         "torchvision:<arch> | file:<path> | py:<module>:<callable> | timm:<name> | "
+                                         "hub:<owner>/<repo>[@ref]:<entry> | hf:<directory> (default demo:vgg; see "
+                                         "docs/models.md)")
+    parser.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
+                        help="a keyword argument for a py:, timm:, hub: or hf: model (repeat it; values are read as "
+                             "int, float, true/false or text)")
     parser.add_argument("--dataset", help="fashion-mnist | fashion-mnist-calib | cifar10 | cifar10-train | cifar100 | "
                                            "cifar100-train | synthetic:CxHxW:classes[:N] | "
                                            "synthetic-tokens:T:vocab:classes[:N] | folder:<dir> | tensors:<file> | "
-                                           "hf-dataset:<dir>[:<split>] | py:<module>:<callable> (default: the model's own)")
-    parser.add_argument("--hub-dir", help="a local clone of chenyaofo/pytorch-cifar-models (torch.hub source='local')")
+                                           "hf-dataset:<dir>[:<split>] | py:<module>:<callable> (default: the model's own; "
+                                           "see docs/data.md)")
+    parser.add_argument("--hub-dir", help="a local clone of the hub: repository or of chenyaofo/pytorch-cifar-models "
+                                          "(torch.hub source='local')")
     parser.add_argument("--hub-ref", help="git ref of the zoo to load through torch.hub")
-    parser.add_argument("--weights", help="a state_dict file, or 'none' for random initialization")
+    parser.add_argument("--weights", help="a state_dict file (.pt/.pth or .safetensors), or 'none' for random initialization")
     parser.add_argument("--data-root", help="directory holding cifar-10-batches-py / cifar-100-python")
     parser.add_argument("--download", action="store_true", default=None, help="download CIFAR if it is missing (needs network)")
     parser.add_argument("--dtype", choices=MODES, help="math mode: fp32 (strict, TF32 off; default), tf32, fp16, bf16")
@@ -289,14 +296,15 @@ def _finish(outcome) -> int:
 def _load_for_inspection(args, shape_only: bool = False):
     """(spec, data set name, data, model) for layers/eval; ``shape_only``: CIFAR is not read
     (a site table needs only the input shape), its data is one blank image."""
-    from trainables.zoo.data import CIFAR_SPECS, Dataset, load_dataset
+    from trainables.zoo import memory
+    from trainables.zoo.data import CIFAR_SPECS, Dataset
     from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
     spec = spec_from_mapping(_flags(args), source="flags")
     if problems := format_problems(spec):
         raise SpecError("\n".join(problems))
     try:
-        check_model_name(spec.model, hub_dir=spec.hub_dir)  # an unknown model is reported as such first
+        check_model_name(spec.model, hub_dir=spec.hub_dir, model_args=spec.model_args)  # an unknown model first
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     dataset = spec.dataset or default_dataset_for(spec.model)
@@ -311,8 +319,10 @@ def _load_for_inspection(args, shape_only: bool = False):
         else:
             from campaign.spec import data_options
 
-            data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images, **data_options(spec))
-        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref, weights=spec.weights)
+            data = memory.load_data(dataset, root=spec.data_root, download=spec.download, limit=spec.images,
+                                    **data_options(spec))
+        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
+                           weights=spec.weights, model_args=spec.model_args)
         model = quantized_model(spec, dataset, model)  # --quantize int8; else unchanged
     except (ValueError, FileNotFoundError) as exc:
         raise SpecError(str(exc)) from None
@@ -320,7 +330,7 @@ def _load_for_inspection(args, shape_only: bool = False):
 
 
 def cmd_layers(args) -> int:
-    from campaign.spec import check_plain_fields, shape_mismatch
+    from campaign.spec import check_plain_fields, classes_problem, shape_mismatch
     from trainables.inject.engine import MATH_MODES
     from trainables.inject import qparams
     from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
@@ -338,6 +348,8 @@ def cmd_layers(args) -> int:
         raise SpecError(str(exc)) from None
     except Exception as exc:  # the model's own forward refused the input
         raise SpecError(shape_mismatch(spec.model, dataset, data.input_shape, exc)) from None
+    if (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)) is not None:
+        raise SpecError(problem)
     selected, problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                spec.modules, spec.buffers)
     qsites = qparams.qparam_sites(model, found.sites)  # an int8 model's scales and zero points; [] otherwise

@@ -66,8 +66,13 @@ class CampaignOutcome:
         return len(self.errors)
 
 
-def _trainable(config: dict) -> None:
-    """Tune's function trainable: unpack the config, run the trial, report to Tune."""
+def _trainable(config: dict, objects: dict | None = None) -> None:
+    """Tune's function trainable: unpack the config, run the trial, report to Tune. ``objects``:
+    campaign.run's in-memory model and data, from the object store (tune.with_parameters)."""
+    if objects:
+        from trainables.zoo import memory
+
+        memory.install(objects)
     settings = CampaignSettings.from_dict(config["campaign"])
     point = TrialPoint(**config["trial"])
     crash_dir = config["campaign"].get("_crash_once_dir")
@@ -195,7 +200,7 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         prefix=plan.reuses_prefix, prefix_cache_mb=s.prefix_cache_mb,
         protect=plan.protection["protect"] if plan.protection else None, protection=plan.protection,
         weight_format=s.weight_format, transform=s.transform, input_column=s.input_column, label_column=s.label_column,
-        data_cache=s.data_cache,
+        data_cache=s.data_cache, model_args=json.dumps(s.model_args, sort_keys=True) if s.model_args else None,
     ))
 
 
@@ -314,7 +319,8 @@ def connect(spec: CampaignSpec) -> None:
     """Join the given or running Ray cluster, else start a local one; check it can host a trial."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NOTICE_FILTER)
     if not ray.is_initialized():
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        # the driver's working directory too: a py: model's module reaches local workers as it reached the driver
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.getcwd(), os.environ.get("PYTHONPATH")])),
                **storage.environment(spec.out)}  # an object store's standard variables, for the trials' writes
         in_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_ADDRESS")
         stopped = processes.stop_orphans()
@@ -378,10 +384,11 @@ class Progress(tune.Callback):
 
 def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
                  progress_every_s: float = 5.0, resolved: ResolvedCampaign | None = None,
-                 only: list | None = None) -> CampaignOutcome:
+                 only: list | None = None, objects: dict | None = None) -> CampaignOutcome:
     """Validate, run the missing trials on Ray Tune, aggregate the parquet files. ``resolved``:
     ``spec`` resolved already; ``only``: run and aggregate these of its trials (a round of a
-    campaign that stops per stratum, campaign.adaptive)."""
+    campaign that stops per stratum, campaign.adaptive); ``objects``: in-memory models and data
+    (trainables.zoo.memory) sent to the workers via the object store."""
     started = time.monotonic()
     check_store(spec)
     plan = resolved or resolve(spec)
@@ -420,7 +427,8 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
             settings["_crash_once_dir"] = _crash_once_dir
         if _barrier:
             settings["_barrier"] = _barrier
-        trainable = tune.with_resources(_trainable, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
+        function = tune.with_parameters(_trainable, objects=objects) if objects else _trainable
+        trainable = tune.with_resources(function, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
         tune_dir = storage.join(plan.directory, "ray")
         attempt = sum(name.startswith("tune-") for name in storage.list_entries(tune_dir))
         tune_fs, tune_path = storage.resolve(tune_dir) if storage.is_uri(tune_dir) else (None, str(tune_dir))

@@ -23,7 +23,7 @@ MODES = ("fp32", "tf32", "fp16", "bf16")
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
                    "params", "modules", "buffers", "fault", "quantize", "weight_format", "stop_interval", "margin",
-                   "confidence", "allocate", "budget", "pilot")
+                   "confidence", "allocate", "budget", "pilot", "model_args")
 ALLOCATIONS = ("uniform", "proportional", "neyman", "equal-width")
 STOP_INTERVALS = ("cs", "wilson")  # how a campaign that stops at a margin judges it (trainables.sfi)
 
@@ -35,7 +35,7 @@ MAX_SEEDS = 100_000  # seeds per campaign (each multiplies the trials)
 # The content digests that are part of a campaign's identity, and how messages name them
 # (the same table as trainables.digests.DIGEST_FIELDS; this module imports no torch).
 DIGEST_FIELDS = {"weights_sha256": "the weights", "data_sha256": "the data (images and labels used)",
-                 "hub_code_sha256": "the hub code"}
+                 "hub_code_sha256": "the hub code", "code_sha256": "the model's code or configuration"}
 
 
 class SpecError(ValueError):
@@ -97,6 +97,7 @@ class CampaignSpec:
     input_column: str | None = None  # hf-dataset:/tensors: the inputs' column (key)
     label_column: str | None = None  # hf-dataset:/tensors: the labels' column (key)
     data_cache: str | None = None  # image sources: a directory (or auto) for the memory-mapped uint8 cache; None: in memory
+    model_args: dict | None = None  # keyword arguments for py:/timm:/hub:/hf: models (--model-arg key=value)
 
     @property
     def directory(self) -> Path | str:
@@ -148,6 +149,8 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
             return ",".join(_as_list(value))
         if name == "fault":
             return ",".join(v.lower() for v in _as_list(value))
+        if name == "model_args":
+            return model_args(value)
         if name in ("params", "modules") and isinstance(value, (list, tuple)):
             return ",".join(str(v).strip() for v in value)  # a re: item runs to the end: put it last
         return str(value)
@@ -156,8 +159,41 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
         return None
 
 
+def model_arg_value(text: str) -> bool | int | float | str:
+    """A --model-arg value as the factory gets it: true/false -> bool, whole number -> int,
+    number -> float, anything else the text itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def model_args(value: Any) -> dict[str, Any] | None:
+    """model_args from YAML (a mapping of scalars) or flags (['key=value', ...]); ValueError otherwise."""
+    if isinstance(value, Mapping):
+        items = {str(k): v for k, v in value.items()}
+    else:
+        items = {}
+        for item in [value] if isinstance(value, str) else value:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{item!r} is not key=value")
+            items[key.strip()] = model_arg_value(text)
+    for key, v in items.items():
+        if not key.isidentifier() or not (v is None or isinstance(v, (bool, int, float, str))):
+            raise ValueError(f"{key}={v!r}")
+    return items or None
+
+
 def _expected(name: str) -> str:
     """What a field takes, in words (for error messages)."""
+    if name == "model_args":
+        return "keyword=value pairs (a mapping in YAML, --model-arg key=value on the command line) of numbers, true/false or text"
     if name == "images":
         return "a whole number or all"
     if name in _INT_FIELDS:
@@ -467,20 +503,21 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     from trainables.inject.sites import (coverage_lines, float_outputs, param_table, select_campaign_sites, site_table,
                                          survey)
     from trainables.inject.sites import parse_index_list, parse_type_list
-    from trainables.zoo.data import check_dataset_name, load_dataset
+    from trainables.zoo.data import check_dataset_name
+    from trainables.zoo import memory
     from trainables.zoo.models import check_model_name, default_dataset_for, load_model
 
     problems = check_plain_fields(spec)
     dataset = spec.dataset or default_dataset_for(spec.model)
     try:
-        check_model_name(spec.model, hub_dir=spec.hub_dir)
+        check_model_name(spec.model, hub_dir=spec.hub_dir, model_args=spec.model_args)
     except ValueError as exc:  # an unknown model is reported as such, not as lacking a data set
         problems.append(str(exc))
     else:
         if dataset is None:
             problems.append(f"dataset: {spec.model} has no default data set: pass --dataset")
     try:
-        if dataset is not None:
+        if dataset is not None and not memory.is_memory(dataset):  # memory: campaign.run's in-memory data
             from trainables.zoo.datasets import DataOptions
 
             check_dataset_name(dataset, DataOptions(**data_options(spec)))
@@ -492,9 +529,10 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         problems.append(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial requested, but this machine has no CUDA GPU"
                         " (pass --address to use a cluster that has GPUs)")
     try:
-        data = load_dataset(dataset, root=spec.data_root, download=spec.download, limit=spec.images, **data_options(spec))
+        data = memory.load_data(dataset, root=spec.data_root, download=spec.download, limit=spec.images,
+                                **data_options(spec))
         model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
-                           weights=spec.weights)
+                           weights=spec.weights, model_args=spec.model_args)
         digests = None
         if spec.quantize:  # the digests are of the float model, taken before quantizing it
             numformats.check_quantizable(spec, dataset, data)
@@ -543,6 +581,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
     except Exception as exc:  # the model's own forward refused the input: a shape mismatch
         raise SpecError("\n".join(problems + [shape_mismatch(spec.model, dataset, shape, exc)])) from None
+    if data.classes_known and (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)):
+        raise SpecError("\n".join(problems + [problem]))
     if found.classes is not None and len(data.labels) and int(data.labels.max()) >= found.classes:
         i = int((data.labels >= found.classes).nonzero()[0])
         raise SpecError(f"labels: label {int(data.labels[i])} of example {i} of {dataset} is outside the model's "
@@ -654,6 +694,15 @@ def fault_dimension(text: str, bits: list[int | str], width: int) -> tuple[list[
     return out, problems
 
 
+def classes_problem(model: str, dataset: str, classes: int | None, num_classes: int) -> str | None:
+    """Why a model whose logits are (N, ``classes``) cannot classify a data set of
+    ``num_classes`` classes, or None."""
+    if classes is None or classes == num_classes:
+        return None
+    return (f"model {model} gives logits for {classes} classes, {dataset} has {num_classes}: the model's output must "
+            f"be (N, {num_classes}) (set its classes, e.g. --model-arg num_classes={num_classes})")
+
+
 def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exception) -> str:
     """One line: the model cannot take the data set's images (its forward pass raised ``error``)."""
     detail = " ".join(str(error).split())[:300] or type(error).__name__
@@ -672,7 +721,7 @@ def input_digests(spec: CampaignSpec, data, model) -> dict[str, str]:
     the driver before Ray starts."""
     from trainables.digests import input_digests as digests
 
-    return digests(spec.model, spec.weights, spec.hub_dir, spec.hub_ref, data, model)
+    return digests(spec.model, spec.weights, spec.hub_dir, spec.hub_ref, data, model, spec.model_args)
 
 
 def trials_per_site(trials: Sequence[TrialPlan]) -> int:

@@ -10,6 +10,7 @@ from trainables.zoo.models import (
     DEMO_WEIGHTS,
     NO_WEIGHTS,
     ZOO_DEFAULT_REF,
+    code_digest,
     demo_weights_path,
     split_model_name,
     zoo_cache_dir,
@@ -17,7 +18,7 @@ from trainables.zoo.models import (
 
 # The digests and how messages name them.
 DIGEST_FIELDS = {"weights_sha256": "the weights", "data_sha256": "the data (images and labels used)",
-                 "hub_code_sha256": "the hub code"}
+                 "hub_code_sha256": "the hub code", "code_sha256": "the model's code or configuration"}
 
 
 def sha256_tree(directory: Path) -> str:
@@ -28,10 +29,12 @@ def sha256_tree(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def input_digests(model_name: str, weights: str | None, hub_dir: str | None, hub_ref: str | None, data, model) -> dict[str, str]:
+def input_digests(model_name: str, weights: str | None, hub_dir: str | None, hub_ref: str | None, data, model,
+                  model_args: dict | None = None) -> dict[str, str]:
     """The weights file's SHA-256 (of the loaded state_dict where there is no file: random
-    initialization, the zoo's download), the SHA-256 of the images and labels used, and for
-    zoo models the SHA-256 of the hub code's .py files. Hashes each input once."""
+    initialization, the zoo's download), the SHA-256 of the images and labels used, for zoo
+    and hub: models the SHA-256 of the hub code's .py files, and for py: and hf: models that
+    of the factory's source files or the model's config. Hashes each input once."""
     prefix, rest = split_model_name(model_name)
     out = {}
     path = weights if weights is not None and weights.lower() != NO_WEIGHTS else None
@@ -57,6 +60,10 @@ def input_digests(model_name: str, weights: str | None, hub_dir: str | None, hub
         hub = Path(hub_dir).expanduser() if hub_dir else zoo_cache_dir(hub_ref or ZOO_DEFAULT_REF)
         if hub.is_dir():
             out["hub_code_sha256"] = sha256_tree(hub)
+    else:
+        code = code_digest(model_name, hub_dir=hub_dir, hub_ref=hub_ref, model_args=model_args)
+        if code is not None:
+            out[code[0]] = code[1]
     return out
 
 

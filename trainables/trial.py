@@ -29,8 +29,7 @@ from trainables.inject import engine, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, uncommit_trial, write_trial
 from trainables.stats import wilson_interval
-from trainables.zoo.data import load_dataset
-from trainables.zoo import quantization
+from trainables.zoo import memory, quantization
 from trainables.zoo.models import load_model
 
 _WORKBENCH: dict[tuple, tuple[engine.Workbench, bool]] = {}
@@ -68,6 +67,7 @@ class CampaignSettings:
     input_column: str | None = None
     label_column: str | None = None
     data_cache: str | None = None  # image sources: memory-mapped from this node's cache, prepared once per node
+    model_args: str | None = None  # the model's keyword arguments as sorted JSON text (hashable)
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -106,16 +106,18 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
     key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
            settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb,
            settings.weight_format, settings.transform, settings.input_column, settings.label_column, settings.data_cache,
-           quantization.backend() if settings.mode == "int8" else None)
+           settings.model_args, quantization.backend() if settings.mode == "int8" else None)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
-        data = load_dataset(settings.dataset, root=settings.data_root, limit=settings.images, transform=settings.transform,
-                            input_column=settings.input_column, label_column=settings.label_column,
-                            model=settings.model, cache=settings.data_cache)
+        data = memory.load_data(settings.dataset, root=settings.data_root, limit=settings.images,
+                                transform=settings.transform, input_column=settings.input_column,
+                                label_column=settings.label_column, model=settings.model, cache=settings.data_cache)
+        model_args = json.loads(settings.model_args) if settings.model_args else None
         model = load_model(settings.model, num_classes=data.model_classes, hub_dir=settings.hub_dir,
-                           hub_ref=settings.hub_ref, weights=settings.weights)
+                           hub_ref=settings.hub_ref, weights=settings.weights, model_args=model_args)
         if settings.inputs:  # a worker must run on what the campaign was planned with
-            actual = input_digests(settings.model, settings.weights, settings.hub_dir, settings.hub_ref, data, model)
+            actual = input_digests(settings.model, settings.weights, settings.hub_dir, settings.hub_ref, data, model,
+                                   model_args)
             changed = changed_inputs(settings.inputs, actual)
             if changed:
                 raise ValueError(f"inputs changed since the campaign was planned ({'; '.join(changed)}): "

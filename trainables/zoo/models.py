@@ -1,7 +1,9 @@
 """Classifiers by name: ``chenyaofo:<cifar10|cifar100>_<arch>`` (the seed study's torch.hub
 zoo), ``torchvision:<arch>``, ``file:<path>`` (TorchScript or a weights-only checkpoint),
 ``demo:vgg`` / ``demo:resnet`` / ``demo:vit`` (small Fashion-MNIST models shipped with
-weights) and ``demo:text`` (a tiny token classifier with random weights, for tests).
+weights) and ``demo:text`` (a tiny token classifier with random weights, for tests); the
+other prefixes (py:, timm:, hub:, hf:, plugins) come from the registry in
+trainables.zoo.sources, through ``load_model`` and ``check_model_name`` here.
 
 Every loader returns the model in eval mode, on the CPU, in float32. Nothing here
 unpickles arbitrary objects: checkpoints are read with ``torch.load(weights_only=True)``.
@@ -19,11 +21,12 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from trainables.zoo import sources
 from trainables.zoo.data import sha256_file
 from trainables.zoo.demo_models import DEMO_ARCHS, DEMO_DATASETS, NUM_CLASSES
 
@@ -66,6 +69,11 @@ class LoadOptions:
     hub_ref: str | None = None
     weights: str | None = None
     arch: str | None = None
+    model_args: tuple[tuple[str, Any], ...] = ()  # keyword arguments for the model's factory (--model-arg)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_args)
 
     @property
     def random_init(self) -> bool:
@@ -77,7 +85,7 @@ class LoadOptions:
 
 
 def valid_forms() -> str:
-    return ", ".join(MODEL_FORMS)
+    return ", ".join(sources.source_forms())
 
 
 def split_model_name(name: object) -> tuple[str, str]:
@@ -85,7 +93,7 @@ def split_model_name(name: object) -> tuple[str, str]:
     if not isinstance(name, str) or ":" not in name:
         raise ValueError(f"bad model name {name!r}: use one of {valid_forms()}")
     prefix, rest = name.split(":", 1)
-    if prefix not in MODEL_SOURCES:
+    if prefix not in sources.source_prefixes():
         raise ValueError(f"unknown model source {prefix!r} in {name!r}: use one of {valid_forms()}")
     if not rest.strip():
         raise ValueError(f"model name {name!r} is missing the part after {prefix!r}: use one of {valid_forms()}")
@@ -107,11 +115,14 @@ def _error_reason(error: Exception) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> object:
-    """``torch.load`` a file with ``weights_only=True``; one ValueError naming the path for a
-    missing, corrupt, truncated or code-carrying (malicious) file."""
+    """``torch.load`` a file with ``weights_only=True`` (a ``.safetensors`` file: its tensors);
+    one ValueError naming the path for a missing, corrupt, truncated or code-carrying
+    (malicious) file."""
     path = str(path)
     if not os.path.isfile(path):
         raise ValueError(f"weights file {path} does not exist")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -119,6 +130,17 @@ def read_checkpoint(path: str | os.PathLike) -> object:
             f"cannot load {path}: not a weights-only PyTorch checkpoint (tensors and plain containers; "
             f"arbitrary pickled objects are refused): {_error_reason(e)}"
         ) from None
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on the CPU; one ValueError for a damaged file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:
+        raise ValueError(f"cannot load {path}: not a readable safetensors file: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
 
 
 def _as_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
@@ -387,10 +409,7 @@ MODEL_SOURCES: dict[str, ModelFactory] = {
 }
 
 
-def check_model_name(name: str, *, hub_dir: str | None = None) -> None:
-    """Validate a model name cheaply (syntax, registries, file existence); ValueError listing
-    the valid forms. With ``hub_dir`` any chenyaofo entry passes (the hubconf decides)."""
-    prefix, rest = split_model_name(name)
+def _check_legacy(prefix: str, rest: str, hub_dir: str | None) -> None:
     if prefix == "chenyaofo" and hub_dir is None:
         check_zoo_entry(rest)
     elif prefix == "torchvision":
@@ -401,6 +420,48 @@ def check_model_name(name: str, *, hub_dir: str | None = None) -> None:
         _check_demo_name(rest)
 
 
+# The four original sources, as registry rows: (prefix, form, check, code digest).
+LEGACY_SOURCES = (
+    ("chenyaofo", MODEL_FORMS[0], lambda rest, o: _check_legacy("chenyaofo", rest, o.hub_dir), None),
+    ("torchvision", MODEL_FORMS[1], lambda rest, o: _check_legacy("torchvision", rest, o.hub_dir), None),
+    ("file", MODEL_FORMS[2], lambda rest, o: _check_legacy("file", rest, o.hub_dir), None),
+    ("demo", ", ".join(MODEL_FORMS[3:]), lambda rest, o: _check_legacy("demo", rest, o.hub_dir), None),
+)
+
+
+def model_args_tuple(model_args: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """``model_args`` as sorted (key, value) pairs of plain scalars; ValueError otherwise."""
+    if not model_args:
+        return ()
+    if not isinstance(model_args, Mapping):
+        raise ValueError(f"model_args must be a mapping of keyword -> value, got {type(model_args).__name__}")
+    for key, value in model_args.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"model_args: {key!r} is not a keyword argument name")
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"model_args: {key}={value!r}: values are numbers, true/false or text")
+    return tuple(sorted(model_args.items()))
+
+
+def _options(name: str, num_classes, hub_dir, hub_ref, weights, arch, model_args) -> tuple[sources.ModelSource, str, LoadOptions]:
+    prefix, rest = split_model_name(name)
+    source = sources.get_source(prefix)
+    opts = LoadOptions(num_classes, hub_dir, hub_ref, os.fspath(weights) if weights is not None else None, arch,
+                       model_args_tuple(model_args))
+    if opts.model_args and not source.takes_model_args:
+        raise ValueError(f"{prefix}: models take no model_args (--model-arg); got "
+                         f"{', '.join(f'{k}={v!r}' for k, v in opts.model_args)}")
+    return source, rest, opts
+
+
+def check_model_name(name: str, *, hub_dir: str | None = None, model_args: Mapping[str, Any] | None = None) -> None:
+    """Validate a model name cheaply (syntax, registries, file existence); ValueError listing
+    the valid forms. With ``hub_dir`` any chenyaofo entry passes (the hubconf decides)."""
+    source, rest, opts = _options(name, None, hub_dir, None, None, None, model_args)
+    if source.check is not None:
+        source.check(rest, opts)
+
+
 def load_model(
     name: str,
     *,
@@ -409,23 +470,36 @@ def load_model(
     hub_ref: str | None = None,
     weights: str | None = None,
     arch: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Build the model ``name`` names, in eval mode on the CPU in float32.
 
     ``weights``: None = the source's own weights (pretrained zoo / shipped demo / random for
-    torchvision), "none" = random initialization, a path = that state_dict. ``arch`` names
-    the architecture of a plain state_dict given as ``file:<path>``.
+    torchvision), "none" = random initialization, a path = that state_dict (.pt/.pth or
+    .safetensors). ``arch`` names the architecture of a plain state_dict given as
+    ``file:<path>``. ``model_args``: keyword arguments for py:, timm:, hub: and hf: models.
     """
-    prefix, rest = split_model_name(name)
-    weights = os.fspath(weights) if weights is not None else None
+    split_model_name(name)
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    opts = LoadOptions(num_classes, hub_dir, hub_ref, weights, arch)
+    source, rest, opts = _options(name, num_classes, hub_dir, hub_ref, weights, arch, model_args)
     if opts.weights_path is not None and not os.path.isfile(opts.weights_path):
         raise ValueError(f"weights file {opts.weights_path} does not exist (use weights='none' for random initialization)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # random weights are the same in every worker process
-        return MODEL_SOURCES[prefix](rest, opts)
+        model = source.load(rest, opts)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{name} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model if source.prefix in MODEL_SOURCES else _finish(model)
+
+
+def code_digest(name: str, *, hub_dir: str | None = None, hub_ref: str | None = None,
+                model_args: Mapping[str, Any] | None = None) -> tuple[str, str] | None:
+    """(digest field, SHA-256) of the code or configuration defining the model ``name``, for
+    sources that have one (py: its factory's files, hub: the hubconf's repository, hf: its
+    config files), else None."""
+    source, rest, opts = _options(name, None, hub_dir, hub_ref, None, None, model_args)
+    return source.code_digest(rest, opts) if source.code_digest is not None else None
 
 
 def default_dataset_for(model_name: str) -> str | None:
@@ -439,4 +513,8 @@ def default_dataset_for(model_name: str) -> str | None:
     for dataset in ZOO_DATASETS:
         if model_name.startswith(f"chenyaofo:{dataset}_"):
             return dataset
+    prefix, _, rest = model_name.partition(":")
+    source = sources.get_source(prefix) if prefix in sources.source_prefixes() else None
+    if source is not None and source.default_dataset is not None and source.prefix not in MODEL_SOURCES:
+        return source.default_dataset(rest)
     return None
