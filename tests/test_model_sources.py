@@ -461,27 +461,44 @@ def test_hf_prefix_reuse_falls_back_to_the_full_pass_with_identical_results(hf_d
         assert reused.records.position.tolist() == full.records.position.tolist()
 
 
-def test_py_model_reaches_the_two_node_cluster_through_ray_job_submit_working_dir(two_nodes, tmp_path):
-    """`ray job submit --working-dir .` from a directory holding the checkout's packages and the
-    user's module: the factory is installed on no node, the job's working dir carries it."""
+def test_py_model_and_data_reach_the_two_node_cluster_through_ray_job_submit_working_dir(two_nodes, tmp_path,
+                                                                                        monkeypatch):
+    """`ray job submit --working-dir .` from a directory holding the checkout's packages, the
+    user's model factory and data loader: both are installed on no node, the job's working dir
+    carries them to the driver and the workers of both nodes; rows equal a direct trial."""
     import shutil
 
+    from trainables.trial import CampaignSettings, TrialPoint, run_trial
+
     work = tmp_path / "work"
-    for package in ("campaign", "trainables", "analysis"):
+    for package in ("campaign", "trainables", "analysis", "data"):  # data: the shipped Fashion-MNIST split
         shutil.copytree(ROOT / package, work / package, ignore=shutil.ignore_patterns("__pycache__"))
     write_module(work, "nets_job", FACTORY)
+    write_module(work, "data_job", """
+        from trainables.zoo.data import load_dataset
+
+        def load():
+            data = load_dataset("fashion-mnist", limit=64)
+            return data.images, data.labels
+    """)
     out = tmp_path / "results"
     args = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", two_nodes["dashboard"],
             "--working-dir", ".", "--", "python", "-m", "campaign", "run", "--model", "py:nets_job:build",
-            "--model-arg", "width=9", "--dataset", "synthetic:1x28x28:10:64", "--sites", "neuron", "--layers", "2-3",
-            "--out", str(out), "--name", "job"]
+            "--model-arg", "width=9", "--dataset", "py:data_job:load", "--sites", "neuron", "--layers", "2-3",
+            "--bits", "30", "--out", str(out), "--name", "job"]
     env = {k: v for k, v in two_nodes["env"].items() if k != "PYTHONPATH"}
     result = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    trials = pd.read_parquet(out / "job" / "trials.parquet")
+    trials = pd.read_parquet(out / "job" / "trials.parquet").sort_values("site_index")
     assert trials["site_name"].tolist() == ["1", "2"] and (trials["images"] == 64).all()
-    assert (trials["model"] == "py:nets_job:build").all()
+    assert (trials["model"] == "py:nets_job:build").all() and (trials["dataset"] == "py:data_job:load").all()
     assert json.loads((out / "job" / "spec.json").read_text())["identity"]["model_args"] == {"width": 9}
+    monkeypatch.syspath_prepend(str(work))
+    settings = CampaignSettings(name="direct", directory=str(tmp_path / "direct"), model="py:nets_job:build",
+                                dataset="fashion-mnist", images=64, record="none", model_args='{"width": 9}')
+    for row in trials.itertuples():
+        direct = run_trial(settings, TrialPoint("neuron", int(row.site_index), 30, int(row.seed)))
+        assert (direct["golden_correct"], direct["changed"]) == (row.golden_correct, row.changed)
 
 
 # ---------------------------------------------------------------- campaign.run (notebooks)

@@ -40,9 +40,17 @@ def scan(directory: str) -> tuple[list[Path], list[int], list[str]]:
 
 def decode(path: Path, channels: int) -> torch.Tensor:
     """One image file as uint8 (C, H, W), gray or RGB as the transform asks."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    return decode_bytes(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), channels)
 
-    return decode_image(read_file(str(path)), mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+
+def decode_bytes(data: torch.Tensor, channels: int) -> torch.Tensor:
+    """Encoded image bytes (uint8) as uint8 (C, H, W), without torchvision's notice, per image,
+    that its decoders are deprecated in favour of TorchCodec."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*image decoding and encoding.*")
+        return decode_image(data, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
 
 
 def check(rest: str, options: DataOptions) -> None:

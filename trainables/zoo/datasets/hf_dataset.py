@@ -109,16 +109,16 @@ def load(rest: str, options: DataOptions):
 def _images(name: str, ds, column: str, path: Path, labels: torch.Tensor, num_classes: int | None,
             options: DataOptions):
     import datasets
-    from torchvision.io import ImageReadMode, decode_image
+
+    from trainables.zoo.datasets.folder import decode_bytes
 
     transform = parse_transform(options.transform, options.model)
     raw = ds.cast_column(column, datasets.Image(decode=False))
-    mode = ImageReadMode.GRAY if transform.channels == 1 else ImageReadMode.RGB
 
     def read(i: int) -> torch.Tensor:
         item = raw[i][column]
         data = item.get("bytes") or Path(item["path"]).read_bytes()
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        return decode_bytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), transform.channels)
 
     files = sorted(p for p in path.rglob("*") if p.is_file())
     source = ImageSource(len(ds), read, lambda i: f"{name} row {i} ({column})",
