@@ -68,24 +68,26 @@ def os_reason(text: str) -> str | None:
 
 class LogQuieter(logging.Filter):
     """Drops Ray's and Tune's reports of errors caused by the campaign location's outage
-    (trial failures with their tracebacks, failed experiment-state syncs), and all of them
-    once the watchdog stops the campaign; a dropped sync failure makes the watchdog probe."""
+    (trial failures with their tracebacks, failed experiment-state syncs, and Ray's
+    'Unhandled error' of a failed trial nobody waited for, even after the run), and all of
+    them while the watchdog stops the campaign; a dropped sync failure makes it probe."""
 
     def __init__(self, watch) -> None:
         super().__init__()
         self.watch = watch
+        self.retired = False  # after the run: only reports of the outage are dropped
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("ray"):
             return True
-        if self.watch.cause is not None:
+        if self.watch.cause is not None and not self.retired:
             return False
         text = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             text += "\n" + "".join(traceback.format_exception(*record.exc_info))
         if storage.outage(self.watch.directory, text) is None:
             return True
-        if "Trial task failed" not in text:
+        if not self.retired and "Trial task failed" not in text:
             self.watch.suspected = True  # Tune's own write: probe at the next step
         return False
 
@@ -101,5 +103,10 @@ def quiet(watch) -> list:
 
 
 def unquiet(installed: list) -> None:
+    """Remove the LogQuieters, or after an outage keep them for its reports alone: Ray
+    prints the errors of failed trials nobody waited for when it frees them, later."""
     for handler, quieter in installed:
-        handler.removeFilter(quieter)
+        if quieter.watch.cause is not None:
+            quieter.retired = True
+        else:
+            handler.removeFilter(quieter)
