@@ -344,8 +344,9 @@ class TrialFolders(tune.Callback):
 class OutageWatch(tune.Callback):
     """Stops Tune (raises StorageOutage in its loop) when the campaign location is out of
     service: when a trial attempt fails on it and PROBE_ATTEMPTS probes fail too, when
-    FAILURES_IN_A_ROW attempts fail on it with no commit between (the workers' view, where
-    it differs from the driver's), or when a probe every PROBE_EVERY_S (or after one of
+    attempts fail on it with no commit between (the workers' view, where it differs from the
+    driver's): FAILURES_IN_A_ROW of one trial, or that many per running trial (a blip that
+    fails every running trial at once is retried), or when a probe every PROBE_EVERY_S (or after one of
     Tune's own writes failed) fails PROBE_ATTEMPTS times. Transient errors pass: Tune
     retries the trial (--max-failures) as before."""
 
@@ -353,19 +354,21 @@ class OutageWatch(tune.Callback):
         self.directory = directory
         self.keys = keys if keys is not None else {}
         self.probe_every_s = probe_every_s
-        self.in_a_row = 0
+        self.in_a_row = 0  # attempts failed on the location since the last commit
+        self.by_trial: dict[str, int] = {}  # the same, per trial
         self.suspected = False  # one of Tune's own writes failed on the location (outages.LogQuieter)
         self.cause: str | None = None
         self.last_probe = time.monotonic()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._failed(trial)
+        self._failed(trial, trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._failed(trial)
+        self._failed(trial, trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.in_a_row = 0
+        self.by_trial.clear()
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
@@ -381,16 +384,19 @@ class OutageWatch(tune.Callback):
             return storage.probe_outage(self.directory)
         return storage.disk_full_line(self.directory) if storage.free_bytes(self.directory) < storage.MIN_FREE_BYTES else None
 
-    def _failed(self, trial) -> None:
+    def _failed(self, trial, trials) -> None:
         text = outages.error_text(trial.error_file)
         suspect = storage.outage(self.directory, text)
         if suspect is None:
             return  # the trial's own error: Tune's retries and the failure lines as before
         self.in_a_row += 1
+        self.by_trial[trial.trial_id] = self.by_trial.get(trial.trial_id, 0) + 1
         cause = outages.confirm(self.directory)
         self.last_probe = time.monotonic()
-        if cause is None and self.in_a_row >= outages.FAILURES_IN_A_ROW:  # the workers see what this driver does not
-            base, _, detail = suspect.partition(" (")
+        running = sum(getattr(t, "status", None) == "RUNNING" for t in trials)
+        if cause is None and (self.by_trial[trial.trial_id] >= outages.FAILURES_IN_A_ROW
+                              or self.in_a_row >= outages.FAILURES_IN_A_ROW * max(1, running)):
+            base, _, detail = suspect.partition(" (")  # the workers see what this driver does not
             cause = (f"{base} where the trials run ({outages.os_reason(text) or detail.rstrip(')')}: {self.in_a_row} "
                      "attempts in a row; this driver's probe passes)")
         if cause is None:

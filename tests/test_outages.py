@@ -76,6 +76,15 @@ def test_the_watchdog_stops_on_a_disk_its_probe_finds_full_and_not_on_a_trial_s_
     assert watch.in_a_row == 1 and watch.cause is None
     watch.on_trial_complete(0, [trial], trial)
     assert watch.in_a_row == 0
+    running = [SimpleNamespace(trial_id=f"r{i}", error_file=str(error), config={}, status="RUNNING") for i in range(3)]
+    for failing in running * 2:  # a blip fails the 3 running trials twice each: retried, not an outage
+        watch.on_trial_recover(0, running, failing)
+    assert watch.in_a_row == 6 and watch.cause is None
+    with pytest.raises(outages.StorageOutage) as info:  # a third time: the workers cannot write, whatever the driver sees
+        watch.on_trial_recover(0, running, running[0])
+    assert info.value.cause == (f"the disk under {tmp_path} is full where the trials run (No space left on device: 7 "
+                                "attempts in a row; this driver's probe passes)")
+    watch = OutageWatch(tmp_path, {"t1": "neuron-s0001-b30-seed7"})
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096, total=1 << 30, used=0))
     with pytest.raises(outages.StorageOutage) as info:
         watch.on_trial_recover(0, [trial], trial)
