@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -577,10 +578,14 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
         except KeyboardInterrupt:
             check_and_aggregate(plan.directory, wanted, verified=watch.results())
             raise CampaignInterrupted(plan.directory) from None
-        except Exception:
-            if watchdog.cause is None:
-                raise
-            raise outages.CampaignOutage(plan.directory, watchdog.cause) from None
+        except Exception as exc:  # the watchdog's stop, or Tune's own write failing on the location
+            cause = watchdog.cause
+            if cause is None:
+                suspect = storage.outage(plan.directory, "".join(traceback.format_exception(exc)))
+                if suspect is None:
+                    raise
+                cause = outages.confirm(plan.directory) or suspect
+            raise outages.CampaignOutage(plan.directory, cause) from None
         finally:
             outages.unquiet(quieted)
             processes.forget()
