@@ -347,9 +347,9 @@ class OutageWatch(tune.Callback):
     service: when a trial attempt fails on it and PROBE_ATTEMPTS probes fail too, when
     attempts fail on it with no commit between (the workers' view, where it differs from the
     driver's): FAILURES_IN_A_ROW of one trial, or that many per running trial (a blip that
-    fails every running trial at once is retried), or when a probe every PROBE_EVERY_S (or after one of
-    Tune's own writes failed) fails PROBE_ATTEMPTS times. Transient errors pass: Tune
-    retries the trial (--max-failures) as before."""
+    fails every running trial at once is retried), or when a probe every PROBE_EVERY_S (or
+    after one of Tune's own writes failed) fails PROBE_ATTEMPTS times. Transient errors pass:
+    Tune retries the trial (--max-failures) as before."""
 
     def __init__(self, directory, keys: dict | None = None, probe_every_s: float = outages.PROBE_EVERY_S) -> None:
         self.directory = directory
@@ -362,10 +362,10 @@ class OutageWatch(tune.Callback):
         self.last_probe = time.monotonic()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._failed(trial, trials)
+        self._failed(trial, trials, "retrying")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._failed(trial, trials)
+        self._failed(trial, trials, "no retries left (--max-failures): resume runs it")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.in_a_row = 0
@@ -385,7 +385,7 @@ class OutageWatch(tune.Callback):
             return storage.probe_outage(self.directory)
         return storage.disk_full_line(self.directory) if storage.free_bytes(self.directory) < storage.MIN_FREE_BYTES else None
 
-    def _failed(self, trial, trials) -> None:
+    def _failed(self, trial, trials, then: str) -> None:
         text = outages.error_text(trial.error_file)
         suspect = storage.outage(self.directory, text)
         if suspect is None:
@@ -402,7 +402,7 @@ class OutageWatch(tune.Callback):
                      "attempts in a row; this driver's probe passes)")
         if cause is None:
             key = self.keys.get(trial.trial_id, trial.trial_id)
-            print(f"[campaign] {key} failed: {suspect}; the location answers a probe again: retrying", flush=True)
+            print(f"[campaign] {key} failed: {suspect}; the location answers a probe again: {then}", flush=True)
         self._stop(cause)
 
     def _stop(self, cause: str | None) -> None:
