@@ -445,8 +445,13 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    from campaign.outages import EXIT_CODE, CampaignOutage
+
     try:
         return COMMANDS[args.command](args)
+    except CampaignOutage as exc:  # the disk or store went out of service: the cause and the resume command
+        print(exc.line(), file=sys.stderr, flush=True)
+        return EXIT_CODE
     except (SpecError, ValueError, FileNotFoundError) as exc:  # bad input: one line per problem, no traceback
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"error: {line}", file=sys.stderr)

@@ -6,6 +6,7 @@ of crashed workers, converge on the same trials.parquet and faults/ as an uninte
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from ray import tune
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from campaign import processes
+from campaign import outages, processes
 from campaign.numformats import effective_mode, name_suffix
 from campaign.probe import check_shared
 from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecError, resolve
@@ -84,7 +86,32 @@ def _trainable(config: dict, objects: dict | None = None) -> None:
     barrier = config["campaign"].get("_barrier")
     if barrier:  # test hook: the first `parties` trials to start wait until all of them run at once
         _join_barrier(Path(barrier["dir"]), barrier["parties"], barrier["timeout_s"], ray.get_gpu_ids())
+    failures = config["campaign"].get("_write_failures")
+    if failures:  # test hook: a full disk (ENOSPC on every write) once `after` trials have committed
+        with _failing_writes(Path(failures["dir"]), failures["after"]):
+            run_trial(settings, point, report=tune.report, assigned_gpus=ray.get_gpu_ids())
+        return
     run_trial(settings, point, report=tune.report, assigned_gpus=ray.get_gpu_ids())
+
+
+@contextlib.contextmanager
+def _failing_writes(campaign_dir: Path, after: int):
+    """Test hook: while it is open, this worker's writes of campaign files fail as on a full
+    disk once ``after`` trials of the campaign have committed."""
+    import errno
+
+    real = storage.write_bytes
+
+    def write_bytes(loc, data):
+        if len(list((campaign_dir / "parts" / "done").glob("*.json"))) >= after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(loc))
+        real(loc, data)
+
+    storage.write_bytes = write_bytes
+    try:
+        yield
+    finally:
+        storage.write_bytes = real
 
 
 def _join_barrier(directory: Path, parties: int, timeout_s: float, gpu_ids) -> None:
@@ -315,6 +342,75 @@ class TrialFolders(tune.Callback):
             pass  # not empty, already gone, or no folder
 
 
+class OutageWatch(tune.Callback):
+    """Stops Tune (raises StorageOutage in its loop) when the campaign location is out of
+    service: when a trial attempt fails on it and PROBE_ATTEMPTS probes fail too, when
+    attempts fail on it with no commit between (the workers' view, where it differs from the
+    driver's): FAILURES_IN_A_ROW of one trial, or that many per running trial (a blip that
+    fails every running trial at once is retried), or when a probe every PROBE_EVERY_S (or
+    after one of Tune's own writes failed) fails PROBE_ATTEMPTS times. Transient errors pass:
+    Tune retries the trial (--max-failures) as before."""
+
+    def __init__(self, directory, keys: dict | None = None, probe_every_s: float = outages.PROBE_EVERY_S) -> None:
+        self.directory = directory
+        self.keys = keys if keys is not None else {}
+        self.probe_every_s = probe_every_s
+        self.in_a_row = 0  # attempts failed on the location since the last commit
+        self.by_trial: dict[str, int] = {}  # the same, per trial
+        self.suspected = False  # one of Tune's own writes failed on the location (outages.LogQuieter)
+        self.cause: str | None = None
+        self.last_probe = time.monotonic()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._failed(trial, trials, "retrying")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._failed(trial, trials, "no retries left (--max-failures): resume runs it")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.in_a_row = 0
+        self.by_trial.clear()
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if self.suspected or now - self.last_probe >= self.probe_every_s:
+            self.suspected, self.last_probe = False, now
+            if self._quick_check() is not None:
+                self._stop(outages.confirm(self.directory))
+            self.last_probe = time.monotonic()
+
+    def _quick_check(self) -> str | None:
+        """Cheap on a local disk (its free space), one probe on a store."""
+        if storage.is_uri(self.directory):
+            return storage.probe_outage(self.directory)
+        return storage.disk_full_line(self.directory) if storage.free_bytes(self.directory) < storage.MIN_FREE_BYTES else None
+
+    def _failed(self, trial, trials, then: str) -> None:
+        text = outages.error_text(trial.error_file)
+        suspect = storage.outage(self.directory, text)
+        if suspect is None:
+            return  # the trial's own error: Tune's retries and the failure lines as before
+        self.in_a_row += 1
+        self.by_trial[trial.trial_id] = self.by_trial.get(trial.trial_id, 0) + 1
+        cause = outages.confirm(self.directory)
+        self.last_probe = time.monotonic()
+        running = sum(getattr(t, "status", None) == "RUNNING" for t in trials)
+        if cause is None and (self.by_trial[trial.trial_id] >= outages.FAILURES_IN_A_ROW
+                              or self.in_a_row >= outages.FAILURES_IN_A_ROW * max(1, running)):
+            base, _, detail = suspect.partition(" (")  # the workers see what this driver does not
+            cause = (f"{base} where the trials run ({outages.os_reason(text) or detail.rstrip(')')}: {self.in_a_row} "
+                     "attempts in a row; this driver's probe passes)")
+        if cause is None:
+            key = self.keys.get(trial.trial_id, trial.trial_id)
+            print(f"[campaign] {key} failed: {suspect}; the location answers a probe again: {then}", flush=True)
+        self._stop(cause)
+
+    def _stop(self, cause: str | None) -> None:
+        if cause is not None:
+            self.cause = cause
+            raise outages.StorageOutage(cause)
+
+
 def connect(spec: CampaignSpec) -> None:
     """Join the given or running Ray cluster, else start a local one; check it can host a trial."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NOTICE_FILTER)
@@ -382,13 +478,27 @@ class Progress(tune.Callback):
         print(f"[campaign] {self.done}/{self.total} trials, {rate:,.0f} inj/s{eta}{errors}", flush=True)
 
 
-def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
-                 progress_every_s: float = 5.0, resolved: ResolvedCampaign | None = None,
-                 only: list | None = None, objects: dict | None = None) -> CampaignOutcome:
-    """Validate, run the missing trials on Ray Tune, aggregate the parquet files. ``resolved``:
-    ``spec`` resolved already; ``only``: run and aggregate these of its trials (a round of a
-    campaign that stops per stratum, campaign.adaptive); ``objects``: in-memory models and data
-    (trainables.zoo.memory) sent to the workers via the object store."""
+def run_campaign(spec: CampaignSpec, **options) -> CampaignOutcome:
+    """Validate, run the missing trials on Ray Tune, aggregate the parquet files (options: see
+    _run_campaign). Raises CampaignOutage, with one line, when the campaign's disk or store
+    goes out of service; its commit markers keep what was done for ``resume``."""
+    try:
+        return _run_campaign(spec, **options)
+    except OSError as exc:  # a write or read of the driver's own (spec, aggregation, checks)
+        directory = spec.directory
+        suspect = storage.outage(directory, exc)
+        if suspect is None:
+            raise
+        raise outages.CampaignOutage(directory, outages.confirm(directory) or suspect) from None
+
+
+def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
+                  _write_failures: dict | None = None, progress_every_s: float = 5.0,
+                  resolved: ResolvedCampaign | None = None, only: list | None = None,
+                  objects: dict | None = None) -> CampaignOutcome:
+    """``resolved``: ``spec`` resolved already; ``only``: run and aggregate these of its trials
+    (a round of a campaign that stops per stratum, campaign.adaptive); ``objects``: in-memory
+    models and data (trainables.zoo.memory) sent to the workers via the object store."""
     started = time.monotonic()
     check_store(spec)
     plan = resolved or resolve(spec)
@@ -427,6 +537,8 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
             settings["_crash_once_dir"] = _crash_once_dir
         if _barrier:
             settings["_barrier"] = _barrier
+        if _write_failures:
+            settings["_write_failures"] = _write_failures
         function = tune.with_parameters(_trainable, objects=objects) if objects else _trainable
         trainable = tune.with_resources(function, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
         tune_dir = storage.join(plan.directory, "ray")
@@ -436,6 +548,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
         progress = Progress(len(wanted), len(wanted) - len(pending), plan.num_images, progress_every_s)
         watch = CommitWatch(plan.directory)
         trial_errors = TrialErrors()
+        watchdog = OutageWatch(plan.directory, trial_errors.keys)
         tuner = Tuner(
             trainable,
             param_space={"campaign": settings, "trial": {field.name: None for field in dataclasses.fields(TrialPoint)}},
@@ -443,7 +556,7 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
                                    reuse_actors=True, trial_dirname_creator=trial_folder),
             run_config=RunConfig(name=f"tune-{attempt}", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
                                  failure_config=FailureConfig(max_failures=plan.spec.max_failures),
-                                 callbacks=[progress, CommitChecks(watch), trial_errors, TrialFolders()]),
+                                 callbacks=[progress, CommitChecks(watch), trial_errors, TrialFolders(), watchdog]),
         )
         print(f"[campaign] {plan.spec.model} on {plan.dataset} ({name_suffix(plan.spec)}): {len(pending)} of {len(wanted)} "
               f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
@@ -459,12 +572,22 @@ def run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _bar
         os.environ.update(tune_env)
         notice = _DropMetricsNotice()
         logging.getLogger(_METRICS_LOGGER).addFilter(notice)
+        quieted = outages.quiet(watchdog)
         try:
             tuner.fit()
         except KeyboardInterrupt:
             check_and_aggregate(plan.directory, wanted, verified=watch.results())
             raise CampaignInterrupted(plan.directory) from None
+        except Exception as exc:  # the watchdog's stop, or Tune's own write failing on the location
+            cause = watchdog.cause
+            if cause is None:
+                suspect = storage.outage(plan.directory, "".join(traceback.format_exception(exc)))
+                if suspect is None:
+                    raise
+                cause = outages.confirm(plan.directory) or suspect
+            raise outages.CampaignOutage(plan.directory, cause) from None
         finally:
+            outages.unquiet(quieted)
             processes.forget()
             logging.getLogger(_METRICS_LOGGER).removeFilter(notice)
             for key in tune_env:

@@ -358,3 +358,98 @@ def test_tunes_view_of_the_store_skips_only_requests_that_can_only_miss(s3):
     assert again.get_file_info(f"{root}/t1/state.json").size == 2
     view.delete_dir(f"{root}/t1")
     assert storage.list_entries(f"s3://{BUCKET}/tune-view") == []
+
+
+PROXY = textwrap.dedent("""
+    import asyncio, sys
+    listen, target = int(sys.argv[1]), int(sys.argv[2])
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", listen, reuse_address=True)
+        print("ready", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+""")
+
+# the driver, with a test double: once `after` trials have completed, the store's endpoint (a
+# TCP proxy in front of moto, so the stored objects survive for the resume) is SIGKILLed
+OUTAGE_DRIVER = textwrap.dedent("""
+    import os, signal, sys, time
+    from campaign import cli, runner
+    proxy, after, stamp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    real, done = runner.CommitChecks.on_trial_complete, []
+
+    def on_trial_complete(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        done.append(1)
+        if len(done) == after:
+            os.kill(proxy, signal.SIGKILL)
+            open(stamp, "w").write(repr(time.monotonic()))
+
+    runner.CommitChecks.on_trial_complete = on_trial_complete
+    code = cli.main(sys.argv[4:])
+    open(stamp, "a").write(" " + repr(time.monotonic()))
+    raise SystemExit(code)
+""")
+
+
+def _proxy(port: int, target: int) -> subprocess.Popen:
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY, str(port), str(target)], stdout=subprocess.PIPE,
+                             start_new_session=True)
+    assert proxy.stdout.readline() == b"ready\n"
+    return proxy
+
+
+def test_the_store_killed_mid_campaign_stops_it_in_one_line_and_resume_loses_nothing(s3, reference, ray_address,
+                                                                                      tmp_path):
+    """The store's endpoint dies after 2 of 6 trials (one at a time): the trial that finds it
+    gone fails, the driver's probes fail too, and the campaign stops: one line naming the
+    store and the resume command, exit 75, no tracebacks. Once the endpoint is back, resume
+    finishes it, equal to the local-disk run."""
+    moto_port = int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **aws(s3), "AWS_ENDPOINT_URL": endpoint, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    uri = f"s3://{BUCKET}/runs/outage"
+    stamp = tmp_path / "stamp"
+    proxy = _proxy(port, moto_port)
+    try:
+        first = subprocess.run([sys.executable, "-c", OUTAGE_DRIVER, str(proxy.pid), "2", str(stamp), "run", *ARGS,
+                                "--max-concurrent", "1", "--address", ray_address, "--out", f"s3://{BUCKET}/runs",
+                                "--name", "outage"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proxy.wait(timeout=30)
+        killed_at, ended_at = map(float, stamp.read_text().split())
+        print(f"stopped {ended_at - killed_at:.1f} s after the store's endpoint died; stderr: "
+              f"{len(first.stderr.splitlines())} line(s), stdout: {len(first.stdout.splitlines())}")
+        assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
+        assert "Traceback" not in first.stdout + first.stderr, first.stderr[-3000:]
+        lines = [line for line in first.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and re.fullmatch(
+            rf"stopped: the object store at {re.escape(endpoint)} stopped answering \(.+\); once that is fixed, run "
+            rf"`python -m campaign resume {re.escape(uri)}` to finish the campaign \(nothing committed is lost\)",
+            lines[0]), first.stderr[-3000:]
+        proxy = _proxy(port, moto_port)  # the store is back
+        committed = len(storage.list_names(storage.join(uri, "parts", "done"), ".json"))
+        assert 2 <= committed < TRIALS
+        resume = subprocess.run([sys.executable, "-m", "campaign", "resume", uri, "--address", ray_address], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+        assert f"\n{TRIALS}/{TRIALS} trials ({TRIALS - committed} run now)" in resume.stdout
+        assert_same_results(reference, uri)
+    finally:
+        stop([proxy])

@@ -10,6 +10,7 @@ Object stores are configured only by their standard environment (for S3:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -388,3 +389,98 @@ def _check_store(loc: Location, probe, timeout_s: float, missing_bucket: str | N
         raise result[0]
     if result[0] is not None:
         raise ValueError(_store_problem(text, result[0], *([missing_bucket] if missing_bucket else [])))
+
+
+# ---------------------------------------------------------------- outages
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+MIN_FREE_BYTES = 1 << 20  # a local campaign disk with less free space than this counts as full
+PROBE_TIMEOUT_S = 10.0  # one probe of a campaign location during a campaign
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(loc: Location) -> int:
+    """Bytes an unprivileged process may still write on the disk holding local ``loc``."""
+    return shutil.disk_usage(_existing(Path(loc))).free
+
+
+def disk_full_line(loc: Location) -> str:
+    return f"the disk under {loc} is full ({free_bytes(loc):,} bytes free)"
+
+
+def outage(loc: Location, problem: BaseException | str) -> str | None:
+    """One line, in our words, when ``problem`` (an exception, or an error's text such as a
+    failed trial's) says that the campaign location ``loc`` is out of service: its disk
+    full or read-only, its object store unreachable, its bucket gone, its credentials
+    refused. None for any other error (a trial's own)."""
+    text = problem if isinstance(problem, str) else f"{type(problem).__name__}: {problem}"
+    number = None if isinstance(problem, str) else getattr(problem, "errno", None)
+    if not is_uri(loc):
+        if number in DISK_FULL_ERRNOS or "No space left on device" in text or "Disk quota exceeded" in text:
+            return disk_full_line(loc)
+        if number == errno.EROFS or "Read-only file system" in text:
+            return f"the disk under {loc} became read-only"
+        return None
+    loc = os.fspath(loc)
+    at = _endpoint(loc) or f" of {urlsplit(loc).scheme}://{urlsplit(loc).netloc}"
+    m = re.search(r"AWS Error (\w+) during (\w+) operation: ?([^\n]*)", text)
+    code, detail = (m.group(1), m.group(3).split(" (Request ID")[0].strip()) if m else ("", "")
+    if code == "NO_SUCH_BUCKET" or "bucket does not exist" in text.lower():
+        return f"the bucket {urlsplit(loc).netloc!r}{_endpoint(loc)} is gone"
+    if code in _REFUSED or "403" in code:
+        return f"the object store{at} refused the credentials ({detail or code.replace('_', ' ').lower()})"
+    if code == "NETWORK_CONNECTION" or "curlCode" in text or "Could not connect" in text:
+        why = (detail.split("Details: ")[-1] if "Details: " in detail else detail) or "no connection"
+        return f"the object store{at} stopped answering ({why.strip()})"
+    return None
+
+
+_REFUSED = ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED", "EXPIRED_TOKEN",
+            "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT", "MISSING_AUTHENTICATION_TOKEN")
+
+
+def probe_outage(loc: Location, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Whether the campaign location ``loc`` is out of service now, in one line (None: it
+    works): a local disk with less than MIN_FREE_BYTES free or refusing a small probe file;
+    a store that does not take, return and delete a probe object within ``timeout_s``."""
+    if not is_uri(loc):
+        folder = _existing(Path(loc))
+        if free_bytes(folder) < MIN_FREE_BYTES:
+            return disk_full_line(loc)
+        probe = folder / f".bitflip-probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"\0" * 4096)
+        except OSError as exc:
+            return outage(loc, exc) or f"cannot write under {loc} ({exc.strerror or exc})"
+        finally:
+            probe.unlink(missing_ok=True)
+        return None
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        folder = join(loc, f".bitflip-probe-{uuid.uuid4().hex}")
+        try:
+            write_bytes(join(folder, "probe"), b"probe")
+            try:
+                read_bytes(join(folder, "probe"))
+            finally:
+                delete_tree(folder)
+            result.append(None)
+        except BaseException as exc:  # reported by the caller's thread
+            result.append(exc)
+
+    worker = threading.Thread(target=run, name="bitflip-storage-probe", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not result:
+        return f"the object store{_endpoint(os.fspath(loc))} stopped answering (no answer within {timeout_s:g} s)"
+    if result[0] is None:
+        return None
+    return outage(loc, result[0]) or f"the object store refused a probe of {loc} ({_first_line(result[0])})"
