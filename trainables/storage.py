@@ -332,15 +332,35 @@ def check_location(loc: Location, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     """For a URI: write, read back and delete a probe object under it, within ``timeout_s``;
     raise ValueError with one line (missing bucket, credentials refused, store unreachable,
     unknown scheme) otherwise. Local paths are left to the caller (nothing is checked)."""
-    def probe(text: str) -> None:
-        folder = join(text, f".bitflip-probe-{uuid.uuid4().hex}")
-        write_bytes(join(folder, "probe"), b"probe")
-        try:  # read back: a store may take a PUT with credentials it refuses for reads (HEAD)
-            read_bytes(join(folder, "probe"))
-        finally:  # a listing and DeleteObjects: removable even where the HEAD was refused
-            delete_tree(folder)
+    _check_store(loc, _probe_object, timeout_s)
 
-    _check_store(loc, probe, timeout_s)
+
+def _probe_object(text: str) -> None:
+    """Write, read back and delete a probe object under the URI ``text``."""
+    folder = join(text, f".bitflip-probe-{uuid.uuid4().hex}")
+    write_bytes(join(folder, "probe"), b"probe")
+    try:  # read back: a store may take a PUT with credentials it refuses for reads (HEAD)
+        read_bytes(join(folder, "probe"))
+    finally:  # a listing and DeleteObjects: removable even where the HEAD was refused
+        delete_tree(folder)
+
+
+def _within(timeout_s: float, work, name: str) -> list[BaseException | None]:
+    """Run ``work()`` in a daemon thread for at most ``timeout_s``: [] when it did not answer,
+    [None] when it returned, [the exception] when it raised."""
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            work()
+            result.append(None)
+        except BaseException as exc:  # reported by the caller's thread
+            result.append(exc)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return result
 
 
 def check_readable(loc: Location, timeout_s: float = CHECK_TIMEOUT_S) -> None:
@@ -365,23 +385,15 @@ def _check_store(loc: Location, probe, timeout_s: float, missing_bucket: str | N
         raise ValueError(problem)
     if not is_uri(text):
         return
-    result: list[BaseException | None] = []
 
-    def run() -> None:
+    def work() -> None:
         try:
-            try:
-                resolve(text)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
-                result.append(ValueError(f"cannot use {text}: {_first_line(exc)}"))
-                return
-            probe(text)
-            result.append(None)
-        except BaseException as exc:  # reported by the caller's thread
-            result.append(exc)
+            resolve(text)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+            raise ValueError(f"cannot use {text}: {_first_line(exc)}") from None
+        probe(text)
 
-    worker = threading.Thread(target=run, name="bitflip-storage-check", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
+    result = _within(timeout_s, work, "bitflip-storage-check")
     if not result:
         raise ValueError(f"{text}: no answer from the object store{_endpoint(text)} within {timeout_s:g} s; "
                          "check the network" + (" and AWS_ENDPOINT_URL" if _is_s3(text) else ""))
@@ -462,23 +474,7 @@ def probe_outage(loc: Location, timeout_s: float = PROBE_TIMEOUT_S) -> str | Non
         finally:
             probe.unlink(missing_ok=True)
         return None
-    result: list[BaseException | None] = []
-
-    def run() -> None:
-        folder = join(loc, f".bitflip-probe-{uuid.uuid4().hex}")
-        try:
-            write_bytes(join(folder, "probe"), b"probe")
-            try:
-                read_bytes(join(folder, "probe"))
-            finally:
-                delete_tree(folder)
-            result.append(None)
-        except BaseException as exc:  # reported by the caller's thread
-            result.append(exc)
-
-    worker = threading.Thread(target=run, name="bitflip-storage-probe", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
+    result = _within(timeout_s, lambda: _probe_object(os.fspath(loc)), "bitflip-storage-probe")
     if not result:
         return f"the object store{_endpoint(os.fspath(loc))} stopped answering (no answer within {timeout_s:g} s)"
     if result[0] is None:
