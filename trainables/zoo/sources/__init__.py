@@ -122,3 +122,22 @@ def get_source(prefix: str) -> ModelSource | None:
     if isinstance(source, importlib.metadata.EntryPoint):
         source = table[prefix] = _from_entry_point(source)
     return source
+
+
+def built_module(call: Callable[[], object], caller: str, returner: str, label: str,
+                 weights_path: str | None) -> "nn.Module":
+    """``call()``'s model with ``weights_path`` loaded; one ValueError line when the user's code
+    raises (``caller`` raised ...) or returns no nn.Module (``returner`` returned a ...)."""
+    from torch import nn
+
+    from trainables.zoo.models import load_weights
+
+    try:
+        model = call()
+    except Exception as exc:  # the user's code raised (a bad model_arg, a download refused...)
+        raise ValueError(f"{caller} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{returner} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights_path is not None:
+        load_weights(model, weights_path, label)
+    return model

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainables.zoo.models import LoadOptions, github_reachable, hub_entries, load_weights
-from trainables.zoo.sources import ModelSource
+from trainables.zoo.models import LoadOptions, github_reachable, hub_entries
+from trainables.zoo.sources import ModelSource, built_module
 
 FORM = "hub:<owner>/<repo>[@ref]:<entry>"
 _NAME = re.compile(r"([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)(?:@([^:\s]+))?:([A-Za-z_][A-Za-z0-9_]*)")
@@ -72,16 +72,8 @@ def load(rest: str, opts: LoadOptions) -> nn.Module:
             raise ValueError(f"cannot load hub:{rest}: github.com is unreachable and torch.hub's cache has no copy at "
                              f"{cache_dir(name)}: pass --hub-dir <a local clone of {name.owner}/{name.repo}>")
         call = lambda: torch.hub.load(name.github, name.entry, trust_repo=True, verbose=False, **kwargs)  # noqa: E731
-    try:
-        model = call()
-    except Exception as exc:  # the repository's entry point raised (a bad model_arg, a download refused...)
-        raise ValueError(f"hub:{rest}: the entry point {name.entry} raised {type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"hub:{rest}: the entry point {name.entry} returned a {type(model).__name__}, not a torch.nn.Module")
-    if opts.weights_path is not None:
-        load_weights(model, opts.weights_path, f"hub:{rest}")
-    return model
+    entry = f"hub:{rest}: the entry point {name.entry}"
+    return built_module(call, entry, entry, f"hub:{rest}", opts.weights_path)
 
 
 def code_digest(rest: str, opts: LoadOptions) -> tuple[str, str] | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from trainables.zoo.models import LoadOptions, load_weights
-from trainables.zoo.sources import ModelSource
+from trainables.zoo.models import LoadOptions
+from trainables.zoo.sources import ModelSource, built_module
 
 FORM = "py:<module>:<callable>"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -92,16 +92,8 @@ def _kwargs(fn, opts: LoadOptions) -> dict:
 def load(rest: str, opts: LoadOptions) -> nn.Module:
     fn = factory(rest)
     kwargs = _kwargs(fn, opts)
-    try:
-        model = fn(**kwargs)
-    except Exception as exc:
-        raise ValueError(f"py:{rest}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) raised "
-                         f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"py:{rest} returned a {type(model).__name__}, not a torch.nn.Module")
-    if opts.weights_path is not None:
-        load_weights(model, opts.weights_path, f"py:{rest}")
-    return model
+    arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return built_module(lambda: fn(**kwargs), f"py:{rest}({arguments})", f"py:{rest}", f"py:{rest}", opts.weights_path)
 
 
 def check(rest: str, opts: LoadOptions) -> None:
