@@ -1,10 +1,10 @@
-"""``hf:<directory>``: a Hugging Face ``transformers`` classifier saved with ``save_pretrained``,
-loaded offline (``local_files_only``) as ``AutoModelForImageClassification`` or
-``AutoModelForSequenceClassification`` (from the config's ``architectures``), with
-``model_args`` passed to ``from_pretrained`` (e.g. ``attn_implementation=eager``).
+"""``hf:<directory>``: a Hugging Face ``transformers`` model saved with ``save_pretrained``,
+loaded offline (``local_files_only``) as ``AutoModelForImageClassification``,
+``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM`` (from the config's
+``architectures``), with ``model_args`` passed to ``from_pretrained`` (e.g. ``attn_implementation=eager``).
 
-The engine takes (batch, classes) logits: ``HFLogits`` calls the model and returns its
-output's ``.logits``. It holds the model's own submodules under their own names, so sites,
+A classifier becomes ``HFLogits`` ((batch, classes) logits: the output's ``.logits``); a causal
+LM becomes ``CausalLMLogits`` (token ids (batch, T) in, next-token logits (batch, T, vocab) out). It holds the model's own submodules under their own names, so sites,
 param names and state_dict keys are exactly the transformers ones (``vit.encoder.layer.0...``).
 transformers 5 has no torch.fx tracer: prefix reuse falls back to the full forward pass for
 these models (said once per campaign; the results are identical).
@@ -22,7 +22,7 @@ from trainables.zoo.models import LoadOptions, load_weights
 from trainables.zoo.sources import ModelSource
 
 FORM = "hf:<directory saved with save_pretrained>"
-TASKS = ("ForImageClassification", "ForSequenceClassification")
+TASKS = ("ForImageClassification", "ForSequenceClassification", "ForCausalLM")
 CONFIG_FILES = ("config.json", "generation_config.json")
 
 
@@ -48,6 +48,23 @@ class HFLogits(nn.Module):
         return self
 
 
+class CausalLMLogits(HFLogits):
+    """A causal LM: token ids (batch, T) in, next-token logits (batch, T, vocab) out, with no KV
+    cache (teacher forcing). ``hf_model`` is the transformers model (for generation) and
+    ``context_length`` its longest sequence; the tokenizer is ``hf.tokenizer(directory)``."""
+
+    def __init__(self, model: nn.Module, directory: Path) -> None:
+        super().__init__(model)
+        config = model.config
+        object.__setattr__(self, "directory", directory)
+        self.context_length = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions",
+                                                                       "max_sequence_length") if getattr(config, name, None)), None)
+        self.vocab_size = config.vocab_size
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=input_ids, use_cache=False).logits
+
+
 def directory(rest: str) -> Path:
     """The model directory, checked: it exists and holds a config.json."""
     path = Path(os.path.expanduser(rest))
@@ -59,24 +76,28 @@ def directory(rest: str) -> Path:
 
 
 def _auto_class(path: Path, config):
-    """AutoModelForImageClassification or AutoModelForSequenceClassification, from the config."""
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    """AutoModelForImageClassification, AutoModelForSequenceClassification or AutoModelForCausalLM,
+    from the config's architectures (else its model type, classifiers first as before)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
 
+    autos = (AutoModelForImageClassification, AutoModelForSequenceClassification, AutoModelForCausalLM)
     architectures = config.architectures or []
-    if any(a.endswith("ForImageClassification") for a in architectures):
-        return AutoModelForImageClassification
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return AutoModelForSequenceClassification
-    if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        return AutoModelForImageClassification
-    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        return AutoModelForSequenceClassification
+    mappings = (MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    for suffix, mapping, auto in zip(TASKS, mappings, autos):  # GPT2LMHeadModel is a causal LM by the mapping
+        if any(a.endswith(suffix) or a in mapping.values() for a in architectures):
+            return auto
+    for mapping, auto in zip(mappings, autos):
+        if config.model_type in mapping:
+            return auto
     raise ValueError(f"hf: {path} holds a {', '.join(architectures) or config.model_type} model: only image and sequence "
-                     f"classifiers (AutoModelForImageClassification, AutoModelForSequenceClassification) are supported")
+                     f"classifiers and causal LMs (AutoModelForImageClassification, AutoModelForSequenceClassification, "
+                     f"AutoModelForCausalLM) are supported")
 
 
 def _config(path: Path):
@@ -97,7 +118,8 @@ def load(rest: str, opts: LoadOptions) -> nn.Module:
     path = directory(rest)
     config = _config(path)
     auto = _auto_class(path, config)
-    if opts.num_classes is not None and config.num_labels != opts.num_classes:
+    causal = auto.__name__.endswith(TASKS[2])
+    if opts.num_classes is not None and not causal and config.num_labels != opts.num_classes:
         raise ValueError(f"hf: {path} classifies {config.num_labels} labels, the data set has {opts.num_classes} classes")
     random_init = opts.random_init or opts.weights_path is not None
     from transformers.utils import logging as hf_logging
@@ -113,7 +135,7 @@ def load(rest: str, opts: LoadOptions) -> nn.Module:
     if opts.weights_path is not None:
         load_weights(model, opts.weights_path, f"hf:{path}")
     model = model.float().eval()
-    return HFLogits(model)
+    return CausalLMLogits(model, path) if causal else HFLogits(model)
 
 
 def code_digest(rest: str, opts: LoadOptions) -> tuple[str, str]:
@@ -145,11 +167,25 @@ def preprocessor(rest: str | os.PathLike):
 
 
 def task(rest: str | os.PathLike) -> str:
-    """'image' or 'text': what an hf: model directory classifies (for choosing its data)."""
+    """'image', 'text' (a sequence classifier) or 'causal-lm': what an hf: model directory holds
+    (for choosing its data)."""
     text = str(rest)
     path = directory(text[3:] if text.startswith("hf:") else text)
-    auto = _auto_class(path, _config(path))
-    return "image" if auto.__name__.endswith(TASKS[0]) else "text"
+    name = _auto_class(path, _config(path)).__name__
+    return "image" if name.endswith(TASKS[0]) else "causal-lm" if name.endswith(TASKS[2]) else "text"
+
+
+def tokenizer(rest: str | os.PathLike):
+    """The tokenizer saved in an hf: model directory, loaded offline; ValueError when it has none."""
+    from transformers import AutoTokenizer
+
+    text = str(rest)
+    path = directory(text[3:] if text.startswith("hf:") else text)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ValueError(f"hf: {path} has no tokenizer saved with it ({type(exc).__name__}): "
+                         f"save one with tokenizer.save_pretrained(directory)") from None
 
 
 SOURCE = ModelSource("hf", FORM, load, check=check, code_digest=code_digest, takes_model_args=True)
