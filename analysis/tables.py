@@ -302,7 +302,8 @@ def group_title(ident: dict, rows: pd.DataFrame | None = None) -> str:
 
 def seed_layer_lines(site_table: pd.DataFrame) -> list[str]:
     """The seed's per-layer text: per identity a header line, then one line per site exactly
-    ``Layer #{k}: {a} / {b} = {r:.4f}%, {Type}`` (param sites: ``Param #{k}: ..., {Owner type} {name}``);
+    ``Layer #{k}: {a} / {b} = {r:.4f}%, {Type}`` (param sites: ``Param #{k}: ..., {Owner type} {name}``;
+    a proportional campaign's site pool: ``All sites: ..., proportional (N kind sites)``);
     a blank line between groups."""
     _require(site_table, [*SITE_KEYS, "mismatches", "golden_correct"])
     lines: list[str] = []
@@ -313,7 +314,9 @@ def seed_layer_lines(site_table: pd.DataFrame) -> list[str]:
         for row in rows.sort_values("site_index").itertuples(index=False):
             a, b = int(row.mismatches), int(row.golden_correct)
             r = 100.0 * a / b if b else float("nan")
-            if str(getattr(row, "kind", "")) in ("param", "qparam"):  # qparam: an int8 model's scales and zero points
+            if int(row.site_index) == -1:  # a proportional campaign's trials: every fault picks its site by size
+                lines.append(f"All sites: {a} / {b} = {r:.4f}%, {row.site_name}")
+            elif str(getattr(row, "kind", "")) in ("param", "qparam"):  # qparam: an int8 model's scales and zero points
                 label = "QParam" if str(row.kind) == "qparam" else "Param"
                 lines.append(f"{label} #{int(row.site_index)}: {a} / {b} = {r:.4f}%, {row.site_type} {row.site_name}")
             else:

@@ -196,6 +196,9 @@ def _site_flags(parser: argparse.ArgumentParser) -> None:
                                           "containers get indices after the leaf sites")
     parser.add_argument("--buffers", action="store_true", default=None,
                         help="param sites include floating buffers (BatchNorm running mean and variance)")
+    parser.add_argument("--site-sampling", choices=("per-site", "proportional"),
+                        help="per-site (default): a trial per site; proportional: one trial per kind x bit x seed whose "
+                             "faults pick their sites in proportion to size (a whole-model rate in one trial)")
 
 
 def _resource_flags(parser: argparse.ArgumentParser) -> None:

@@ -221,7 +221,7 @@ def _calibrate(bench, plan: ResolvedCampaign, images: int, parse_bit_spec) -> di
     fills the prefix cache, as a worker's first trial on a site does), one timed window of
     ``images`` images with the campaign's first bit and fault; at most 24 sites are timed, the
     others take the mean of their kind."""
-    from trainables.inject import engine
+    from trainables.inject import engine, proportional
 
     sites: dict[tuple[str, int], tuple] = {}
     for t in plan.trials:
@@ -234,14 +234,18 @@ def _calibrate(bench, plan: ResolvedCampaign, images: int, parse_bit_spec) -> di
     measured = {}
     for kind, index in chosen:
         bit_spec, fault_name, seed = sites[(kind, index)]
-        site, bit = bench.site(kind, index), parse_bit_spec(bit_spec)
+        bit = parse_bit_spec(bit_spec)
         fault = bench.check_fault(kind, bit, fault_name)
+        if index == proportional.SITE:  # a proportional campaign's site pool
+            site, run = proportional.pool(bench, kind, plan.sites_by_kind[kind]), proportional.run_faults
+        else:
+            site, run = bench.site(kind, index), engine.run_faults
         warm = min(plan.spec.batch_size, n)
-        engine.run_faults(bench, site, kind, bit, seed, 0, warm, plan.spec.images_per_weight_fault, "none", fault=fault)
+        run(bench, site, kind, bit, seed, 0, warm, plan.spec.images_per_weight_fault, "none", fault=fault)
         start = warm if warm < n else 0
         stop = min(n, start + images)
         t0 = time.perf_counter()
-        engine.run_faults(bench, site, kind, bit, seed, start, stop, plan.spec.images_per_weight_fault, "none", fault=fault)
+        run(bench, site, kind, bit, seed, start, stop, plan.spec.images_per_weight_fault, "none", fault=fault)
         measured[(kind, index)] = (time.perf_counter() - t0) / (stop - start)
     by_kind: dict[str, list[float]] = {}
     for (kind, _), v in measured.items():

@@ -23,8 +23,9 @@ MODES = ("fp32", "tf32", "fp16", "bf16")
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
                    "params", "modules", "buffers", "fault", "quantize", "weight_format", "stop_interval", "margin",
-                   "confidence", "allocate", "budget", "pilot", "model_args")
+                   "confidence", "allocate", "budget", "pilot", "model_args", "site_sampling")
 ALLOCATIONS = ("uniform", "proportional", "neyman", "equal-width")
+SITE_SAMPLINGS = ("per-site", "proportional")  # proportional: one trial per (kind, bit, seed), its faults' sites drawn by size
 STOP_INTERVALS = ("cs", "wilson")  # how a campaign that stops at a margin judges it (trainables.sfi)
 
 
@@ -98,6 +99,7 @@ class CampaignSpec:
     label_column: str | None = None  # hf-dataset:/tensors: the labels' column (key)
     data_cache: str | None = None  # image sources: a directory (or auto) for the memory-mapped uint8 cache; None: in memory
     model_args: dict | None = None  # keyword arguments for py:/timm:/hub:/hf: models (--model-arg key=value)
+    site_sampling: str = "per-site"  # proportional: each fault picks its site by size (trainables.inject.proportional)
 
     @property
     def directory(self) -> Path | str:
@@ -404,7 +406,8 @@ class ResolvedCampaign:
         # campaigns that never stop early, or stop on repeated Wilson checks (the only rule before), match older ones
         values.update(stop_interval=self.spec.stop_interval if stops and self.spec.stop_interval != "wilson" else None,
                       confidence=self.spec.confidence if stops and self.spec.confidence != 0.95 else None,
-                      pilot=self.spec.pilot if self.spec.allocate else None)
+                      pilot=self.spec.pilot if self.spec.allocate else None,
+                      site_sampling=None if self.spec.site_sampling == "per-site" else self.spec.site_sampling)
         return {**{k: values[k] for k in IDENTITY_FIELDS}, **protection_identity(self.protection), **self.inputs}
 
 
@@ -456,6 +459,13 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
         problems.append("allocate: spends a fixed budget; not with --margin or --target-margin")
     if spec.margin is not None and spec.stop_interval != "cs":
         problems.append("stop_interval: --margin stops on the anytime-valid interval only (cs)")
+    if spec.site_sampling not in SITE_SAMPLINGS:
+        problems.append(f"site_sampling: {spec.site_sampling!r}: use per-site or proportional")
+    elif spec.site_sampling == "proportional":
+        if not set(spec.sites) <= {"neuron", "weight", "param"}:
+            problems.append("site_sampling: proportional draws neuron, weight and param sites (not qparam)")
+        if spec.quantize or str(spec.protect).lower() != "none":
+            problems.append("site_sampling: proportional is not available with --quantize or --protect")
     if spec.max_failures < 0:
         problems.append(f"max_failures: must be >= 0, got {spec.max_failures}")
     if spec.seeds is not None and (not spec.seeds or any(not 0 <= s <= MAX_SEED for s in spec.seeds)):
@@ -631,7 +641,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds, fault=",".join(f for f, _ in fault_bits))  # canonical names
     # site-major: a worker's consecutive trials share a site, and with it the prefix cache
     trials = tuple(TrialPlan(kind, site, bit, seed, fault)
-                   for kind in spec.sites for site in sites_by_kind[kind] for seed in seeds
+                   for kind in spec.sites for site in _trial_sites(spec, sites_by_kind[kind]) for seed in seeds
                    for fault, its_bits in fault_bits_for[kind] for bit in its_bits)
     sites = [s for s in found.sites if spec.modules is not None or not s.container]
     coverage = coverage_lines(model, found, selected, show_containers=spec.modules is not None)
@@ -645,17 +655,28 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
                             digests or input_digests(spec, data, model), notes=left_out + said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
                             + (numformats.weight_note(spec, selected) if spec.prefix and trials_per_site(trials) > 1 else ()),
-                            protection=protection, site_sizes=site_sizes(selected))
+                            protection=protection, site_sizes=site_sizes(selected, spec.site_sampling == "proportional"))
 
 
-def site_sizes(selected: dict[str, list]) -> dict[tuple[str, int], tuple[str, int]]:
+def _trial_sites(spec: CampaignSpec, indices: list[int]) -> list[int]:
+    """The site dimension of the trials: each selected site, or the pool of them all (proportional)."""
+    from trainables.inject import proportional
+
+    return [proportional.SITE] if spec.site_sampling == "proportional" and indices else indices
+
+
+def site_sizes(selected: dict[str, list], pooled: bool = False) -> dict[tuple[str, int], tuple[str, int]]:
     """(kind, index) -> (module type, elements a fault of that kind can hit): the statistical
-    planner's fault populations (campaign.plan)."""
+    planner's fault populations (campaign.plan); ``pooled``: also (kind, -1), the site pool of a
+    proportional campaign, whose population is their sum."""
+    from trainables.inject import proportional
+
     out = {}
     for kind, chosen in selected.items():
         for s in chosen:
-            n = s.output_numel if kind == "neuron" else s.weight_numel if kind == "weight" else s.numel
-            out[(kind, s.index)] = (s.module_type, int(n))
+            out[(kind, s.index)] = (s.module_type, proportional.site_size(s, kind))
+        if pooled and chosen:
+            out[(kind, proportional.SITE)] = ("proportional", sum(proportional.site_size(s, kind) for s in chosen))
     return out
 
 

@@ -164,7 +164,8 @@ def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int, fault:
     a fault model other than flip is appended ('...-seed17-burst2'), so flip keys never change;
     a bit pool reads '...-brandom23-30-...' (trainables.inject.bitpools.key_text)."""
     suffix = "" if fault in (None, "flip") else "-" + str(fault).replace(":", "")
-    return f"{kind}-s{int(site_index):04d}-b{key_text(bit_spec)}-seed{int(seed)}{suffix}"
+    site = "all" if int(site_index) == -1 else f"{int(site_index):04d}"  # -1: a proportional trial's site pool
+    return f"{kind}-s{site}-b{key_text(bit_spec)}-seed{int(seed)}{suffix}"
 
 def atomic_write_bytes(data: bytes, path: Path | str) -> None:
     """Write ``data`` to ``path`` (a local path or a URI) whole: through a temporary file and

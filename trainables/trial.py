@@ -25,7 +25,7 @@ import torch
 from trainables import hardware
 from trainables import sfi
 from trainables.digests import changed_inputs, input_digests
-from trainables.inject import engine, protection
+from trainables.inject import engine, proportional, protection
 from trainables.inject.faults import parse_bit_spec
 from trainables.results import trial_key, uncommit_trial, write_trial
 from trainables.stats import wilson_interval
@@ -68,6 +68,7 @@ class CampaignSettings:
     label_column: str | None = None
     data_cache: str | None = None  # image sources: memory-mapped from this node's cache, prepared once per node
     model_args: str | None = None  # the model's keyword arguments as sorted JSON text (hashable)
+    site_pool: dict | None = None  # kind -> site indices a proportional trial (site -1) draws from
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -146,7 +147,8 @@ def run_trial(
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     bench, synthetic = workbench(settings, device)
-    site = bench.site(point.kind, point.site)
+    pooled = point.site == proportional.SITE
+    site = proportional.pool(bench, point.kind, settings.site_pool[point.kind]) if pooled else bench.site(point.kind, point.site)
     if site is None:
         raise ValueError(f"{point.kind} site {point.site} does not exist in {settings.model}")
     bit = parse_bit_spec(point.bit)
@@ -154,7 +156,7 @@ def run_trial(
     counts = engine.Counts.zeros(bench.width_for(point.kind))
     guarded = protection.bench_for(bench, settings.protection)  # None unless the campaign is protected
     pairs = protection.PairCounts.zeros(bench.width_for(point.kind)) if guarded is not None else None
-    run = engine.run_faults if guarded is None else protection.paired_runner(guarded)
+    run = proportional.run_faults if pooled else engine.run_faults if guarded is None else protection.paired_runner(guarded)
     record_parts = []
     paths = set()
     stopped_early = False
@@ -237,6 +239,6 @@ def _fault_columns(campaign: str, point: TrialPoint, site, fault: str, parts: li
     n = len(columns["image"])
     outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
     columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
-                   site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed),
-                   fault=[fault] * n)
+                   site_name=[site.name] * n, seed=np.full(n, point.seed), fault=[fault] * n)
+    columns.setdefault("site_index", np.full(n, site.index))  # a proportional trial's records name each fault's site
     return protection.fault_columns(columns)

@@ -23,7 +23,8 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _KIND_SALT = {"neuron": 0x6E6575726F6E, "weight": 0x776569676874, "param": 0x706172616D,
               "qparam": 0x71706172616D}  # the names in ASCII
-_STREAM_SALT = {"position": 1, "bit": 2, "bits": 3, "value": 4}  # bits, value: fault_models' extra draws
+_STREAM_SALT = {"position": 1, "bit": 2, "bits": 3, "value": 4,  # bits, value: fault_models' extra draws
+                "site": 5}  # site: the site a proportional trial's fault picks (trainables.inject.proportional)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
