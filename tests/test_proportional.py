@@ -7,7 +7,6 @@ import torch
 
 from tests.models_for_tests import make_data, plain_net, shared_relu_net
 from trainables.inject import engine, proportional
-from trainables.inject.sites import select_sites
 
 
 def bench_for(model, n=200, batch_size=64):
@@ -76,9 +75,9 @@ def test_bad_pools_are_one_line():
 
 def test_a_proportional_campaign_has_one_trial_per_kind_and_bit_and_equals_the_engine(tmp_path):
     from analysis.sfi import whole_model
-    from campaign.runner import record_spec, settings_for
-    from campaign.spec import CampaignSpec, resolve
-    from tests.test_model_sources import _campaign_frames, _run_in_process
+    from campaign.runner import settings_for
+    from campaign.spec import CampaignSpec
+    from tests.test_model_sources import _run_in_process
     from trainables.trial import CampaignSettings, workbench
 
     spec = CampaignSpec(model="demo:vgg", dataset="fashion-mnist", images=96, sites=("neuron", "weight"), layers="1-6",
