@@ -5,6 +5,7 @@ spec as given spends and the margin that buys, and the wall time from a short me
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 from campaign.spec import CampaignSpec, ResolvedCampaign, SpecError
 from trainables import sfi
 
-GROUPINGS = ("trial", "site", "type")
+GROUPINGS = ("trial", "site", "type")  # a stratum: one trial without its seed (site x bit x fault), a site, a type
 # Seconds a trial costs beyond its injections (Tune scheduling, its parquet files and reports, the
-# driver's checks), per slot. Measured on the development machine (2 shared CPUs): a 544-trial
-# campaign (497 s) and a 644-trial --margin campaign (353 s) both left 0.9 s per trial per slot
-# beyond the calibrated injection time. Not measured by `plan`: pass --trial-overhead-s for a cluster.
-TRIAL_OVERHEAD_S = 0.9  # a stratum: one trial without its seed (site x bit x fault), a site, a type
+# driver's checks), per slot, and the command's start before the first trial (Python and Ray's
+# imports, a local Ray cluster's start or a connection to one, Tune's start and its first worker
+# processes). Fitted on the development machine (2 CPUs) on 2026-12-03: the demo (25 trials, 34.6 s
+# whole command) and 544 trials of 1,000 images (62.9 s): docs/statistics.md. Not measured by `plan`:
+# pass --trial-overhead-s for a cluster. (Fitted earlier at 0.9 s with three other jobs on the CPUs.)
+TRIAL_OVERHEAD_S = 0.15
+RAY_START_S, RAY_CONNECT_S = 17.0, 7.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Plan:
     budget_injections: int | None = None
     budget_margins: tuple[float, ...] = ()  # per stratum, what the budget buys split evenly
     trial_overhead_s: float = 0.0  # per trial, beyond its injections: scheduling, its files, reports
+    start_s: float = 0.0  # the command's start before the first trial (Ray's start or connection)
 
     @property
     def needed(self) -> int:
@@ -71,7 +76,7 @@ class Plan:
             return None
         work = sum(injections_of(s) * s.seconds_per_injection for s in self.strata)
         trials = sum(max(s.units, math.ceil(injections_of(s) / max(self.golden_correct, 1))) for s in self.strata)
-        return (work + trials * self.trial_overhead_s) / self.slots + (self.setup_s or 0.0)
+        return (work + trials * self.trial_overhead_s) / self.slots + (self.setup_s or 0.0) + self.start_s
 
 
 def parse_budget(text: str | None) -> tuple[int | None, float | None]:
@@ -198,16 +203,15 @@ def make_plan(spec: CampaignSpec, margin: float = 0.01, confidence: float = 0.99
     n_slots = slots or _local_slots(plan.spec)
     out = Plan(tuple(strata), margin, confidence, correct, bench.num_images, n_slots, setup_s if calibrate_images else None,
                _calibration_text(calibrate_images, device, plan.spec, n_slots, slots is not None),
-               trial_overhead_s=trial_overhead_s)
+               trial_overhead_s=trial_overhead_s, start_s=RAY_CONNECT_S if plan.spec.address else RAY_START_S)
     if budget_seconds is not None:
         per_injection = sum(s.seconds_per_injection for s in strata) / len(strata)
         per_injection += trial_overhead_s / max(correct, 1)  # whole trials: their overhead spread over their faults
-        budget_injections = int(max(0.0, budget_seconds - setup_s) * n_slots / per_injection)
+        budget_injections = int(max(0.0, budget_seconds - setup_s - out.start_s) * n_slots / per_injection)
     if budget_injections is not None:
         share = budget_injections / len(strata)
         margins = tuple(sfi.leveugle_margin(share, s.population, confidence, s.rate) for s in strata)
-        out = Plan(out.strata, margin, confidence, correct, out.images, n_slots, out.setup_s, out.calibration,
-                   budget_injections, margins, trial_overhead_s)
+        out = dataclasses.replace(out, budget_injections=budget_injections, budget_margins=margins)
     return out
 
 
@@ -306,7 +310,8 @@ def plan_lines(plan: Plan, spec_label: str = "") -> list[str]:
         f"time: fixed-size plan {_fmt_s(plan.seconds(lambda s: s.needed))}, stopping at the margin "
         f"{_fmt_s(plan.seconds(lambda s: s.needed_cs))}, the spec as given {_fmt_s(plan.seconds(lambda s: s.spec_injections))}",
         f"calibration: {plan.calibration}" + (f"; setup {plan.setup_s:.1f} s; plus {plan.trial_overhead_s:g} s per "
-                                              f"trial (--trial-overhead-s) and Ray's start" if plan.setup_s is not None else ""),
+                                              f"trial (--trial-overhead-s) and {plan.start_s:g} s for Ray's start"
+                                              if plan.setup_s is not None else ""),
         "fixed n: Leveugle et al. 2009 at the planned rate (Wilson/normal interval, one look); stop-at-margin n: the "
         "first n whose anytime-valid interval at that rate is narrow enough (what --margin spends)",
     ]

@@ -91,8 +91,11 @@ def test_plan_prints_the_table(capsys):
 def test_time_estimate_adds_the_overhead_of_each_trial(plan):
     import dataclasses
 
+    from campaign.plan import RAY_START_S
+
+    assert plan.start_s == RAY_START_S  # a local cluster is started (no --address)
     timed = dataclasses.replace(plan, strata=tuple(dataclasses.replace(s, seconds_per_injection=1e-3) for s in plan.strata),
-                                setup_s=2.0, slots=2, trial_overhead_s=0.5)
+                                setup_s=2.0, slots=2, trial_overhead_s=0.5, start_s=3.0)
     c = plan.golden_correct
-    # the spec as given: 2 seeds x 4 strata = 8 trials of c injections
-    assert timed.seconds(lambda s: s.spec_injections) == pytest.approx((8 * c * 1e-3 + 8 * 0.5) / 2 + 2.0)
+    # the spec as given: 2 seeds x 4 strata = 8 trials of c injections, then the setup and Ray's start
+    assert timed.seconds(lambda s: s.spec_injections) == pytest.approx((8 * c * 1e-3 + 8 * 0.5) / 2 + 2.0 + 3.0)
