@@ -256,3 +256,37 @@ def test_bad_lm_input_is_one_line(lm_dirs):
         engine.prepare(model, (ids, ids), device="cpu")
     with pytest.raises(ValueError, match="labels are the next tokens"):
         engine.prepare(model, (ids[:, :8], ids[:, 0]), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_layer_boundary_prefix_equals_the_full_pass(lm_dirs, name):
+    """Every neuron site, weight site and param site, in forward order (the ladder) and then backwards:
+    the prefix path's records equal the full pass's field by field; layer sites take the prefix path."""
+    full = bench_for(lm_dirs, name, batch_size=3)
+    fast = bench_for(lm_dirs, name, batch_size=3, prefix=True, prefix_cache_mb=64)
+    from trainables.inject.layers import decoder_layers
+
+    prefix = decoder_layers(fast.model)[0]
+    layer_of = lambda n: int(n[len(prefix) + 1 :].split(".")[0]) if n.startswith(prefix + ".") else None  # noqa: E731
+    weights = [s for s in fast.sites if s.is_weight_site]
+    params = [p for p in fast.params if not p.buffer]
+    targets = [("neuron", s) for s in fast.sites] + [("weight", weights[i]) for i in (0, 4, -1)] + \
+        [("param", params[i]) for i in (0, -1, -4)]
+    paths = {}
+    for kind, site in targets + targets[-3::-4]:
+        kwargs = dict(bit="random", seed=7, record="all", images_per_weight_fault=2)
+        want = engine.run_faults(full, full.site(kind, site.index), kind, **kwargs)
+        got = engine.run_faults(fast, site, kind, **kwargs)
+        assert want.path == "full"
+        for field, value in want.records.as_dict().items():
+            np.testing.assert_array_equal(getattr(got.records, field), value, err_msg=f"{kind} {site.name} {field}")
+        np.testing.assert_array_equal(got.counts.by_bit, want.counts.by_bit)
+        np.testing.assert_array_equal(got.counts.sums, want.counts.sums)
+        paths[(kind, site.name)] = got.path
+    name_of = {"llama": ("model.embed_tokens", "model.norm", "lm_head.weight"),
+               "gpt2": ("transformer.wte", "transformer.ln_f", "transformer.wte.weight")}[name]
+    assert paths[("neuron", name_of[0])] == "full" and paths[("neuron", name_of[1])] == "prefix"
+    tied_or_head = paths[("param", name_of[2])]
+    assert tied_or_head == ("prefix" if name == "llama" else "full")  # GPT-2's lm_head is the embedding
+    assert all(path == ("prefix" if layer_of(site) else "full")  # layer 0: nothing before it to reuse
+               for (kind, site), path in paths.items() if layer_of(site) is not None)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainables.inject import layers
 from trainables.inject import suffix
 from trainables.inject import fault_models
 from trainables.inject import formats
@@ -623,6 +624,9 @@ def _prefix_runner(bench: Workbench, site: Site, plan: _Plan, start: int, weight
     if bench.prefix_state is None:
         bench.prefix_state = suffix.PrefixState(bench.prefix_cache_mb)
     lo, hi, _ = plan.batches[0]
+    if bench.task == token_metrics.TASK:  # decoder LMs: cut at decoder-layer boundaries
+        return layers.runner_for(bench.prefix_state, bench.model, bench.images, bench.sites, site, plan.kind, weight,
+                                 (start + lo, start + hi), bench.device)
     with torch.inference_mode():
         return suffix.runner_for(bench.prefix_state, bench.model, bench.images, site, plan.kind, weight,
                                  _flip_elements, (start + lo, start + hi), bench.device)
