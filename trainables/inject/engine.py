@@ -112,8 +112,8 @@ class Workbench:
     qsites: list[qparams.QParamSite] = field(default_factory=list)  # an int8 model's qparam sites (own numbering)
     golden_digest: str = ""  # SHA-256 (16 hex digits) of the golden logits and predictions: equal where kernels agree
     task: str = "classification"  # one of TASKS: what each fault is measured by
-    # next-token only: golden (N, T) top-1 per position, golden_nll (N,) float64 mean cross-entropy per
-    # sequence, golden_logits (N, T, V) float32 when within golden_cache_mb (else computed per run_faults window)
+    # next-token only: golden (N, T) top-1 per position, golden_nll (N, T) float64 cross-entropy per
+    # position against the next token, golden_logits (N, T, V) float32 when within golden_cache_mb (else computed per run_faults window)
     golden_nll: torch.Tensor | None = field(default=None, repr=False)
     golden_logits: torch.Tensor | None = field(default=None, repr=False)
 
@@ -275,12 +275,12 @@ class _LMGolden:
         if not isinstance(budget_mb, (int, float)) or budget_mb < 0:
             raise ValueError(f"golden_cache_mb must be a number >= 0, got {budget_mb!r}")
         self.budget, self.inputs = budget_mb * 2**20, inputs
-        self.nll = torch.empty(inputs.shape[0], dtype=torch.float64, device=inputs.device)
+        self.nll = torch.empty(inputs.shape, dtype=torch.float64, device=inputs.device)
         self.logits: torch.Tensor | None = None
         self.keep = True
 
     def add(self, lo: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.nll[lo : lo + logits.shape[0]] = token_metrics.sequence_nll(logits, labels)
+        self.nll[lo : lo + logits.shape[0]] = token_metrics.token_nll(logits, labels)
         if self.keep and self.logits is None:
             n, t = self.inputs.shape
             self.keep = n * t * logits.shape[-1] * 4 <= self.budget

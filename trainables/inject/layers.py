@@ -219,10 +219,11 @@ def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor
 
 def _verify(runner: LayerRunner, probe: tuple[int, int]) -> str:
     """'' when the stubbed run reproduces the full forward pass bit for bit on the probe batch."""
-    lo, hi = probe
+    lo, hi = probe[0], min(probe[1], probe[0] + 2)  # two sequences: same code, fewer flops
     with torch.inference_mode():
         clean = runner.logits(lo, hi)
         full = runner.model(runner.images[lo:hi])
+    runner.drop()  # the probe's entry is not a batch of the run
     if clean.shape != full.shape or not torch.equal(suffix._bits(clean), suffix._bits(full)):
         return f"the cut at decoder layer {runner.k} does not reproduce the forward pass bit for bit"
     return ""

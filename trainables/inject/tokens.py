@@ -143,13 +143,13 @@ def check_lm_data(inputs: torch.Tensor, labels: torch.Tensor, context_length: in
         raise ValueError(f"sequence length {inputs.shape[1]} is over the model's context of {context_length} tokens")
 
 
-def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each sequence's logits (B, T, V) against its next tokens (B, T), float64 (B,):
-    logsumexp in float32 (finite for finite logits), the difference in float64."""
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits (..., V) against their next tokens (...), float64: logsumexp in
+    float32 (finite for finite logits), the difference in float64."""
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1).double()
     picked = lf.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double()
-    return (lse - picked).mean(dim=1)
+    return lse - picked
 
 
 def kl_divergence(golden: torch.Tensor, faulty: torch.Tensor) -> torch.Tensor:
@@ -184,25 +184,33 @@ class NextTokenMetric:
         self.acausal = torch.zeros(n, dtype=torch.bool, device=dev)
 
     def add(self, lo: int, hi: int, logits: torch.Tensor) -> None:
-        """The outcomes of sequences lo..hi-1 (offsets from start) from their faulty logits."""
+        """The outcomes of sequences lo..hi-1 (offsets from start) from their faulty logits. A position
+        whose logits equal the golden ones bit for bit gets exactly the golden top-1 and cross-entropy
+        (the same operations on the same values), so its changes are exact zeros."""
         a, b = self.start + lo, self.start + hi
+        golden = self.golden_logits[lo:hi]
         golden_top = self.bench.golden[a:b]
         changed = logits.argmax(dim=-1) != golden_top
         t = golden_top.shape[1]
         order = torch.arange(t, device=logits.device)
         self.token_changes[lo:hi] = changed.sum(dim=1)
         self.first_change[lo:hi] = torch.where(changed.any(dim=1), torch.where(changed, order, t).min(dim=1).values, -1)
-        nonfinite = ~torch.isfinite(logits).flatten(1).all(dim=1)
+        # a row is finite iff its max and min are (both propagate NaN): cheaper than isfinite over (B, T, V)
+        nonfinite = ~(torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))).all(dim=1)
         self.nonfinite[lo:hi] = nonfinite
-        self.log_ppl_ratio[lo:hi] = sequence_nll(logits, self.bench.labels[a:b]) - self.bench.golden_nll[a:b]
-        golden = self.golden_logits[lo:hi]
-        if self.tokens_of_fault is not None:
+        delta = token_nll(logits, self.bench.labels[a:b]) - self.bench.golden_nll[a:b]
+        self.log_ppl_ratio[lo:hi] = delta.mean(dim=1)
+        if self.tokens_of_fault is not None:  # one row per sequence: the fault's token
             tok = self.tokens_of_fault[lo:hi]
-            rows = torch.arange(hi - lo, device=logits.device)
-            self.kl[lo:hi] = kl_divergence(golden[rows, tok], logits[rows, tok])
+            seq = torch.arange(hi - lo, device=logits.device)
+            self.kl[lo:hi] = kl_divergence(golden[seq, tok], logits[seq, tok])
             self.acausal[lo:hi] = (changed & (order < tok.unsqueeze(1))).any(dim=1) & ~nonfinite
-        else:
-            self.kl[lo:hi] = kl_divergence(golden, logits).mean(dim=1)
+        else:  # every position, in float64 only where the logits differ (KL 0 elsewhere)
+            differs = (logits != golden).any(dim=-1)  # NaN != NaN: a non-finite row always differs
+            where = differs.nonzero(as_tuple=True)
+            kl = torch.zeros(differs.shape, dtype=torch.float64, device=logits.device)
+            kl[where] = kl_divergence(golden[where], logits[where])
+            self.kl[lo:hi] = kl.mean(dim=1)
 
     def check_causal(self) -> None:
         """RuntimeError if a fault with finite logits changed a position before its token."""
