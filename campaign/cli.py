@@ -273,9 +273,14 @@ def _finish(outcome) -> int:
     print()
     if outcome.finished:
         trials = analysis.load(outcome.directory)
+        lm = analysis.tokens.teacher_forced(trials)
+        trials = trials.drop(index=lm.index)
         protected = analysis.is_protected(trials).any()  # two lines per layer, as the seed's
-        print("\n".join(analysis.seed_protection_lines(analysis.protection_table(trials)) if protected
-                        else analysis.seed_layer_lines(analysis.per_site(trials))))
+        if not trials.empty:
+            print("\n".join(analysis.seed_protection_lines(analysis.protection_table(trials)) if protected
+                            else analysis.seed_layer_lines(analysis.per_site(trials))))
+        if not lm.empty:  # a causal LM's teacher-forced trials: their own table
+            print("\n".join(analysis.tokens.site_lines(analysis.tokens.per_site(lm))))
         for line in analysis.golden_warnings(trials):
             print(f"WARNING {line}", file=sys.stderr)
     if not outcome.launched:

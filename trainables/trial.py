@@ -309,7 +309,8 @@ def _fault_columns(campaign: str, point: TrialPoint, site, fault: str, parts: li
         outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
         columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
                        site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed),
-                       fault=[fault] * n, trial_kind=[trial_kind] * n, image=columns.pop("sequence"))
+                       fault=[fault] * n, trial_kind=[trial_kind] * n, image=columns.pop("sequence"),
+                       golden_correct=np.zeros(n, dtype=bool))  # no classification: image = the sequence
         return {name: columns.get(name, [None] * n) for name in results.FAULT_SCHEMA.names}
     n = len(columns["image"])
     outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
