@@ -540,6 +540,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
             model = numformats.quantized_model(spec, dataset, model)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise SpecError("\n".join(problems + [str(exc)])) from None
+    if is_causal_lm(model) and (lm := lm_problems(spec, model, data)):
+        raise SpecError("\n".join(problems + lm))
     shape = tuple(data.images.shape[1:])
     is_image = len(shape) == 3 and data.images.is_floating_point()
     if spec.channels is not None and (not is_image or spec.channels != shape[0]):
@@ -581,7 +583,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
     except Exception as exc:  # the model's own forward refused the input: a shape mismatch
         raise SpecError("\n".join(problems + [shape_mismatch(spec.model, dataset, shape, exc)])) from None
-    if data.classes_known and (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)):
+    if data.classes_known and not is_causal_lm(model) and (
+            problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)):
         raise SpecError("\n".join(problems + [problem]))
     if found.classes is not None and len(data.labels) and int(data.labels.max()) >= found.classes:
         i = int((data.labels >= found.classes).nonzero()[0])
@@ -692,6 +695,36 @@ def fault_dimension(text: str, bits: list[int | str], width: int) -> tuple[list[
         problems.append(f"fault: {','.join(map(str, models))} {verbs[0]} every bit of an element and {verbs[1]} no bit "
                         f"position: use bits random, not {','.join(map(str, bits))}")
     return out, problems
+
+
+def is_causal_lm(model) -> bool:
+    """A causal LM (hf: CausalLMLogits): token ids in, next-token logits out; its trials are teacher-forced."""
+    return hasattr(model, "context_length") and hasattr(model, "vocab_size")
+
+
+def lm_problems(spec: CampaignSpec, model, data) -> list[str]:
+    """One line per setting a causal LM's teacher-forced campaign cannot take: data that are not token
+    ids with next-token labels within the model's context, the input site 0 (token ids are integers:
+    the embedding output is the first site), and classification-only options."""
+    from trainables.inject import tokens
+    from trainables.inject.sites import parse_index_list
+
+    problems = []
+    try:
+        tokens.check_lm_data(data.images, data.labels, model.context_length)
+    except ValueError as exc:
+        problems.append(f"{spec.model}: {exc}")
+    if len(data.labels) and int(data.labels.max()) >= model.vocab_size:
+        problems.append(f"labels: token {int(data.labels.max())} is outside the model's vocabulary of {model.vocab_size}")
+    if 0 in (parse_index_list(spec.layers) or ()):
+        problems.append("layers: site 0 is the input, and a causal LM's input is integer token ids, which cannot take a "
+                        "float bit flip; the embedding output (site 1) is the first neuron site")
+    for name, given in (("protect", spec.protect not in (None, "none")), ("quantize", bool(spec.quantize)),
+                        ("weight_format", bool(spec.weight_format)), ("sites", "qparam" in spec.sites)):
+        if given:
+            problems.append(f"{name}: not for a causal LM's teacher-forced campaign (it runs fp32, tf32, fp16 or bf16, "
+                            f"unprotected, on neuron, weight and param sites)")
+    return problems
 
 
 def classes_problem(model: str, dataset: str, classes: int | None, num_classes: int) -> str | None:
