@@ -80,7 +80,8 @@ def _pooled(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                      "nonfinite_rate": r.nonfinite / n if n else float("nan"),
                      "token_change_rate": tc[0], "token_change_ci_low": tc[1], "token_change_ci_high": tc[2],
                      "mean_log_ppl_ratio": lp[0], "log_ppl_ci_low": lp[1], "log_ppl_ci_high": lp[2],
-                     "ppl_ratio": math.exp(lp[0]) if np.isfinite(lp[0]) else float("nan"),
+                     "ppl_ratio": math.exp(min(lp[0], 709.0)) if lp[0] < 709.0 else float("inf") if np.isfinite(lp[0])
+                     else float("nan"),  # exp of a huge mean log ratio: inf
                      "mean_kl": kl[0], "kl_ci_low": kl[1], "kl_ci_high": kl[2]})
     return pd.concat([table, pd.DataFrame(rows)], axis=1)
 
@@ -143,13 +144,17 @@ def plot_ppl_ratio(fault_rows: pd.DataFrame, path=None, ax=None):
     fig = ax.figure if ax is not None else plt.figure(figsize=(7, 4))
     ax = ax or fig.add_subplot(1, 1, 1)
     moved = rows[rows["log_ppl_ratio"].astype(float) != 0]
-    ratios = np.exp(moved["log_ppl_ratio"].astype(float).to_numpy())
+    with np.errstate(over="ignore"):
+        ratios = np.exp(moved["log_ppl_ratio"].astype(float).to_numpy())
+    ratios = ratios[np.isfinite(ratios)]
     if len(ratios):
         lo, hi = max(ratios.min(), 1e-300), ratios.max()
         edges = np.geomspace(lo, hi if hi > lo else lo * 1.001, 40)
         for kind, group in moved.groupby(moved["kind"].astype(str)):
             n_same = int(((rows["kind"].astype(str) == kind) & (rows["log_ppl_ratio"].astype(float) == 0)).sum())
-            ax.hist(np.exp(group["log_ppl_ratio"].astype(float)), bins=edges, alpha=0.6,
+            with np.errstate(over="ignore"):
+                values = np.exp(group["log_ppl_ratio"].astype(float).to_numpy())
+            ax.hist(values[np.isfinite(values)], bins=edges, alpha=0.6,
                     label=f"{kind}: {len(group)} moved, {n_same} exactly 1")
         ax.legend()
     ax.set_xscale("log")

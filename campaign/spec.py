@@ -646,7 +646,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                  if line.startswith(("leaf modules that never", "calls that are no")) and not line.endswith(": none"))
     return ResolvedCampaign(spec, dataset, seeds, table, sites_by_kind,
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
-                            digests or input_digests(spec, data, model), notes=left_out + said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
+                            digests or input_digests(spec, data, model), notes=left_out + said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials, found.sites)
                             + (numformats.weight_note(spec, selected) if spec.prefix and trials_per_site(trials) > 1 else ()),
                             protection=protection, site_sizes=site_sizes(selected))
 
@@ -768,13 +768,21 @@ def _float_kinds(spec: CampaignSpec, selected: dict[str, list]) -> dict[str, lis
     return {k: v for k, v in selected.items() if k != "qparam" and (k != "weight" or not spec.quantize)}
 
 
-def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list], trials: Sequence[TrialPlan]) -> tuple[str, ...]:
-    """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix."""
+def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list], trials: Sequence[TrialPlan],
+                  sites=()) -> tuple[str, ...]:
+    """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix
+    (a causal LM's: the sites before its decoder layers, trainables.inject.layers)."""
     if not spec.prefix or trials_per_site(trials) < 2:
         return ()
     from trainables.inject.suffix import fallback_reasons
 
     chosen = [(kind, site) for kind, sites in selected.items() for site in sites]
+    if is_causal_lm(model):
+        from trainables.inject import layers
+
+        return tuple(f"prefix reuse: {spec.model}: {len(names)} {kind} site(s) run the full forward pass "
+                     f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): {reason}"
+                     for (kind, reason), names in layers.fallback_reasons(model, sites, chosen).items())
     return tuple(f"prefix reuse: {spec.model}: {len(names)} {kind} site(s) run the full forward pass "
                  f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): {reason}"
                  for (kind, reason), names in fallback_reasons(model, chosen, images).items())

@@ -227,3 +227,18 @@ def _verify(runner: LayerRunner, probe: tuple[int, int]) -> str:
     if clean.shape != full.shape or not torch.equal(suffix._bits(clean), suffix._bits(full)):
         return f"the cut at decoder layer {runner.k} does not reproduce the forward pass bit for bit"
     return ""
+
+
+def fallback_reasons(model: nn.Module, sites, chosen) -> dict[tuple[str, str], list[str]]:
+    """(kind, reason) -> the sites ('index name#call') among ``chosen`` (kind, site) pairs that run the
+    full forward pass; the first decoder layer's sites (nothing before them to reuse) are not listed."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for kind, site in chosen:
+        tensor = suffix.site_tensor(model, site, kind)
+        if kind != "neuron" and tensor is None:
+            k, reason = None, f"no tensor found for {kind} site {site.name}"
+        else:
+            k, reason = cut_for(model, sites, site, kind, tensor)
+        if k is None:
+            out.setdefault((kind, reason), []).append(f"{site.index} {site.name}#{site.call}")
+    return out
