@@ -290,3 +290,44 @@ def test_layer_boundary_prefix_equals_the_full_pass(lm_dirs, name):
     assert tied_or_head == ("prefix" if name == "llama" else "full")  # GPT-2's lm_head is the embedding
     assert all(path == ("prefix" if layer_of(site) else "full")  # layer 0: nothing before it to reuse
                for (kind, site), path in paths.items() if layer_of(site) is not None)
+
+
+def test_ray_campaign_rows_equal_the_engine_in_process(lm_dirs, ray_address, tmp_path):
+    """python -m campaign run's path on Ray (run_campaign): teacher-forced rows, per-bit rows and
+    per-fault records of 2 sites x 2 bits equal engine.run_faults in this process."""
+    import analysis
+    from campaign.runner import run_campaign
+    from campaign.spec import CampaignSpec
+
+    inputs, labels = token_data()
+    torch.save({"input_ids": inputs, "labels": labels}, tmp_path / "tokens.pt")
+    spec = CampaignSpec(model=f"hf:{lm_dirs['llama']}", dataset=f"tensors:{tmp_path / 'tokens.pt'}", sites=("neuron",),
+                        layers="3,13", bits="30,22", seeds=(5,), record="all", out=str(tmp_path / "runs"), name="lm")
+    outcome = run_campaign(spec)
+    assert outcome.complete and outcome.finished == 4
+    trials = analysis.load(outcome.directory)
+    faults = analysis.load_faults(outcome.directory)
+    bits = analysis.load_bits(outcome.directory)
+    assert set(trials["trial_kind"]) == {"teacher-forced"} and set(faults["trial_kind"]) == {"teacher-forced"}
+    bench = engine.prepare(load_model(f"hf:{lm_dirs['llama']}"), (inputs, labels), batch_size=256, device="cpu")
+    for row in trials.itertuples(index=False):
+        want = engine.run_faults(bench, bench.site("neuron", row.site_index), "neuron", bit=int(row.bit), seed=5,
+                                 record="all")
+        c = want.counts
+        for name in tokens.COUNT_FIELDS:
+            assert getattr(row, name) == c.total(name), name
+        assert row.images == N and row.seq_len == T and row.golden_correct == 0
+        assert row.kl_sum == c.sum("kl") and row.log_ppl_ratio_sum == c.sum("log_ppl_ratio")
+        assert (row.ci_low, row.ci_high) == c.wilson()
+        mine = faults[faults["trial_key"] == row.trial_key].sort_values("image")
+        rec = want.records
+        np.testing.assert_array_equal(mine["image"], rec.sequence)
+        np.testing.assert_array_equal(mine["token"], rec.token)
+        np.testing.assert_array_equal(mine["position"], rec.position)
+        np.testing.assert_array_equal(mine["token_changes"], rec.token_changes)
+        np.testing.assert_array_equal(mine["kl"], rec.kl)
+        per_bit = bits[bits["trial_key"] == row.trial_key]
+        assert per_bit["sequences"].sum() == N and per_bit["kl_sum"].sum() == pytest.approx(c.sum("kl"), rel=1e-12)
+    table = analysis.tokens.per_site(trials)
+    assert len(table) == 2 and table["sequences"].tolist() == [2 * N, 2 * N]
+    assert table["sdc"].tolist() == [int(trials[trials.site_index == s]["sdc"].sum()) for s in table["site_index"]]
