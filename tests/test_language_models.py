@@ -331,3 +331,13 @@ def test_ray_campaign_rows_equal_the_engine_in_process(lm_dirs, ray_address, tmp
     table = analysis.tokens.per_site(trials)
     assert len(table) == 2 and table["sequences"].tolist() == [2 * N, 2 * N]
     assert table["sdc"].tolist() == [int(trials[trials.site_index == s]["sdc"].sum()) for s in table["site_index"]]
+    for r in table.itertuples(index=False):  # the means and t-intervals from the recorded per-sequence values
+        rows = faults[(faults["site_index"] == r.site_index) & ~faults["nonfinite"].astype(bool)]
+        for column, mean, low in (("log_ppl_ratio", r.mean_log_ppl_ratio, r.log_ppl_ci_low), ("kl", r.mean_kl, r.kl_ci_low)):
+            values = rows[column].to_numpy(dtype=float)
+            half = analysis.tokens.t_quantile(len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+            assert mean == pytest.approx(values.mean(), rel=1e-9, abs=1e-15)
+            assert mean - low == pytest.approx(half, rel=1e-6, abs=1e-15)
+        changed = rows["token_changes"].to_numpy(dtype=float) / T
+        assert r.token_change_rate == pytest.approx(changed.mean(), rel=1e-12)
+    assert analysis.tokens.t_quantile(15) == 2.131 and analysis.tokens.t_quantile(1000) == 1.96
