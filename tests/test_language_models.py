@@ -270,7 +270,10 @@ def test_layer_boundary_prefix_equals_the_full_pass(lm_dirs, name):
     layer_of = lambda n: int(n[len(prefix) + 1 :].split(".")[0]) if n.startswith(prefix + ".") else None  # noqa: E731
     weights = [s for s in fast.sites if s.is_weight_site]
     params = [p for p in fast.params if not p.buffer]
-    targets = [("neuron", s) for s in fast.sites] + [("weight", weights[i]) for i in (0, 4, -1)] + \
+    leaves = [s for s in fast.sites if not s.container]
+    containers = [s for s in fast.sites if s.container]
+    neurons = leaves[:2] + leaves[2:-2:3] + leaves[-2:] + containers[-2:]  # every part of a layer is in some layer
+    targets = [("neuron", s) for s in neurons] + [("weight", weights[i]) for i in (0, 4, -1)] + \
         [("param", params[i]) for i in (0, -1, -4)]
     paths = {}
     for kind, site in targets + targets[-3::-4]:
@@ -290,6 +293,7 @@ def test_layer_boundary_prefix_equals_the_full_pass(lm_dirs, name):
     assert tied_or_head == ("prefix" if name == "llama" else "full")  # GPT-2's lm_head is the embedding
     assert all(path == ("prefix" if layer_of(site) else "full")  # layer 0: nothing before it to reuse
                for (kind, site), path in paths.items() if layer_of(site) is not None)
+    assert sum(layer_of(site) == 1 and path == "prefix" for (kind, site), path in paths.items()) >= 4
 
 
 def test_ray_campaign_rows_equal_the_engine_in_process(lm_dirs, ray_address, tmp_path):
