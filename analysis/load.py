@@ -43,7 +43,7 @@ REQUIRED_FAULT_COLUMNS = ("trial_key", "image", "golden_correct", "changed", "bi
 # Trial columns joined onto per-bit and per-fault rows.
 TRIAL_KEYS_FOR_ROWS = (
     "campaign", "campaign_dir", "model", "dataset", "mode", "kind", "site_index", "site_name",
-    "site_type", "seed", "bit_spec", "fault", "weight_format", "golden",
+    "site_type", "seed", "bit_spec", "fault", "weight_format", "golden", "trial_kind",
 )
 
 _STR = pd.StringDtype(na_value=np.nan)

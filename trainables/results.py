@@ -166,9 +166,10 @@ TOKEN_TRIAL_FIELDS = [
     *[(name, pa.float64()) for name in TOKEN_SUM_COLUMNS],
     *[(name, pa.float64()) for name in ("token_change_rate", "changed_rate", "mean_log_ppl_ratio", "mean_kl")],
 ]
-TOKEN_BIT_FIELDS = [("trial_kind", pa.string()), *[(name, pa.int64()) for name in TOKEN_COUNT_COLUMNS],
+# per-bit and per-fault rows take trial_kind from their trial's row (analysis joins it)
+TOKEN_BIT_FIELDS = [*[(name, pa.int64()) for name in TOKEN_COUNT_COLUMNS],
                     *[(name, pa.float64()) for name in TOKEN_SUM_COLUMNS]]
-TOKEN_FAULT_FIELDS = [("trial_kind", pa.string()), ("token", pa.int64()), ("token_changes", pa.int64()),
+TOKEN_FAULT_FIELDS = [("token", pa.int64()), ("token_changes", pa.int64()),
                       ("first_change", pa.int64()), ("log_ppl_ratio", pa.float64()), ("kl", pa.float64())]
 
 TRIAL_SCHEMA = _extended(_extended(TRIAL_SCHEMA, PROTECTION_TRIAL_FIELDS), TOKEN_TRIAL_FIELDS)

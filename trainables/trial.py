@@ -274,7 +274,7 @@ def _next_token_row(settings, point, site, bit, fault, counts: tokens.TokenCount
 
 
 def _next_token_bit_row(campaign: str, key: str, counts: tokens.TokenCounts, b: int) -> dict:
-    row = {"campaign": campaign, "trial_key": key, "bit": b, "trial_kind": tokens.TRIAL_KIND, "golden_correct": 0,
+    row = {"campaign": campaign, "trial_key": key, "bit": b, "golden_correct": 0,
            "mismatches": 0, "images": int(counts.by_bit[tokens.COUNT_FIELDS.index("sequences"), b]),
            **{name: int(counts.by_bit[i, b]) for i, name in enumerate(tokens.COUNT_FIELDS)},
            **{f"{name}_sum": float(counts.sums[i, b]) for i, name in enumerate(tokens.SUM_FIELDS)}}
@@ -309,7 +309,7 @@ def _fault_columns(campaign: str, point: TrialPoint, site, fault: str, parts: li
         outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
         columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
                        site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed),
-                       fault=[fault] * n, trial_kind=[trial_kind] * n, image=columns.pop("sequence"),
+                       fault=[fault] * n, image=columns.pop("sequence"),
                        golden_correct=np.zeros(n, dtype=bool))  # no classification: image = the sequence
         return {name: columns.get(name, [None] * n) for name in results.FAULT_SCHEMA.names}
     n = len(columns["image"])

@@ -94,13 +94,18 @@ def cut_for(model: nn.Module, sites, site, kind: str, tensor: torch.Tensor | Non
 def _stubbed(layers: nn.ModuleList, k: int, hidden: torch.Tensor) -> Iterator[None]:
     """Layers 0..k-1 return ``hidden`` (the cached input of layer k) without running."""
     stub = lambda *args, **kwargs: hidden  # noqa: E731
+    missing = object()
+    saved = [layer.__dict__.get("forward", missing) for layer in layers[:k]]  # an instance forward (accelerate) stays
     try:
         for layer in layers[:k]:
             layer.forward = stub
         yield
     finally:
-        for layer in layers[:k]:
-            layer.__dict__.pop("forward", None)
+        for layer, forward in zip(layers[:k], saved):
+            if forward is missing:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
 
 
 @dataclass
