@@ -24,7 +24,8 @@ IDENTITY = ("model", "dataset", "mode", "kind")
 # Identity columns with a default: tables group by one only where a row differs from its default, so
 # today's tables keep their columns; files written before the column existed read as the default.
 OPTIONAL_IDENTITY = {"fault": "flip", "weight_format": "none", "protect": "none",  # fp8 weight storage; mitigation
-                     "golden": "consistent"}  # see golden_groups: never pool trials whose fault-free outputs differ
+                     "golden": "consistent",  # see golden_groups: never pool trials whose fault-free outputs differ
+                     "trial_kind": "classification"}  # causal LMs: teacher-forced (analysis.tokens); never pooled
 COUNTS = ("images", "golden_correct", "mismatches", "changed", "nonfinite")
 # Outcome-class counts (sdc: finite logits, top-1 changed; failures: golden-correct images whose
 # top-1 changed or whose logits are non-finite); NA in files written before they existed.
@@ -42,7 +43,7 @@ REQUIRED_FAULT_COLUMNS = ("trial_key", "image", "golden_correct", "changed", "bi
 # Trial columns joined onto per-bit and per-fault rows.
 TRIAL_KEYS_FOR_ROWS = (
     "campaign", "campaign_dir", "model", "dataset", "mode", "kind", "site_index", "site_name",
-    "site_type", "seed", "bit_spec", "fault", "weight_format", "golden",
+    "site_type", "seed", "bit_spec", "fault", "weight_format", "golden", "trial_kind",
 )
 
 _STR = pd.StringDtype(na_value=np.nan)

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from analysis import tokens as token_tables
 from analysis.compare import compare
 from analysis.load import campaign_dirs, golden_warnings, load, load_bits
 from analysis.paired import report_lines as report_protection
@@ -176,6 +177,15 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
         raise ValueError(f"report --out {out_dir}: the report is written to a local folder; name one")
     partial, keep = _verified(paths)
     trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
+    lm_trials, lm_bits = token_tables.teacher_forced(trials), token_tables.teacher_forced(bits)
+    trials, bits = trials.drop(index=lm_trials.index), bits.drop(index=lm_bits.index)  # never pooled together
+    if trials.empty and not lm_trials.empty:
+        out = Path(out_dir) if out_dir is not None else paths[0] / "report"
+        out.mkdir(parents=True, exist_ok=True)
+        lm_lines, written = token_tables.report_lines(lm_trials, lm_bits, paths, out)
+        lines = ["Bit-flip fault-injection report", "", *partial, "Campaigns:", *_summary(lm_trials), "", *lm_lines,
+                 "", f"Files written to {out}:", *(f"  {p.name}" for p in written)]
+        return "\n".join(lines) + "\n"
     if trials.empty:
         raise ValueError(f"no finished, intact trials to report in {', '.join(map(str, keep))}: "
                          f"run `python -m campaign resume` on it first")
@@ -215,5 +225,9 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     for path in paths:  # --margin / --allocate campaigns only (their sfi.json)
         lines += sfi_report_lines(path)
     written += _plots(site_table, site_bits, bit_table, out)
+    if not lm_trials.empty:  # campaigns of both kinds: the teacher-forced ones in their own section
+        lm_lines, lm_files = token_tables.report_lines(lm_trials, lm_bits, paths, out)
+        lines += ["", *lm_lines]
+        written += lm_files
     lines += ["", f"Files written to {out}:", *(f"  {p.name}" for p in written)]
     return "\n".join(lines) + "\n"

@@ -276,9 +276,14 @@ def _finish(outcome) -> int:
     print()
     if outcome.finished:
         trials = analysis.load(outcome.directory)
+        lm = analysis.tokens.teacher_forced(trials)
+        trials = trials.drop(index=lm.index)
         protected = analysis.is_protected(trials).any()  # two lines per layer, as the seed's
-        print("\n".join(analysis.seed_protection_lines(analysis.protection_table(trials)) if protected
-                        else analysis.seed_layer_lines(analysis.per_site(trials))))
+        if not trials.empty:
+            print("\n".join(analysis.seed_protection_lines(analysis.protection_table(trials)) if protected
+                            else analysis.seed_layer_lines(analysis.per_site(trials))))
+        if not lm.empty:  # a causal LM's teacher-forced trials: their own table
+            print("\n".join(analysis.tokens.site_lines(analysis.tokens.per_site(lm))))
         for line in analysis.golden_warnings(trials):
             print(f"WARNING {line}", file=sys.stderr)
     if not outcome.launched:
@@ -333,7 +338,7 @@ def _load_for_inspection(args, shape_only: bool = False):
 
 
 def cmd_layers(args) -> int:
-    from campaign.spec import check_plain_fields, classes_problem, shape_mismatch
+    from campaign.spec import check_plain_fields, classes_problem, is_causal_lm, lm_problems, shape_mismatch
     from trainables.inject.engine import MATH_MODES
     from trainables.inject import qparams
     from trainables.inject.sites import coverage_lines, param_table, select_campaign_sites, site_table, survey
@@ -345,13 +350,16 @@ def cmd_layers(args) -> int:
         raise SpecError("\n".join(bad_kinds))
     dtype = MATH_MODES[effective_mode(spec)]
     floating = data.images.is_floating_point()
+    lm = is_causal_lm(model)
+    if lm and (problems := lm_problems(spec, model, data)):
+        raise SpecError("\n".join(problems))
     try:
         found = survey(model if spec.quantize else model.to(dtype), data.input_shape, dtype, input_dtype=dtype if floating else data.images.dtype)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     except Exception as exc:  # the model's own forward refused the input
         raise SpecError(shape_mismatch(spec.model, dataset, data.input_shape, exc)) from None
-    if (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)) is not None:
+    if not lm and (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)) is not None:
         raise SpecError(problem)
     selected, problems = select_campaign_sites(found, spec.sites, spec.layers, spec.layer_types, spec.params,
                                                spec.modules, spec.buffers)
@@ -363,6 +371,7 @@ def cmd_layers(args) -> int:
         raise SpecError("\n".join(problems))
     leaves = [s for s in found.sites if not s.container]
     no_input = "" if floating else "; integer inputs: no input site, the first site is 1"
+    no_input += "; a causal LM: teacher-forced trials, sites in decoder layer 1 and later reuse the layer prefix" if lm else ""
     print(f"{spec.model} on {dataset} input {list(data.input_shape)}: {len(leaves)} neuron sites, "
           f"{sum(s.is_weight_site for s in leaves)} weight sites, {len(found.params)} param sites"
           f"{no_input} (weight shape shown where the layer has one)")

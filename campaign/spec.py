@@ -550,6 +550,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
             model = numformats.quantized_model(spec, dataset, model)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise SpecError("\n".join(problems + [str(exc)])) from None
+    if is_causal_lm(model) and (lm := lm_problems(spec, model, data)):
+        raise SpecError("\n".join(problems + lm))
     shape = tuple(data.images.shape[1:])
     is_image = len(shape) == 3 and data.images.is_floating_point()
     if spec.channels is not None and (not is_image or spec.channels != shape[0]):
@@ -591,7 +593,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
     except Exception as exc:  # the model's own forward refused the input: a shape mismatch
         raise SpecError("\n".join(problems + [shape_mismatch(spec.model, dataset, shape, exc)])) from None
-    if data.classes_known and (problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)):
+    if data.classes_known and not is_causal_lm(model) and (
+            problem := classes_problem(spec.model, dataset, found.classes, data.num_classes)):
         raise SpecError("\n".join(problems + [problem]))
     if found.classes is not None and len(data.labels) and int(data.labels.max()) >= found.classes:
         i = int((data.labels >= found.classes).nonzero()[0])
@@ -653,7 +656,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                  if line.startswith(("leaf modules that never", "calls that are no")) and not line.endswith(": none"))
     return ResolvedCampaign(spec, dataset, seeds, table, sites_by_kind,
                             {s.index: f"{s.name}#{s.call}" for s in sites}, trials, int(data.images.shape[0]),
-                            digests or input_digests(spec, data, model), notes=left_out + said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials)
+                            digests or input_digests(spec, data, model), notes=left_out + said + _prefix_notes(spec, model, probe, _float_kinds(spec, selected), trials, found.sites)
                             + (numformats.weight_note(spec, selected) if spec.prefix and trials_per_site(trials) > 1 else ()),
                             protection=protection, site_sizes=site_sizes(selected, spec.site_sampling == "proportional"))
 
@@ -715,6 +718,36 @@ def fault_dimension(text: str, bits: list[int | str], width: int) -> tuple[list[
     return out, problems
 
 
+def is_causal_lm(model) -> bool:
+    """A causal LM (hf: CausalLMLogits): token ids in, next-token logits out; its trials are teacher-forced."""
+    return hasattr(model, "context_length") and hasattr(model, "vocab_size")
+
+
+def lm_problems(spec: CampaignSpec, model, data) -> list[str]:
+    """One line per setting a causal LM's teacher-forced campaign cannot take: data that are not token
+    ids with next-token labels within the model's context, the input site 0 (token ids are integers:
+    the embedding output is the first site), and classification-only options."""
+    from trainables.inject import tokens
+    from trainables.inject.sites import parse_index_list
+
+    problems = []
+    try:
+        tokens.check_lm_data(data.images, data.labels, model.context_length)
+    except ValueError as exc:
+        problems.append(f"{spec.model}: {exc}")
+    if len(data.labels) and int(data.labels.max()) >= model.vocab_size:
+        problems.append(f"labels: token {int(data.labels.max())} is outside the model's vocabulary of {model.vocab_size}")
+    if 0 in (parse_index_list(spec.layers) or ()):
+        problems.append("layers: site 0 is the input, and a causal LM's input is integer token ids, which cannot take a "
+                        "float bit flip; the embedding output (site 1) is the first neuron site")
+    for name, given in (("protect", spec.protect not in (None, "none")), ("quantize", bool(spec.quantize)),
+                        ("weight_format", bool(spec.weight_format)), ("sites", "qparam" in spec.sites)):
+        if given:
+            problems.append(f"{name}: not for a causal LM's teacher-forced campaign (it runs fp32, tf32, fp16 or bf16, "
+                            f"unprotected, on neuron, weight and param sites)")
+    return problems
+
+
 def classes_problem(model: str, dataset: str, classes: int | None, num_classes: int) -> str | None:
     """Why a model whose logits are (N, ``classes``) cannot classify a data set of
     ``num_classes`` classes, or None."""
@@ -756,13 +789,21 @@ def _float_kinds(spec: CampaignSpec, selected: dict[str, list]) -> dict[str, lis
     return {k: v for k, v in selected.items() if k != "qparam" and (k != "weight" or not spec.quantize)}
 
 
-def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list], trials: Sequence[TrialPlan]) -> tuple[str, ...]:
-    """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix."""
+def _prefix_notes(spec: CampaignSpec, model, images, selected: dict[str, list], trials: Sequence[TrialPlan],
+                  sites=()) -> tuple[str, ...]:
+    """One line per reason naming the selected sites (per kind) whose trials cannot reuse the prefix
+    (a causal LM's: the sites before its decoder layers, trainables.inject.layers)."""
     if not spec.prefix or trials_per_site(trials) < 2:
         return ()
     from trainables.inject.suffix import fallback_reasons
 
     chosen = [(kind, site) for kind, sites in selected.items() for site in sites]
+    if is_causal_lm(model):
+        from trainables.inject import layers
+
+        return tuple(f"prefix reuse: {spec.model}: {len(names)} {kind} site(s) run the full forward pass "
+                     f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): {reason}"
+                     for (kind, reason), names in layers.fallback_reasons(model, sites, chosen).items())
     return tuple(f"prefix reuse: {spec.model}: {len(names)} {kind} site(s) run the full forward pass "
                  f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): {reason}"
                  for (kind, reason), names in fallback_reasons(model, chosen, images).items())

@@ -153,9 +153,28 @@ def _extended(schema: pa.Schema, extra: list) -> pa.Schema:
     return pa.schema(list(schema) + [pa.field(n, t) for n, t in extra], metadata=schema.metadata)
 
 
-TRIAL_SCHEMA = _extended(TRIAL_SCHEMA, PROTECTION_TRIAL_FIELDS)
-BIT_SCHEMA = _extended(BIT_SCHEMA, PROTECTION_BIT_FIELDS)
-FAULT_SCHEMA = _extended(FAULT_SCHEMA, PROTECTION_FAULT_FIELDS)
+# Teacher-forced (next-token) trials of a causal LM (trainables.inject.tokens): appended after the
+# protection columns, null in classification rows (whose trial_kind is null). In these rows images =
+# sequences (one fault each), golden_correct = mismatches = 0 (no classification), and changed,
+# nonfinite, sdc, effective count sequences; the sums run over the sequences with finite logits.
+TOKEN_COUNT_COLUMNS = ("sequences", "tokens", "token_changes", "token_changes_sq", "finite")
+TOKEN_SUM_COLUMNS = ("log_ppl_ratio_sum", "log_ppl_ratio_sq_sum", "kl_sum", "kl_sq_sum")
+TOKEN_TRIAL_FIELDS = [
+    ("trial_kind", pa.string()),  # "teacher-forced"; null: a classification trial
+    ("seq_len", pa.int64()),
+    *[(name, pa.int64()) for name in TOKEN_COUNT_COLUMNS],
+    *[(name, pa.float64()) for name in TOKEN_SUM_COLUMNS],
+    *[(name, pa.float64()) for name in ("token_change_rate", "changed_rate", "mean_log_ppl_ratio", "mean_kl")],
+]
+# per-bit and per-fault rows take trial_kind from their trial's row (analysis joins it)
+TOKEN_BIT_FIELDS = [*[(name, pa.int64()) for name in TOKEN_COUNT_COLUMNS],
+                    *[(name, pa.float64()) for name in TOKEN_SUM_COLUMNS]]
+TOKEN_FAULT_FIELDS = [("token", pa.int64()), ("token_changes", pa.int64()),
+                      ("first_change", pa.int64()), ("log_ppl_ratio", pa.float64()), ("kl", pa.float64())]
+
+TRIAL_SCHEMA = _extended(_extended(TRIAL_SCHEMA, PROTECTION_TRIAL_FIELDS), TOKEN_TRIAL_FIELDS)
+BIT_SCHEMA = _extended(_extended(BIT_SCHEMA, PROTECTION_BIT_FIELDS), TOKEN_BIT_FIELDS)
+FAULT_SCHEMA = _extended(_extended(FAULT_SCHEMA, PROTECTION_FAULT_FIELDS), TOKEN_FAULT_FIELDS)
 
 TRIALS_FILE, BITS_FILE, FAULTS_DIR, PARTS_DIR, SPEC_FILE = "trials.parquet", "bits.parquet", "faults", "parts", "spec.json"
 

@@ -25,8 +25,9 @@ import torch
 from trainables import hardware
 from trainables import sfi
 from trainables.digests import changed_inputs, input_digests
-from trainables.inject import engine, proportional, protection
+from trainables.inject import engine, proportional, protection, tokens
 from trainables.inject.faults import parse_bit_spec
+from trainables import results
 from trainables.results import trial_key, uncommit_trial, write_trial
 from trainables.stats import wilson_interval
 from trainables.zoo import memory, quantization
@@ -147,16 +148,19 @@ def run_trial(
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     bench, synthetic = workbench(settings, device)
-    pooled = point.site == proportional.SITE
-    site = proportional.pool(bench, point.kind, settings.site_pool[point.kind]) if pooled else bench.site(point.kind, point.site)
+    proportional_trial = point.site == proportional.SITE
+    site = proportional.pool(bench, point.kind, settings.site_pool[point.kind]) if proportional_trial else bench.site(point.kind, point.site)
     if site is None:
         raise ValueError(f"{point.kind} site {point.site} does not exist in {settings.model}")
     bit = parse_bit_spec(point.bit)
     fault = bench.check_fault(point.kind, bit, point.fault)
-    counts = engine.Counts.zeros(bench.width_for(point.kind))
+    lm = bench.task == tokens.TASK
+    if lm and settings.protection:
+        raise ValueError("protected campaigns are for classifiers; a causal LM's campaign runs unprotected")
+    counts = (tokens.TokenCounts if lm else engine.Counts).zeros(bench.width_for(point.kind))
     guarded = protection.bench_for(bench, settings.protection)  # None unless the campaign is protected
     pairs = protection.PairCounts.zeros(bench.width_for(point.kind)) if guarded is not None else None
-    run = proportional.run_faults if pooled else engine.run_faults if guarded is None else protection.paired_runner(guarded)
+    run = proportional.run_faults if proportional_trial else engine.run_faults if guarded is None else protection.paired_runner(guarded)
     record_parts = []
     paths = set()
     stopped_early = False
@@ -172,17 +176,27 @@ def run_trial(
         paths.add(outcome.path)
         if outcome.records is not None:
             record_parts.append(outcome.records)
-        low, high = _interval(settings, counts.mismatches, counts.golden_correct)
+        k_n = _proportion(counts)
+        low, high = _interval(settings, *k_n)
         metrics = _metrics(point, counts, low, high, time.perf_counter() - t0)
         if settings.target_margin and stop < n:
             pooled = (low, high) if not point.prior_n else _interval(
-                settings, counts.mismatches + point.prior_k, counts.golden_correct + point.prior_n)
+                settings, k_n[0] + point.prior_k, k_n[1] + point.prior_n)
             if (pooled[1] - pooled[0]) / 2 < settings.target_margin:
                 stopped_early = True
                 break
         if report is not None and stop < n:
             report(metrics)
-    low, high = _interval(settings, counts.mismatches, counts.golden_correct)
+    low, high = _interval(settings, *_proportion(counts))
+    if lm:
+        row = _next_token_row(settings, point, site, bit, fault, counts, low, high, stopped_early, started, device_label,
+                              bench, paths, synthetic)
+        bit_rows = [_next_token_bit_row(settings.name, point.key, counts, b) for b in np.nonzero(counts.by_bit[0])[0].tolist()]
+        write_trial(settings.directory, row, bit_rows,
+                    _fault_columns(settings.name, point, site, str(fault), record_parts, tokens.TRIAL_KIND),
+                    uncommitted=uncommitted,
+                    while_writing=None if report is None else lambda c: report({**metrics, "commit": json.dumps(c)}))
+        return row
     row = {
         "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
         "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
@@ -203,6 +217,7 @@ def run_trial(
         "weight_format": settings.weight_format,  # fp8 weight storage (every row of the campaign); null: none
     }
     row.update(protection.row_columns(settings.protect, pairs, counts.golden_correct))
+    row.update({name: None for name, _ in results.TOKEN_TRIAL_FIELDS})  # a classification trial: no next-token columns
     bit_rows = [
         {"campaign": settings.name, "trial_key": point.key, "bit": b,
          **{name: int(counts.by_bit[i, b]) for i, name in enumerate(engine.COUNT_FIELDS)}}
@@ -210,11 +225,62 @@ def run_trial(
     ]
     for bit_row in bit_rows:
         bit_row.update(protection.bit_columns(pairs, bit_row["bit"]))
+        bit_row.update({name: None for name, _ in results.TOKEN_BIT_FIELDS})
     # the last window's counts are reported with what the commit lists, while the files are written
     write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, str(fault), record_parts),
                 uncommitted=uncommitted,
                 while_writing=None if report is None else lambda c: report({**metrics, "commit": json.dumps(c)}))
     return row
+
+
+def _proportion(counts) -> tuple[int, int]:
+    """(k, n) of a trial's headline rate: mismatches / golden-correct images (classification),
+    silent corruptions / sequences (next-token)."""
+    if isinstance(counts, tokens.TokenCounts):
+        return counts.total("sdc"), counts.sequences
+    return counts.mismatches, counts.golden_correct
+
+
+def _common_row(settings: CampaignSettings, point: TrialPoint, site, bit, fault, started: float, device_label: str,
+                bench, paths: set, synthetic: bool) -> dict:
+    return {
+        "campaign": settings.name, "trial_key": point.key, "model": settings.model, "dataset": settings.dataset,
+        "synthetic": synthetic, "mode": settings.mode, "kind": point.kind, "site_index": site.index,
+        "site_name": site.name, "site_call": None if point.kind in ("param", "qparam") else site.call,
+        "site_type": site.module_type, "site_output_index": getattr(site, "output_index", None), "bit_spec": str(bit),
+        "bit": bit if isinstance(bit, int) else -1, "seed": point.seed,
+        "images_per_weight_fault": settings.images_per_weight_fault if point.kind != "neuron" else None,
+        "batch_size": settings.batch_size, "wall_s": time.time() - started, "device": device_label,
+        "hardware": hardware.describe(bench.device, settings.mode), "torch_version": torch.__version__,
+        "golden_digest": bench.golden_digest, "started_at": started, "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "path": paths.pop() if len(paths) == 1 else "mixed", "fault": str(fault), "weight_format": settings.weight_format,
+    }
+
+
+def _next_token_row(settings, point, site, bit, fault, counts: tokens.TokenCounts, low: float, high: float,
+                    stopped_early: bool, started: float, device_label: str, bench, paths: set, synthetic: bool) -> dict:
+    """A teacher-forced trial's row: the common columns, the next-token counts and sums (reducible
+    across trials) and their rates and means; ci_low/ci_high: Wilson 95% of sdc_rate."""
+    row = _common_row(settings, point, site, bit, fault, started, device_label, bench, paths, synthetic)
+    masked = counts.sequences - counts.total("sdc") - counts.total("nonfinite")
+    row.update({"trial_kind": tokens.TRIAL_KIND, "images": counts.sequences, "seq_len": int(bench.images.shape[1]),
+                "golden_correct": 0, "mismatches": 0,  # no classification in a next-token trial
+                **{name: counts.total(name) for name in tokens.COUNT_FIELDS},
+                **{f"{name}_sum": counts.sum(name) for name in tokens.SUM_FIELDS},
+                "masked": masked, "masked_rate": masked / counts.sequences if counts.sequences else float("nan"),
+                "token_change_rate": counts.token_change_rate, "sdc_rate": counts.sdc_rate,
+                "changed_rate": counts.changed_rate, "nonfinite_rate": counts.nonfinite_rate,
+                "mean_log_ppl_ratio": counts.mean_log_ppl_ratio, "mean_kl": counts.mean_kl,
+                "ci_low": low, "ci_high": high, "stopped_early": stopped_early})
+    return {name: row.get(name) for name in results.TRIAL_SCHEMA.names}  # classification-only columns: null
+
+
+def _next_token_bit_row(campaign: str, key: str, counts: tokens.TokenCounts, b: int) -> dict:
+    row = {"campaign": campaign, "trial_key": key, "bit": b, "golden_correct": 0,
+           "mismatches": 0, "images": int(counts.by_bit[tokens.COUNT_FIELDS.index("sequences"), b]),
+           **{name: int(counts.by_bit[i, b]) for i, name in enumerate(tokens.COUNT_FIELDS)},
+           **{f"{name}_sum": float(counts.sums[i, b]) for i, name in enumerate(tokens.SUM_FIELDS)}}
+    return {name: row.get(name) for name in results.BIT_SCHEMA.names}
 
 
 def _interval(settings: CampaignSettings, k: int, n: int) -> tuple[float, float]:
@@ -224,7 +290,11 @@ def _interval(settings: CampaignSettings, k: int, n: int) -> tuple[float, float]
     return wilson_interval(k, n)
 
 
-def _metrics(point: TrialPoint, counts: engine.Counts, low: float, high: float, seconds: float) -> dict:
+def _metrics(point: TrialPoint, counts, low: float, high: float, seconds: float) -> dict:
+    if isinstance(counts, tokens.TokenCounts):
+        return {"trial_key": point.key, "images": counts.sequences, "sequences": counts.sequences, "sdc": counts.total("sdc"),
+                "sdc_rate": counts.sdc_rate, "ci_low": low, "ci_high": high,
+                "inj_per_s": counts.sequences / seconds if seconds > 0 else 0.0}
     return {
         "trial_key": point.key, "images": counts.images, "golden_correct": counts.golden_correct,
         "mismatches": counts.mismatches, "misclassification_rate": counts.misclassification_rate,
@@ -232,13 +302,22 @@ def _metrics(point: TrialPoint, counts: engine.Counts, low: float, high: float, 
     }
 
 
-def _fault_columns(campaign: str, point: TrialPoint, site, fault: str, parts: list) -> dict | None:
+def _fault_columns(campaign: str, point: TrialPoint, site, fault: str, parts: list, trial_kind: str | None = None) -> dict | None:
     if not parts:
         return None
     columns = {name: np.concatenate([getattr(p, name) for p in parts]) for name in parts[0].as_dict()}
+    if trial_kind is not None:  # a causal LM's faults: one per sequence, with its token position
+        n = len(columns["sequence"])
+        outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
+        columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
+                       site_index=np.full(n, site.index), site_name=[site.name] * n, seed=np.full(n, point.seed),
+                       fault=[fault] * n, image=columns.pop("sequence"),
+                       golden_correct=np.zeros(n, dtype=bool))  # no classification: image = the sequence
+        return {name: columns.get(name, [None] * n) for name in results.FAULT_SCHEMA.names}
     n = len(columns["image"])
     outcome = np.where(columns["nonfinite"], "nonfinite", np.where(columns["changed"], "sdc", "masked"))
     columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
                    site_name=[site.name] * n, seed=np.full(n, point.seed), fault=[fault] * n)
     columns.setdefault("site_index", np.full(n, site.index))  # a proportional trial's records name each fault's site
+    columns.update({name: [None] * n for name, _ in results.TOKEN_FAULT_FIELDS})
     return protection.fault_columns(columns)

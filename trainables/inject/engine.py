@@ -28,10 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainables.inject import layers
 from trainables.inject import suffix
 from trainables.inject import fault_models
 from trainables.inject import formats
 from trainables.inject import qparams
+from trainables.inject import tokens as token_metrics
 from trainables.inject.bitflip import INT_VIEW, apply_fault
 from trainables.inject.bitpools import BitPool
 from trainables.inject.fault_models import FaultModel
@@ -61,6 +63,10 @@ RECORD_LEVELS = ("none", "changed", "all")
 COUNT_FIELDS = ("images", "golden_correct", "mismatches", "changed", "nonfinite", "sdc", "failures",
                 "effective")  # effective: faults that changed the stored bits (a stuck-at may not)
 DEFAULT_IMAGES_PER_WEIGHT_FAULT = 256  # the seed study's batch size
+# What a fault is measured by: "classification" (top-1 of (B, classes) logits, the seed's metric) or
+# "next-token" (a causal LM's (B, T, V) logits against next-token labels: trainables.inject.tokens)
+TASKS = ("classification", token_metrics.TASK)
+DEFAULT_GOLDEN_CACHE_MB = 1024.0  # an LM's golden logits (N, T, V) fp32 are kept when they fit; else per window
 
 
 def check_mode(mode: str) -> torch.dtype:
@@ -105,6 +111,11 @@ class Workbench:
     weight_format: str | None = None  # fp8 weight storage (trainables.inject.formats); None: the mode's dtype
     qsites: list[qparams.QParamSite] = field(default_factory=list)  # an int8 model's qparam sites (own numbering)
     golden_digest: str = ""  # SHA-256 (16 hex digits) of the golden logits and predictions: equal where kernels agree
+    task: str = "classification"  # one of TASKS: what each fault is measured by
+    # next-token only: golden (N, T) top-1 per position, golden_nll (N, T) float64 cross-entropy per
+    # position against the next token, golden_logits (N, T, V) float32 when within golden_cache_mb (else computed per run_faults window)
+    golden_nll: torch.Tensor | None = field(default=None, repr=False)
+    golden_logits: torch.Tensor | None = field(default=None, repr=False)
 
     def site(self, kind: str, index: int) -> Site | ParamSite | qparams.QParamSite | None:
         """The site of ``kind`` with ``index`` (param and qparam sites are numbered apart), or None."""
@@ -192,12 +203,15 @@ def prepare(
     prefix: bool = False,
     prefix_cache_mb: float | None = None,
     weight_format: str | None = None,
+    golden_cache_mb: float = DEFAULT_GOLDEN_CACHE_MB,
 ) -> Workbench:
     """Move ``model`` and ``data`` to ``device`` in ``mode``'s dtype, list the sites and run
     the golden pass. ``data`` is (images, labels) tensors or a DataLoader. ``prefix`` turns on
     prefix reuse (same results, faster), caching at most ``prefix_cache_mb`` MiB. Mode "int8"
     takes a model from trainables.zoo.quantization.quantize_int8 (CPU only); ``weight_format``
-    (fp8_e4m3fn, fp8_e5m2) stores every weight site's weight in fp8 (trainables.inject.formats)."""
+    (fp8_e4m3fn, fp8_e5m2) stores every weight site's weight in fp8 (trainables.inject.formats).
+    A causal LM (token ids (N, T) in, logits (N, T, V) out, next-token labels (N, T)) is measured by
+    next-token metrics (trainables.inject.tokens); its golden logits are kept within ``golden_cache_mb``."""
     dtype = check_mode(mode)
     formats.check_weight_format(weight_format)
     prefix_cache_mb = suffix.check_budget(prefix_cache_mb)
@@ -218,24 +232,62 @@ def prepare(
         # floating inputs take the mode's dtype and are input site 0; integer inputs (token ids) stay as they are
         images = images.to(device=device, dtype=dtype if images.is_floating_point() else None)
     labels = labels.to(device=device, dtype=torch.int64)
+    lm = _is_causal_lm(model)
+    if lm:
+        token_metrics.check_lm_data(images, labels, getattr(model, "context_length", None))
+        if mode == "int8" or weight_format is not None:
+            raise ValueError("causal LMs run in fp32, tf32, fp16 or bf16 (no int8 or fp8 weight storage yet)")
     with math_mode(mode):
         sites = enumerate_sites(model, images.shape[1:], dtype, input_dtype=images.dtype, containers=True)
         if weight_format is not None:
             formats.store_weights_fp8(model, [s.name for s in sites if s.is_weight_site], weight_format)
         golden = torch.empty_like(labels)
         digest = hashlib.sha256()
+        lm_golden = _LMGolden(images, golden_cache_mb) if lm else None
         with torch.inference_mode():
             for lo in range(0, images.shape[0], batch_size):
                 logits = model(images[lo : lo + batch_size])
-                check_logits(logits, batch=min(batch_size, images.shape[0] - lo))
-                golden[lo : lo + batch_size] = logits.argmax(dim=1)
+                check_logits(logits, batch=min(batch_size, images.shape[0] - lo),
+                             tokens=images.shape[1] if lm else None)
+                golden[lo : lo + batch_size] = logits.argmax(dim=-1)
+                if lm_golden is not None:
+                    lm_golden.add(lo, logits, labels[lo : lo + batch_size])
                 digest.update(logits.float().cpu().contiguous().numpy().tobytes())
         digest.update(golden.cpu().numpy().tobytes())
+    extra = {} if lm_golden is None else dict(task=token_metrics.TASK, golden_nll=lm_golden.nll, golden_logits=lm_golden.logits)
     return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device,
                      prefix=bool(prefix), prefix_cache_mb=prefix_cache_mb, prefix_state=suffix.PrefixState(prefix_cache_mb),
                      params=param_sites(model)[0], weight_format=weight_format,
                      qsites=qparams.qparam_sites(model, sites) if mode == "int8" else [],
-                     golden_digest=digest.hexdigest()[:16])
+                     golden_digest=digest.hexdigest()[:16], **extra)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A causal LM (trainables.zoo.sources.hf.CausalLMLogits or any module with ``context_length`` and
+    ``vocab_size`` that maps token ids to (B, T, vocab) logits)."""
+    return hasattr(model, "context_length") and hasattr(model, "vocab_size")
+
+
+class _LMGolden:
+    """An LM's golden per-sequence cross-entropy, and its golden logits while they fit the budget."""
+
+    def __init__(self, inputs: torch.Tensor, budget_mb: float) -> None:
+        if not isinstance(budget_mb, (int, float)) or budget_mb < 0:
+            raise ValueError(f"golden_cache_mb must be a number >= 0, got {budget_mb!r}")
+        self.budget, self.inputs = budget_mb * 2**20, inputs
+        self.nll = torch.empty(inputs.shape, dtype=torch.float64, device=inputs.device)
+        self.logits: torch.Tensor | None = None
+        self.keep = True
+
+    def add(self, lo: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.nll[lo : lo + logits.shape[0]] = token_metrics.token_nll(logits, labels)
+        if self.keep and self.logits is None:
+            n, t = self.inputs.shape
+            self.keep = n * t * logits.shape[-1] * 4 <= self.budget
+            if self.keep:
+                self.logits = torch.empty((n, t, logits.shape[-1]), dtype=torch.float32, device=logits.device)
+        if self.keep:
+            self.logits[lo : lo + logits.shape[0]] = logits.float()
 
 
 @dataclass(frozen=True)
@@ -572,6 +624,9 @@ def _prefix_runner(bench: Workbench, site: Site, plan: _Plan, start: int, weight
     if bench.prefix_state is None:
         bench.prefix_state = suffix.PrefixState(bench.prefix_cache_mb)
     lo, hi, _ = plan.batches[0]
+    if bench.task == token_metrics.TASK:  # decoder LMs: cut at decoder-layer boundaries
+        return layers.runner_for(bench.prefix_state, bench.model, bench.images, bench.sites, site, plan.kind, weight,
+                                 (start + lo, start + hi), bench.device)
     with torch.inference_mode():
         return suffix.runner_for(bench.prefix_state, bench.model, bench.images, site, plan.kind, weight,
                                  _flip_elements, (start + lo, start + hi), bench.device)
@@ -597,6 +652,7 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
     weight_int = (_memory(weight).view(int_dtype) if packed is None else packed) if weight is not None else None
     flipped: tuple[int, torch.Tensor] | None = None  # (memory offset, saved raw bits) of the faulted weight element
     with math_mode(bench.mode):
+        metric = _next_token_metric(bench, site, plan, start, stop) if bench.task == token_metrics.TASK else None
         runner = _prefix_runner(bench, site, plan, start, weight) if prefix and packed is None else None
 
     def set_weight_fault(index: int) -> None:
@@ -611,7 +667,7 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
             weight_int[offset] = apply_fault(raw, None if wf.keep is None else int(wf.keep[index]), int(wf.toggle[index]))
             flipped = (offset, raw)
 
-    hooked = plan.kind == "neuron" and runner is None
+    hooked = plan.kind == "neuron" and (runner is None or getattr(runner, "needs_hook", False))
     with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if hooked else contextlib.nullcontext():
         try:
             current = None
@@ -632,11 +688,16 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                     batch.positions, batch.toggle = plan.positions[lo:hi], plan.toggle[lo:hi]
                     batch.keep = plan.keep[lo:hi] if plan.keep is not None else None
                     with torch.inference_mode():
-                        if runner is not None:
+                        if runner is not None and hooked:  # a layer-boundary cut: the hook flips inside the layer
+                            logits = runner.faulty_logits(start + lo, start + hi, site, batch)
+                        elif runner is not None:
                             logits = runner.logits(start + lo, start + hi, batch)
                         else:
                             logits = _faulty_logits(bench.model, bench.images[start + lo : start + hi], site, batch)
                     raw_all[lo:hi] = batch.raw_before
+                if metric is not None:
+                    metric.add(lo, hi, logits)
+                    continue
                 faulty_all[lo:hi] = logits.argmax(dim=1)
                 nonfinite_all[lo:hi] = ~torch.isfinite(logits).all(dim=1)
         finally:
@@ -645,6 +706,9 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                     set_weight_fault(-1)
             if packed is not None:
                 packed.restore()
+    path = "prefix" if runner is not None else "full"
+    if metric is not None:
+        return _next_token_outcome(bench, plan, metric, raw_all, record, path)
     changed = faulty_all != golden
     effective = apply_fault(raw_all, plan.keep, plan.toggle) != raw_all
     values = torch.stack(
@@ -660,7 +724,42 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
         if bench.mode == "int8" and plan.kind == "neuron":
             decode = lambda raw, _positions: formats.dequantize_codes(raw, batch.qparams[2], *batch.qparams[:2])  # noqa: E731
         records = _records(bench, plan, start, keep, faulty_all, changed, nonfinite_all, raw_all, effective, decode)
-    return Outcome(counts, records, "prefix" if runner is not None else "full")
+    return Outcome(counts, records, path)
+
+
+def _next_token_metric(bench: Workbench, site, plan: _Plan, start: int, stop: int) -> token_metrics.NextTokenMetric:
+    """The next-token metric of a run: the golden logits of start..stop-1 (kept by prepare, or computed
+    here with the plan's batches before anything is faulted) and each neuron fault's token position."""
+    golden = bench.golden_logits[start:stop] if bench.golden_logits is not None else None
+    if golden is None:
+        parts = []
+        with torch.inference_mode():
+            for lo, hi, _ in plan.batches:
+                parts.append(bench.model(bench.images[start + lo : start + hi]).float())
+        golden = torch.cat(parts)
+    tokens = (token_metrics.fault_tokens(plan.positions, site.output_shape, bench.images.shape[1])
+              if plan.kind == "neuron" else None)
+    return token_metrics.NextTokenMetric(bench, start, stop, tokens, golden)
+
+
+def _next_token_outcome(bench: Workbench, plan: _Plan, metric: token_metrics.NextTokenMetric, raw: torch.Tensor,
+                        record: str, path: str) -> Outcome:
+    """Counts (and records) of a next-token run; a causal LM's neuron faults must not change earlier positions."""
+    metric.check_causal()
+    effective = apply_fault(raw, plan.keep, plan.toggle) != raw
+    counts = metric.counts(plan.bits, effective, bench.width_for(plan.kind))
+    records = None
+    if record != "none":
+        keep = torch.ones_like(effective) if record == "all" else metric.token_changes > 0
+        idx = keep.nonzero()[:, 0]
+        raw_kept = raw[idx]
+        fault_keep = plan.keep[idx] if plan.keep is not None else None
+        dtype = bench.dtype_for(plan.kind)
+        after = apply_fault(raw_kept, fault_keep, plan.toggle[idx])
+        targets = plan.toggle[idx] if fault_keep is None else ~fault_keep | plan.toggle[idx]
+        records = metric.records(plan, keep, raw_kept, effective, raw_kept.view(dtype).double(), after.view(dtype).double(),
+                                 targets)
+    return Outcome(counts, records, path)
 
 
 def _records(bench, plan, start, keep, faulty, changed, nonfinite, raw, effective, decode=None) -> FaultRecords:

@@ -89,8 +89,8 @@ def run_faults(bench: engine.Workbench, the_pool: SitePool, kind: str, bit: BitS
     stop = engine.check_range(bench, start, stop)
     if kind != the_pool.kind:
         raise ValueError(f"a {the_pool.kind} site pool takes {the_pool.kind} faults, not {kind}")
-    if bench.mode == "int8":
-        raise ValueError("site sampling 'proportional' is not available for int8 models")
+    if bench.mode == "int8" or bench.task != "classification":
+        raise ValueError("site sampling 'proportional' is available for float classifiers only (not int8 models or LMs)")
     if kind == "neuron":
         return _neurons(bench, the_pool, bench.resolve_bit(kind, bit), seed, start, stop, record,
                         bench.check_fault(kind, bench.resolve_bit(kind, bit), fault))

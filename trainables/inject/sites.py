@@ -209,7 +209,9 @@ def survey(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype | No
     finally:
         for handle in handles:
             handle.remove()
-    check_logits(logits, batch=SURVEY_BATCH)
+    # a causal LM (token ids (B, T) in): (B, T, vocab) next-token logits
+    lm = not floating_input and len(input_shape) == 1 and isinstance(logits, torch.Tensor) and logits.dim() == 3
+    check_logits(logits, batch=SURVEY_BATCH, tokens=input_shape[0] if lm else None)
     # A module is a leaf site when none of its submodules ran as a module: nn.MultiheadAttention
     # (its out_proj is used functionally) is one, a block whose children ran is a container.
     has_running_child = {name.rsplit(".", 1)[0] if "." in name else "" for name in calls}
@@ -301,8 +303,16 @@ def find_tensor(model: nn.Module, site: ParamSite) -> torch.Tensor:
     return tensor
 
 
-def check_logits(logits: object, batch: int) -> None:
-    """Raise ValueError unless ``logits`` is a (batch, classes) floating tensor."""
+def check_logits(logits: object, batch: int, tokens: int | None = None) -> None:
+    """Raise ValueError unless ``logits`` is a (batch, classes) floating tensor, or with ``tokens``
+    (a causal LM's sequence length) a (batch, tokens, vocab) one."""
+    if tokens is not None:
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and tuple(logits.shape[:2]) == (batch, tokens)
+                and logits.is_floating_point()):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"a causal LM's output must be (batch, tokens, vocab) float logits; got {shape} "
+                             f"for {batch} sequences of {tokens} tokens")
+        return
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch or not logits.is_floating_point():
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"model output must be (batch, classes) float logits; got {shape} for a batch of {batch}")

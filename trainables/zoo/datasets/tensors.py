@@ -56,21 +56,24 @@ def _pick(values: dict, given: str | None, defaults: tuple[str, ...], what: str,
 
 
 def from_tensors(name: str, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int | None, limit: int | None):
-    """A Dataset of given inputs and labels, checked (as many labels as inputs, labels in range)."""
+    """A Dataset of given inputs and labels, checked (as many labels as inputs, labels in range); integer
+    inputs (N, T) may have next-token labels (N, T) (a causal LM's teacher-forced data)."""
     from trainables.zoo.data import Dataset
 
     inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
     if inputs.dim() < 2 or inputs.dtype == torch.bool or inputs.is_complex():
         raise ValueError(f"{name}: inputs must be an (N, ...) real or integer tensor, got {inputs.dtype} of shape "
                          f"{tuple(inputs.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
+    # a causal LM's data: token ids (N, T) and their next tokens (N, T) (trainables.inject.tokens)
+    next_tokens = labels.dim() == 2 and tuple(labels.shape) == tuple(inputs.shape) and not inputs.is_floating_point()
+    if not next_tokens and (labels.dim() != 1 or labels.shape[0] != inputs.shape[0]):
         raise ValueError(f"{name}: {inputs.shape[0]} inputs but labels of shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point and bool((labels == labels.round()).all()):
         labels = labels.to(torch.int64)
     known = num_classes is not None
     if not known:  # the model's logits decide (campaign.spec checks the labels against them)
         num_classes = max(2, int(labels.max()) + 1) if labels.numel() and not labels.dtype.is_floating_point else 2
-    check_labels(name, labels, num_classes)
+    check_labels(name, labels.reshape(-1) if next_tokens else labels, num_classes)
     n = apply_limit(name, int(inputs.shape[0]), limit)
     inputs = inputs[:n].to(torch.float32 if inputs.is_floating_point() else torch.int64).contiguous().clone()
     return Dataset(name, inputs, labels[:n].to(torch.int64).clone(), int(num_classes), synthetic=False,

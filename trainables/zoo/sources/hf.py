@@ -7,7 +7,8 @@ A classifier becomes ``HFLogits`` ((batch, classes) logits: the output's ``.logi
 LM becomes ``CausalLMLogits`` (token ids (batch, T) in, next-token logits (batch, T, vocab) out). It holds the model's own submodules under their own names, so sites,
 param names and state_dict keys are exactly the transformers ones (``vit.encoder.layer.0...``).
 transformers 5 has no torch.fx tracer: prefix reuse falls back to the full forward pass for
-these models (said once per campaign; the results are identical).
+classifiers (said once per campaign; the results are identical); causal LMs reuse the prefix at
+decoder-layer boundaries (trainables.inject.layers).
 """
 from __future__ import annotations
 

@@ -1,0 +1,118 @@
+"""Teacher-forced LM campaigns against clean inference, side by side in one process: clean
+teacher-forced throughput (sequences/s of the model's forward pass), then a full-layer neuron
+campaign (one trial per bit and leaf neuron site, in site order, one fault per sequence) with the
+layer-boundary prefix (trainables.inject.layers) and without it. Prints faults/s of each, their
+ratios to clean inference, and whether every count and sum was identical; the last line is JSON.
+
+    OMP_NUM_THREADS=1 python benchmarks/lm.py                      # a 4-layer width-128 Llama built here
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --model hf:<dir> --sequences 128 --seq-len 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from trainables.inject import engine, suffix
+from trainables.zoo.models import load_model
+
+
+def tiny_llama(directory: Path, layers: int, width: int, vocab: int, context: int) -> str:
+    """A random-weight Llama (RMSNorm, rotary, SwiGLU, GQA, untied head) saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return f"hf:{directory}"
+
+
+def clean_pass(bench: engine.Workbench, tries: int = 5) -> float:
+    """Seconds for one clean forward pass over every sequence, in the bench's batches (best of ``tries``)."""
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for lo in range(0, bench.num_images, bench.batch_size):
+                bench.model(bench.images[lo : lo + bench.batch_size])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def campaign(bench: engine.Workbench, prefix: bool, bits: list) -> tuple[float, list]:
+    """One trial per leaf neuron site and bit, site-major, on a fresh prefix state: (seconds, results)."""
+    bench.prefix_state = suffix.PrefixState(bench.prefix_cache_mb)
+    t0 = time.perf_counter()
+    results = []
+    for site in bench.sites:
+        if site.container:
+            continue
+        for bit in bits:
+            counts = engine.run_faults(bench, site, "neuron", bit, seed=1, prefix=prefix).counts
+            results.append((counts.by_bit.tolist(), counts.sums.tolist()))
+    return time.perf_counter() - t0, results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="hf:<dir> (default: a Llama built here from --layers/--width/--vocab)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--bits", default="random", help="one trial per bit and site: random,30,22")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bits = [b if b == "random" else int(b) for b in args.bits.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        name = args.model or tiny_llama(Path(tmp) / "llama", args.layers, args.width, args.vocab, max(128, args.seq_len))
+        model = load_model(name)
+        windows = torch.randint(0, model.vocab_size, (args.sequences, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        bench = engine.prepare(model, (windows[:, :-1], windows[:, 1:]), batch_size=args.batch_size, device="cpu",
+                               prefix=True)
+    sites = sum(1 for s in bench.sites if not s.container)
+    times: dict[str, list[float]] = {"clean": [], "prefix": [], "full": []}
+    results = {}
+    for _ in range(args.repeats):
+        times["clean"].append(clean_pass(bench))
+        for mode in ("prefix", "full"):
+            seconds, results[mode] = campaign(bench, mode == "prefix", bits)
+            times[mode].append(seconds)
+    best = {k: min(v) for k, v in times.items()}
+    clean_rate = args.sequences / best["clean"]
+    faults = args.sequences * sites * len(bits)
+    rate = {mode: faults / best[mode] for mode in ("prefix", "full")}
+    identical = results["prefix"] == results["full"]
+    result = {"model": args.model or f"llama {args.layers}x{args.width} vocab {args.vocab}",
+              "parameters": sum(p.numel() for p in bench.model.parameters()), "sequences": args.sequences,
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "sites": sites, "bits": args.bits,
+              "threads": args.threads, "clean_seq_per_s": round(clean_rate, 1),
+              "prefix_faults_per_s": round(rate["prefix"], 1), "full_faults_per_s": round(rate["full"], 1),
+              "prefix_vs_clean": round(rate["prefix"] / clean_rate, 3), "full_vs_clean": round(rate["full"] / clean_rate, 3),
+              "identical": identical}
+    print(f"clean teacher-forced: {clean_rate:.1f} sequences/s; campaign over {sites} neuron sites x {len(bits)} bit(s): "
+          f"prefix {rate['prefix']:.1f} faults/s ({rate['prefix'] / clean_rate:.2f}x clean), full pass "
+          f"{rate['full']:.1f} faults/s ({rate['full'] / clean_rate:.2f}x clean); identical counts: {identical}")
+    print(json.dumps(result))
+    if not identical:
+        raise SystemExit("prefix and full-pass results differ")
+    return result
+
+
+if __name__ == "__main__":
+    np.set_printoptions(linewidth=200)
+    main()

@@ -1,0 +1,249 @@
+"""Prefix reuse for decoder LMs, cut at decoder-layer boundaries (transformers 5 has no torch.fx
+tracer, so trainables.inject.suffix cannot split these models).
+
+A fault in decoder layer k (or later) changes nothing before layer k's input. On clean runs the
+hidden states at the input of layer k (the output of layer k-1) are cached per batch; a faulty
+run calls the model's own forward with layers 0..k-1 replaced by stubs that return the cached
+hidden states, so the embedding, positions (rotary cos/sin), causal mask and cache position are
+recomputed by the model's own code exactly as in the full pass, and only layers k..L-1, the
+final norm and the head run. Sites after the last layer (final norm, lm_head) cut at k = L.
+Sites before the first layer (embeddings) and tensors read there (an lm_head tied to the
+embedding) run the full pass.
+
+Each cut is verified once on its first batch: the clean stubbed run must give the full forward
+pass's logits bit for bit, else the full pass runs (with the reason). The next cut's cache is
+filled from the previous cut's (the ladder: only layers j..k-1 run) when campaigns go up the layers.
+The cache holds (batch, T, hidden) per batch within the prefix budget; batches beyond it are
+recomputed when used.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from trainables.inject import suffix
+
+
+class _Stop(Exception):
+    """Ends a prefix run once the cut's hidden states are captured."""
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The (qualified name, ModuleList) of the model's decoder layers: the ModuleList of blocks of
+    one class holding the most parameters (Llama's model.layers, GPT-2's transformer.h), or None."""
+    best, size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1 or not any(True for _ in module[0].children()):
+            continue
+        count = sum(p.numel() for p in module.parameters())
+        if count > size:
+            best, size = (name, module), count
+    return best
+
+
+def layer_of(name: str, prefix: str) -> int | None:
+    """k when the module ``name`` is decoder layer k or inside it."""
+    if not name.startswith(prefix + "."):
+        return None
+    head = name[len(prefix) + 1 :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def cut_for(model: nn.Module, sites, site, kind: str, tensor: torch.Tensor | None) -> tuple[int | None, str]:
+    """The decoder layer k whose input a fault at ``site`` may reuse, or (None, why not)."""
+    found = decoder_layers(model)
+    if found is None:
+        return None, "no decoder layers (a ModuleList of blocks) to cut at"
+    prefix, layers = found
+    leaves = [s for s in sites if not s.container]
+    in_layers = [s.index for s in leaves if layer_of(s.name, prefix) is not None]
+    if not in_layers:
+        return None, f"no site runs inside {prefix}"
+    last = max(in_layers)
+
+    def module_cut(name: str) -> int | None:
+        k = layer_of(name, prefix)
+        if k is not None:
+            return k
+        if name == prefix:
+            return None
+        calls = [s.index for s in leaves if s.name == name or s.name.startswith(name + ".")]
+        return len(layers) if calls and min(calls) > last else None
+
+    if kind == "neuron":
+        k = module_cut(site.name)
+        if k is None:
+            return None, f"{site.name} runs before the decoder layers"
+        return k, ""
+    owners = [name for name, m in model.named_modules()
+              for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+              if t.data_ptr() == tensor.data_ptr()]
+    cuts = [module_cut(name) for name in owners]
+    if not owners or any(k is None for k in cuts):
+        return None, f"the tensor of {site.name} is read before the decoder layers"
+    return min(cuts), ""
+
+
+@contextlib.contextmanager
+def _stubbed(layers: nn.ModuleList, k: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Layers 0..k-1 return ``hidden`` (the cached input of layer k) without running."""
+    stub = lambda *args, **kwargs: hidden  # noqa: E731
+    missing = object()
+    saved = [layer.__dict__.get("forward", missing) for layer in layers[:k]]  # an instance forward (accelerate) stays
+    try:
+        for layer in layers[:k]:
+            layer.forward = stub
+        yield
+    finally:
+        for layer, forward in zip(layers[:k], saved):
+            if forward is missing:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
+
+
+@dataclass
+class LayerRunner:
+    """The golden hidden states at the input of decoder layer ``k``, by batch, and the runs from there."""
+
+    model: nn.Module
+    layers: nn.ModuleList
+    k: int
+    images: torch.Tensor
+    budget: int  # bytes
+    cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    used: int = 0
+    hits: int = 0
+    misses: int = 0
+    needs_hook: bool = False  # neuron faults: the engine's hook flips inside layer k or later
+    below: "LayerRunner | None" = field(default=None, repr=False)  # the previous cut's cache (the ladder)
+
+    def live(self, lo: int, hi: int) -> torch.Tensor:
+        """The golden input of layer k for sequences lo..hi-1 (absolute), cached within budget."""
+        hidden = self.cache.get((lo, hi))
+        if hidden is not None:
+            self.hits += 1
+            return hidden
+        self.misses += 1
+        below = self.below.cache.pop((lo, hi), None) if self.below is not None else None
+        if below is not None:
+            self.below.used -= below.numel() * below.element_size()
+        hidden = self._capture(lo, hi, below)
+        held = self.below.used if self.below is not None else 0  # both caches within one budget
+        if self.used + held + hidden.numel() * hidden.element_size() <= self.budget:
+            self.cache[(lo, hi)] = hidden
+            self.used += hidden.numel() * hidden.element_size()
+        return hidden
+
+    def _capture(self, lo: int, hi: int, below: torch.Tensor | None) -> torch.Tensor:
+        """Run the model up to the output of layer k-1 (from layer j's cached input when the ladder has it)."""
+        captured = []
+
+        def hook(_m, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        handle = self.layers[self.k - 1].register_forward_hook(hook)
+        try:
+            with _stubbed(self.layers, self.below.k if below is not None else 0, below) if below is not None \
+                    else contextlib.nullcontext():
+                self.model(self.images[lo:hi])
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"decoder layer {self.k - 1} ran {len(captured)} times in a forward pass; expected once")
+        return captured[0]
+
+    def logits(self, lo: int, hi: int, faults=None) -> torch.Tensor:
+        """The model's logits for lo..hi-1 from the cached input of layer k (weight faults are in the model)."""
+        hidden = self.live(lo, hi)
+        with _stubbed(self.layers, self.k, hidden):
+            return self.model(self.images[lo:hi])
+
+    def faulty_logits(self, lo: int, hi: int, site, faults) -> torch.Tensor:
+        """The logits with the engine's neuron hook (already registered) flipping ``faults`` at ``site``."""
+        hidden = self.live(lo, hi)
+        faults.calls = faults.fired = 0
+        with _stubbed(self.layers, self.k, hidden):
+            logits = self.model(self.images[lo:hi])
+        if faults.fired != 1:
+            raise RuntimeError(f"site {site.index} ({site.name}, call {site.call}) fired {faults.fired} times "
+                               f"in a forward pass; expected once")
+        return logits
+
+    def drop(self) -> None:
+        self.cache.clear()
+        self.used = 0
+
+
+def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor, sites, site, kind: str,
+               tensor: torch.Tensor | None, probe: tuple[int, int], device: torch.device) -> LayerRunner | None:
+    """The layer-boundary runner of (site, kind), or None where the full pass runs (``state.reasons``
+    says why). One cut's cache per worker; moving up, the next cut fills from it."""
+    key = (site.index, site.name, site.call, kind)
+    if key in state.reasons:
+        state.current = key
+        return None
+    k, reason = cut_for(model, sites, site, kind, tensor)
+    if k is None or k == 0:
+        state.reasons[key] = reason or "the cut is at the input: nothing to reuse"
+        state.current = key
+        return None
+    previous = state.runner if isinstance(state.runner, LayerRunner) else None
+    state.current = key
+    if previous is not None and previous.k == k and previous.images is images:
+        previous.needs_hook = kind == "neuron"
+        return previous
+    budget = int((state.budget_mb if state.budget_mb is not None else suffix.default_budget_mb(device)) * 2**20)
+    layers = decoder_layers(model)[1]
+    below = previous if previous is not None and previous.k < k and previous.images is images else None
+    if previous is not None and below is None:
+        previous.drop()
+    runner = LayerRunner(model, layers, k, images, budget, needs_hook=kind == "neuron", below=below)
+    if below is not None:
+        below.below = None  # one step of the ladder at a time: older caches are freed
+    problem = _verify(runner, probe)
+    if problem:
+        state.reasons[key] = problem
+        state.runner = None
+        runner.drop()
+        if below is not None:
+            below.drop()
+        return None
+    state.runner = runner
+    return runner
+
+
+def _verify(runner: LayerRunner, probe: tuple[int, int]) -> str:
+    """'' when the stubbed run reproduces the full forward pass bit for bit on the probe batch."""
+    lo, hi = probe[0], min(probe[1], probe[0] + 2)  # two sequences: same code, fewer flops
+    with torch.inference_mode():
+        clean = runner.logits(lo, hi)
+        full = runner.model(runner.images[lo:hi])
+    runner.drop()  # the probe's entry is not a batch of the run
+    if clean.shape != full.shape or not torch.equal(suffix._bits(clean), suffix._bits(full)):
+        return f"the cut at decoder layer {runner.k} does not reproduce the forward pass bit for bit"
+    return ""
+
+
+def fallback_reasons(model: nn.Module, sites, chosen) -> dict[tuple[str, str], list[str]]:
+    """(kind, reason) -> the sites ('index name#call') among ``chosen`` (kind, site) pairs that run the
+    full forward pass; the first decoder layer's sites (nothing before them to reuse) are not listed."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for kind, site in chosen:
+        tensor = suffix.site_tensor(model, site, kind)
+        if kind != "neuron" and tensor is None:
+            k, reason = None, f"no tensor found for {kind} site {site.name}"
+        else:
+            k, reason = cut_for(model, sites, site, kind, tensor)
+        if k is None:
+            out.setdefault((kind, reason), []).append(f"{site.index} {site.name}#{site.call}")
+    return out
