@@ -98,6 +98,7 @@ class CampaignSpec:
     label_column: str | None = None  # hf-dataset:/tensors: the labels' column (key)
     data_cache: str | None = None  # image sources: a directory (or auto) for the memory-mapped uint8 cache; None: in memory
     model_args: dict | None = None  # keyword arguments for py:/timm:/hub:/hf: models (--model-arg key=value)
+    seq_len: int | None = None  # text:/hf-dataset: text for a causal LM: tokens per sequence; None: the model's context
 
     @property
     def directory(self) -> Path | str:
@@ -713,6 +714,7 @@ def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exce
 def data_options(spec: CampaignSpec) -> dict[str, Any]:
     """The keyword arguments of load_dataset that the registered sources read (beyond root and limit)."""
     return {"transform": spec.transform, "input_column": spec.input_column, "label_column": spec.label_column,
+            "seq_len": spec.seq_len,
             "model": spec.model, "cache": spec.data_cache}
 
 
