@@ -66,13 +66,14 @@ DEMO_LM_DIR = Path(__file__).resolve().parents[2] / "data" / "demo-lm"
 # tokenizer, checked when demo:lm loads; the held-out verses, checked when text:demo-lm-heldout
 # loads; the training text's bigram counts (for the baseline in the tests).
 DEMO_LM_FILES: dict[str, str] = {
-    "config.json": "TBD",
-    "model.safetensors": "TBD",
-    "tokenizer.json": "TBD",
-    "tokenizer_config.json": "TBD",
+    "config.json": "e7ad4af6489534256919be8254a425313ab7f35842476a86554d42400dcd5fd0",
+    "generation_config.json": "3754e09d0cf6116606def313715836f6ea452063c8fa2e6370cc11e7c15d4aab",
+    "model.safetensors": "bd06508043c3cec645ce8790a54189d627d5ba629be9ebc2490d0b095d771b5a",
+    "tokenizer.json": "33912ef51270222e51d7dd7680f1d03365625476f37e3addd5c025d7fb7251d7",
+    "tokenizer_config.json": "555be586f43b56c34d51712a976bdcfd1995260a7f211ecbbe1f07112565455d",
 }
-DEMO_LM_HELDOUT = ("heldout.txt", "TBD")
-DEMO_LM_BIGRAMS = ("train-bigrams.safetensors", "TBD")
+DEMO_LM_HELDOUT = ("heldout.txt", "52900db6a3122d6111ff8ba21ec70c1b8d584ff45389190a3ba3d0f785f26eb5")
+DEMO_LM_BIGRAMS = ("train-bigrams.safetensors", "2c7cc719a8019340051b888a4a5d0687a69ddfc3e3e631073b9c29459bf54b60")
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,12 @@ def _causal_model(model: str | None) -> bool:
 
     if model == "demo:lm":
         return True
-    return isinstance(model, str) and model.startswith("hf:") and hf.task(model) == "causal-lm"
+    if not (isinstance(model, str) and model.startswith("hf:")):
+        return False
+    try:
+        return hf.task(model) == "causal-lm"
+    except ValueError:  # a directory holding only a tokenizer (--transform tokenizer=...) is no causal LM
+        return False
 
 
 def _causal_windows(name: str, ds, column: str, options: DataOptions):
