@@ -77,6 +77,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                                             "text: tokenizer=<dir>,max_length=N (see docs/data.md)")
     parser.add_argument("--input-column", help="hf-dataset:/tensors: the inputs' column or key")
     parser.add_argument("--label-column", help="hf-dataset:/tensors: the labels' column or key")
+    parser.add_argument("--seq-len", type=int, help="text:/hf-dataset: text for a causal LM: tokens per sequence "
+                                                    "(default: the model's context length)")
     parser.add_argument("--data-cache", help="image sources: prepare once into this directory (or auto) and memory-map "
                                              "uint8 pixels (default: in memory)")
 

@@ -100,6 +100,7 @@ class CampaignSpec:
     data_cache: str | None = None  # image sources: a directory (or auto) for the memory-mapped uint8 cache; None: in memory
     model_args: dict | None = None  # keyword arguments for py:/timm:/hub:/hf: models (--model-arg key=value)
     site_sampling: str = "per-site"  # proportional: each fault picks its site by size (trainables.inject.proportional)
+    seq_len: int | None = None  # text:/hf-dataset: text for a causal LM: tokens per sequence; None: the model's context
 
     @property
     def directory(self) -> Path | str:
@@ -767,6 +768,7 @@ def shape_mismatch(model: str, dataset: str, shape: tuple[int, ...], error: Exce
 def data_options(spec: CampaignSpec) -> dict[str, Any]:
     """The keyword arguments of load_dataset that the registered sources read (beyond root and limit)."""
     return {"transform": spec.transform, "input_column": spec.input_column, "label_column": spec.label_column,
+            "seq_len": spec.seq_len,
             "model": spec.model, "cache": spec.data_cache}
 
 

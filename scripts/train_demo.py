@@ -1,7 +1,9 @@
 """Train a demo model (demo:vgg, demo:resnet or demo:vit) on the Fashion-MNIST training
-split and write its weights for trainables/zoo/weights/, deterministically on the CPU.
+split and write its weights for trainables/zoo/weights/, deterministically on the CPU; or
+demo:lm (``--model lm``, scripts/demo_lm_training.py: its own options) on the King James Bible.
 
     python scripts/train_demo.py --data /usr/share/datasets/fashion-mnist --model vgg --out trainables/zoo/weights/
+    python scripts/train_demo.py --model lm --out data/demo-lm   # after scripts/install_corpora.sh
 
 Prints the training split's pixel mean/std (the constants trainables.zoo.data normalizes
 with), the test accuracy after every epoch, and the weights' SHA-256 for trainables.zoo.models.
@@ -63,6 +65,12 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--model=lm" in argv or any(a == "--model" and b == "lm" for a, b in zip(argv, argv[1:])):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from demo_lm_training import main as train_lm
+
+        return train_lm(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="directory with the Fashion-MNIST IDX .gz files (train and t10k)")
     parser.add_argument("--model", required=True, choices=TRAINABLE)

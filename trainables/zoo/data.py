@@ -401,21 +401,22 @@ def _check_limit(limit: object) -> int | None:
 
 def load_dataset(name: str, *, root: str | None = None, download: bool = False, limit: int | None = None,
                  transform: str | None = None, input_column: str | None = None, label_column: str | None = None,
-                 model: str | None = None, cache: str | None = None) -> Dataset:
+                 model: str | None = None, cache: str | None = None, seq_len: int | None = None) -> Dataset:
     """Load a data set's evaluation split by name; ``limit`` keeps its first ``limit`` images.
     ``root`` and ``download`` apply to CIFAR; Fashion-MNIST is always the shipped copy. The
     other settings are the registered sources' (trainables.zoo.datasets.DataOptions)."""
     from trainables.zoo.datasets import DataOptions, source_for
 
-    options = DataOptions(root, download, None, transform, input_column, label_column, model, cache)
+    options = DataOptions(root, download, None, transform, input_column, label_column, model, cache, seq_len)
     check_dataset_name(name, options)
     limit = _check_limit(limit)
     if (found := source_for(name)) is not None:
         source, rest = found
-        return source.load(rest, DataOptions(root, download, limit, transform, input_column, label_column, model, cache))
-    if any(v is not None for v in (transform, input_column, label_column, cache)):
-        given = [k for k, v in (("transform", transform), ("input_column", input_column),
-                                ("label_column", label_column), ("data_cache", cache)) if v is not None]
+        return source.load(rest, DataOptions(root, download, limit, transform, input_column, label_column, model, cache,
+                                             seq_len))
+    if any(v is not None for v in (transform, input_column, label_column, cache, seq_len)):
+        given = [k for k, v in (("transform", transform), ("input_column", input_column), ("label_column", label_column),
+                                ("data_cache", cache), ("seq_len", seq_len)) if v is not None]
         raise ValueError(f"{', '.join(given)}: apply to folder:, tensors:, hf-dataset: and py: data sets, not {name}")
     if name.startswith(SYNTHETIC_PREFIX):
         spec = parse_synthetic(name)

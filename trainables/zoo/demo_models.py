@@ -184,6 +184,8 @@ DEMO_DATASETS: dict[str, str] = {
     "resnet": "fashion-mnist",
     "vit": "fashion-mnist",
     "text": f"synthetic-tokens:32:{TEXT_VOCAB}:{TEXT_CLASSES}",
+    "lm": "text:demo-lm-heldout",
 }
 """The data set each demo model is for: the Fashion-MNIST models are trained on its
-training split (scripts/train_demo.py); demo:text has random weights and synthetic tokens."""
+training split (scripts/train_demo.py); demo:text has random weights and synthetic tokens;
+demo:lm (a causal LM in data/demo-lm, trainables.zoo.models) the held-out verses shipped with it."""

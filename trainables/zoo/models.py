@@ -35,6 +35,7 @@ MODEL_FORMS = (
     "torchvision:<arch>",
     "file:<path>",
     *(f"demo:{name}" for name in DEMO_ARCHS),
+    "demo:lm",
 )
 
 ZOO_REPO = "chenyaofo/pytorch-cifar-models"
@@ -58,6 +59,21 @@ DEMO_WEIGHTS: dict[str, tuple[str, str]] = {
     "vit": ("demo_vit.pt", "0543e51eadcc27c6b0dc9f55bdcc99053758a00e345db7253f3acd3d720b5f6f"),
 }
 # demo:text has no shipped weights: weights=None gives its random initialization.
+
+DEMO_LM = "lm"
+DEMO_LM_DIR = Path(__file__).resolve().parents[2] / "data" / "demo-lm"
+# SHA-256 of demo:lm's files (scripts/train_demo.py --model lm prints them): the model and its
+# tokenizer, checked when demo:lm loads; the held-out verses, checked when text:demo-lm-heldout
+# loads; the training text's bigram counts (for the baseline in the tests).
+DEMO_LM_FILES: dict[str, str] = {
+    "config.json": "e7ad4af6489534256919be8254a425313ab7f35842476a86554d42400dcd5fd0",
+    "generation_config.json": "3754e09d0cf6116606def313715836f6ea452063c8fa2e6370cc11e7c15d4aab",
+    "model.safetensors": "bd06508043c3cec645ce8790a54189d627d5ba629be9ebc2490d0b095d771b5a",
+    "tokenizer.json": "33912ef51270222e51d7dd7680f1d03365625476f37e3addd5c025d7fb7251d7",
+    "tokenizer_config.json": "555be586f43b56c34d51712a976bdcfd1995260a7f211ecbbe1f07112565455d",
+}
+DEMO_LM_HELDOUT = ("heldout.txt", "52900db6a3122d6111ff8ba21ec70c1b8d584ff45389190a3ba3d0f785f26eb5")
+DEMO_LM_BIGRAMS = ("train-bigrams.safetensors", "2c7cc719a8019340051b888a4a5d0687a69ddfc3e3e631073b9c29459bf54b60")
 
 
 @dataclass(frozen=True)
@@ -366,8 +382,36 @@ def _load_file(path: str, opts: LoadOptions) -> nn.Module:
 
 
 def _check_demo_name(name: str) -> None:
-    if name not in DEMO_ARCHS:
-        raise ValueError(f"unknown demo model {name!r}: use one of {', '.join(f'demo:{n}' for n in DEMO_ARCHS)}")
+    if name not in DEMO_ARCHS and name != DEMO_LM:
+        raise ValueError(f"unknown demo model {name!r}: use one of {', '.join(f'demo:{n}' for n in (*DEMO_ARCHS, DEMO_LM))}")
+
+
+def verify_demo_lm_file(name: str, expected: str) -> Path:
+    """The path of one of demo:lm's shipped files, its SHA-256 checked; one ValueError line
+    naming the file and how to restore it otherwise."""
+    path = DEMO_LM_DIR / name
+    if not path.is_file():
+        raise ValueError(f"demo:lm's file {path} is missing: restore data/demo-lm/ from the repository "
+                         f"(git checkout -- data/demo-lm)")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ValueError(
+            f"checksum mismatch for {path}: sha256 {actual}, expected {expected}. Restore it from the repository "
+            f"(git checkout -- data/demo-lm), or after retraining with scripts/train_demo.py --model lm update "
+            f"DEMO_LM_FILES in trainables/zoo/models.py")
+    return path
+
+
+def _load_demo_lm(opts: LoadOptions) -> nn.Module:
+    """demo:lm through the hf: causal-LM loader, its shipped files checked first. ``weights``:
+    None = the shipped weights, "none" = random initialization of the architecture, a path = that
+    state_dict (strict, as hf:)."""
+    from trainables.zoo.sources import hf
+
+    for name, expected in DEMO_LM_FILES.items():
+        if opts.weights is None or name != "model.safetensors":
+            verify_demo_lm_file(name, expected)
+    return hf.load(str(DEMO_LM_DIR), opts)
 
 
 def demo_weights_path(name: str) -> Path:
@@ -376,6 +420,8 @@ def demo_weights_path(name: str) -> Path:
 
 def _load_demo(name: str, opts: LoadOptions) -> nn.Module:
     _check_demo_name(name)
+    if name == DEMO_LM:
+        return _load_demo_lm(opts)
     shipped = name in DEMO_WEIGHTS
     if shipped and opts.num_classes not in (None, NUM_CLASSES):
         raise ValueError(f"demo:{name} classifies Fashion-MNIST's 10 classes; got num_classes={opts.num_classes}")
@@ -504,7 +550,7 @@ def code_digest(name: str, *, hub_dir: str | None = None, hub_ref: str | None = 
 
 def default_dataset_for(model_name: str) -> str | None:
     """The data set a model was trained for, when its name tells: demo:vgg/resnet/vit ->
-    fashion-mnist, demo:text -> synthetic-tokens:32:1000:4, chenyaofo:cifar10_* -> cifar10,
+    fashion-mnist, demo:text -> synthetic-tokens:32:1000:4, demo:lm -> text:demo-lm-heldout, chenyaofo:cifar10_* -> cifar10,
     chenyaofo:cifar100_* -> cifar100, otherwise None."""
     if not isinstance(model_name, str):
         return None

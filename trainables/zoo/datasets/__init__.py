@@ -1,4 +1,4 @@
-"""Data-set sources by prefix (``folder:``, ``tensors:``, ``hf-dataset:``, ``py:``): a registry
+"""Data-set sources by prefix (``folder:``, ``tensors:``, ``hf-dataset:``, ``py:``, ``text:``, ``prompts:``): a registry
 open to other packages through the entry-point group ``bitflip_campaigns.datasets``.
 
 A source is a ``DataSource(prefix, check, load)``: ``check(rest, options)`` validates the text
@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 ENTRY_POINT_GROUP = "bitflip_campaigns.datasets"
-BUILTIN_MODULES = ("folder", "tensors", "hf_dataset", "pyloader")
+BUILTIN_MODULES = ("folder", "tensors", "hf_dataset", "pyloader", "text", "prompts")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class DataOptions:
     label_column: str | None = None  # hf-dataset / tensors: the labels' column (key)
     model: str | None = None  # the campaign's model (timm:/hf: transforms and tokenizers read it)
     cache: str | None = None  # a directory for the memory-mapped cache of preprocessed images; None: in memory
+    seq_len: int | None = None  # text: / hf-dataset: text for a causal LM: tokens per sequence; None: the model's context
 
 
 @dataclass(frozen=True)

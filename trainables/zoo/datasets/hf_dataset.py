@@ -3,7 +3,9 @@
 torchvision.io, preprocessed by ``--transform``), text (tokenized by the tokenizer of the
 ``hf:<dir>`` model, or ``--transform tokenizer=<dir>[,max_length=N]``: padded to the longest
 example or to N) or numbers; the label column (``--label-column``; default label, labels)
-holds class indices (a ClassLabel gives the class count)."""
+holds class indices (a ClassLabel gives the class count). For a causal-LM model (demo:lm, hf:<dir>
+holding one) a text column needs no labels: its rows, one a line, become next-token windows of
+``--seq-len`` tokens as with ``text:``."""
 from __future__ import annotations
 
 import re
@@ -83,8 +85,13 @@ def load(rest: str, options: DataOptions):
 
     ds, path = open_split(rest)
     input_col = _column(ds, options.input_column, INPUT_DEFAULTS, "input", rest)
-    label_col = _column(ds, options.label_column, LABEL_DEFAULTS, "label", rest)
     name = f"hf-dataset:{rest}"
+    if _is_text(ds.features[input_col]) and _causal_model(options.model):
+        return _causal_windows(name, ds, input_col, options)
+    if options.seq_len is not None:
+        raise ValueError(f"seq_len: applies to text for a causal LM (text:, hf-dataset: text columns), not {name} "
+                         f"with model {options.model}")
+    label_col = _column(ds, options.label_column, LABEL_DEFAULTS, "label", rest)
     n = apply_limit(name, len(ds), options.limit)
     ds = ds.select(range(n)) if n < len(ds) else ds
     labels = torch.as_tensor(np.asarray(ds.with_format("numpy")[label_col]))
@@ -104,6 +111,42 @@ def load(rest: str, options: DataOptions):
     from trainables.zoo.datasets.tensors import from_tensors
 
     return from_tensors(name, inputs, labels, num_classes, None)
+
+
+def _is_text(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _causal_model(model: str | None) -> bool:
+    """Whether the campaign model is a causal LM (demo:lm, or hf:<dir> holding one)."""
+    from trainables.zoo.sources import hf
+
+    if model == "demo:lm":
+        return True
+    if not (isinstance(model, str) and model.startswith("hf:")):
+        return False
+    try:
+        return hf.task(model) == "causal-lm"
+    except ValueError:  # a directory holding only a tokenizer (--transform tokenizer=...) is no causal LM
+        return False
+
+
+def _causal_windows(name: str, ds, column: str, options: DataOptions):
+    """A text column for a causal LM: its rows, one a line, tokenized by the model's tokenizer and
+    cut into next-token windows as text: does (labels are the next tokens; no label column is read)."""
+    from trainables.zoo.datasets.text import causal_tokenizer, token_dataset, token_ids
+
+    if options.transform:
+        raise ValueError(f"transform: {name} column {column!r} is text for the causal LM {options.model}, which "
+                         f"tokenizes it with its own tokenizer (no --transform)")
+    if options.label_column is not None:
+        raise ValueError(f"label_column: {name} column {column!r} is text for the causal LM {options.model}: its labels "
+                         f"are the next tokens, not a column")
+    tokenizer = causal_tokenizer(options.model, name)
+    text = "".join(f"{row}\n" for row in ds[column])
+    return token_dataset(name, token_ids(tokenizer, text), tokenizer, options)
 
 
 def _images(name: str, ds, column: str, path: Path, labels: torch.Tensor, num_classes: int | None,
