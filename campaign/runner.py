@@ -229,6 +229,7 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         weight_format=s.weight_format, transform=s.transform, input_column=s.input_column, label_column=s.label_column,
         data_cache=s.data_cache, model_args=json.dumps(s.model_args, sort_keys=True) if s.model_args else None,
         site_pool={k: list(v) for k, v in plan.sites_by_kind.items()} if s.site_sampling == "proportional" else None,
+        seq_len=s.seq_len,
     ))
 
 

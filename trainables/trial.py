@@ -70,6 +70,7 @@ class CampaignSettings:
     data_cache: str | None = None  # image sources: memory-mapped from this node's cache, prepared once per node
     model_args: str | None = None  # the model's keyword arguments as sorted JSON text (hashable)
     site_pool: dict | None = None  # kind -> site indices a proportional trial (site -1) draws from
+    seq_len: int | None = None  # text data for a causal LM: tokens per sequence; None: the model's context
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -108,12 +109,13 @@ def workbench(settings: CampaignSettings, device: torch.device) -> tuple[engine.
     key = (settings.model, settings.dataset, settings.hub_dir, settings.hub_ref, settings.weights, settings.data_root,
            settings.images, settings.mode, settings.batch_size, str(device), settings.prefix, settings.prefix_cache_mb,
            settings.weight_format, settings.transform, settings.input_column, settings.label_column, settings.data_cache,
-           settings.model_args, quantization.backend() if settings.mode == "int8" else None)
+           settings.model_args, settings.seq_len, quantization.backend() if settings.mode == "int8" else None)
     if key not in _WORKBENCH:
         _WORKBENCH.clear()  # one model per worker: bound the memory
         data = memory.load_data(settings.dataset, root=settings.data_root, limit=settings.images,
                                 transform=settings.transform, input_column=settings.input_column,
-                                label_column=settings.label_column, model=settings.model, cache=settings.data_cache)
+                                label_column=settings.label_column, model=settings.model, cache=settings.data_cache,
+                                seq_len=settings.seq_len)
         model_args = json.loads(settings.model_args) if settings.model_args else None
         model = load_model(settings.model, num_classes=data.model_classes, hub_dir=settings.hub_dir,
                            hub_ref=settings.hub_ref, weights=settings.weights, model_args=model_args)

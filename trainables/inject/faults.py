@@ -22,9 +22,10 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _KIND_SALT = {"neuron": 0x6E6575726F6E, "weight": 0x776569676874, "param": 0x706172616D,
-              "qparam": 0x71706172616D}  # the names in ASCII
+              "qparam": 0x71706172616D, "kv": 0x6B76}  # the names in ASCII; kv: KV-cache sites (generation)
 _STREAM_SALT = {"position": 1, "bit": 2, "bits": 3, "value": 4,  # bits, value: fault_models' extra draws
-                "site": 5}  # site: the site a proportional trial's fault picks (trainables.inject.proportional)
+                "site": 5,  # site: the site a proportional trial's fault picks (trainables.inject.proportional)
+                "step": 6}  # step: a generation fault's random decode step (trainables.inject.generation)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
