@@ -209,9 +209,11 @@ def _resource_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     parser.add_argument("--max-failures", type=int, help="retries of a trial whose worker crashed (default 2)")
     parser.add_argument("--address", help="Ray cluster address (default: a running cluster, else a local one)")
+    parser.add_argument("--wave-size", type=int, help="trials per Tune run: what the driver and Tune hold at once "
+                                                       "(default 4096; results do not depend on it)")
 
 
-def _flags(args: argparse.Namespace, skip=("command", "spec", "directory", "directories", "device")) -> dict:
+def _flags(args: argparse.Namespace, skip=("command", "spec", "directory", "directories", "device", "wave_size")) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None and k not in skip}
 
 
@@ -222,23 +224,26 @@ def spec_from_args(args: argparse.Namespace, env=os.environ) -> CampaignSpec:
     return spec_from_mapping(_flags(args), spec, source="flags")
 
 
-def _run(spec: CampaignSpec):
+def _run(spec: CampaignSpec, wave_size: int | None = None):
     """A campaign stopping per stratum runs in rounds (campaign.adaptive); any other in one go."""
+    from campaign.runner import check_wave_size
+
+    options = {"wave_size": check_wave_size(wave_size)} if wave_size is not None else {}
     if spec.margin is not None:
         from campaign.adaptive import run_margin_campaign
 
-        return run_margin_campaign(spec)
+        return run_margin_campaign(spec, **options)
     if spec.allocate is not None:
         from campaign.adaptive import run_allocated_campaign
 
-        return run_allocated_campaign(spec)
+        return run_allocated_campaign(spec, **options)
     from campaign.runner import run_campaign
 
-    return run_campaign(spec)
+    return run_campaign(spec, **options)
 
 
 def cmd_run(args) -> int:
-    return _finish(_run(spec_from_args(args)))
+    return _finish(_run(spec_from_args(args), getattr(args, "wave_size", None)))
 
 
 PLAN_ONLY = ("margin", "confidence", "by", "prior", "budget", "calibrate_images", "slots", "trial_overhead_s")
@@ -269,7 +274,7 @@ def cmd_resume(args) -> int:
     from campaign.runner import spec_from_directory
 
     overrides = _flags(args)
-    return _finish(_run(spec_from_directory(args.directory, **overrides)))
+    return _finish(_run(spec_from_directory(args.directory, **overrides), args.wave_size))
 
 
 def _finish(outcome) -> int:

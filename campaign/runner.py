@@ -35,7 +35,7 @@ from trainables import storage
 from trainables.results import (
     SPEC_FILE,
     CommitWatch,
-    check_and_aggregate,
+    check_and_write,
     check_trials,
     discard_trial,
     read_spec,
@@ -314,6 +314,9 @@ class TrialErrors(tune.Callback):
         key = self.keys.get(trial.trial_id) or TrialPoint(**trial.config["trial"]).key
         self.reasons[key] = last_error_line(trial.error_file)
 
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.keys.pop(trial.trial_id, None)  # the driver keeps nothing per finished trial
+
 
 def last_error_line(path: str | None) -> str:
     """The last non-empty line of a Tune error file ('no error text' when there is none)."""
@@ -497,11 +500,14 @@ def run_campaign(spec: CampaignSpec, **options) -> CampaignOutcome:
 def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
                   _write_failures: dict | None = None, progress_every_s: float = 5.0,
                   resolved: ResolvedCampaign | None = None, only: list | None = None,
-                  objects: dict | None = None) -> CampaignOutcome:
+                  objects: dict | None = None, wave_size: int | None = None) -> CampaignOutcome:
     """``resolved``: ``spec`` resolved already; ``only``: run and aggregate these of its trials
     (a round of a campaign that stops per stratum, campaign.adaptive); ``objects``: in-memory
-    models and data (trainables.zoo.memory) sent to the workers via the object store."""
+    models and data (trainables.zoo.memory) sent to the workers via the object store;
+    ``wave_size``: trials per Tune run (DEFAULT_WAVE_SIZE): Tune's state and the driver's
+    per-trial objects are bounded by it, not by the campaign."""
     started = time.monotonic()
+    wave_size = check_wave_size(wave_size)
     check_store(spec)
     plan = resolved or resolve(spec)
     if only is not None:
@@ -533,6 +539,7 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
               f"{', ...' if len(uncommitted) > 5 else ''}", flush=True)
     _adopt_location(plan)
     record_spec(plan)
+    verified = None
     if pending:
         settings = settings_for(plan)
         if _crash_once_dir:
@@ -544,24 +551,17 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
         function = tune.with_parameters(_trainable, objects=objects) if objects else _trainable
         trainable = tune.with_resources(function, {"cpu": plan.spec.cpus_per_trial, "gpu": plan.spec.gpus_per_trial})
         tune_dir = storage.join(plan.directory, "ray")
-        attempt = sum(name.startswith("tune-") for name in storage.list_entries(tune_dir))
+        attempt = next_attempt(storage.list_entries(tune_dir))
         tune_fs, tune_path = storage.resolve(tune_dir) if storage.is_uri(tune_dir) else (None, str(tune_dir))
         tune_fs = tune_view(tune_fs) if tune_fs is not None else None  # no requests that can only miss
         progress = Progress(len(wanted), len(wanted) - len(pending), plan.num_images, progress_every_s)
         watch = CommitWatch(plan.directory)
         trial_errors = TrialErrors()
         watchdog = OutageWatch(plan.directory, trial_errors.keys)
-        tuner = Tuner(
-            trainable,
-            param_space={"campaign": settings, "trial": {field.name: None for field in dataclasses.fields(TrialPoint)}},
-            tune_config=TuneConfig(search_alg=trial_points(pending, plan.spec.max_concurrent), num_samples=len(pending),
-                                   reuse_actors=True, trial_dirname_creator=trial_folder),
-            run_config=RunConfig(name=f"tune-{attempt}", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
-                                 failure_config=FailureConfig(max_failures=plan.spec.max_failures),
-                                 callbacks=[progress, CommitChecks(watch), trial_errors, TrialFolders(), watchdog]),
-        )
+        waves = wave_slices(len(pending), wave_size)
         print(f"[campaign] {plan.spec.model} on {plan.dataset} ({name_suffix(plan.spec)}): {len(pending)} of {len(wanted)} "
-              f"trials to run, {plan.num_images} images each -> {plan.directory}", flush=True)
+              f"trials to run, {plan.num_images} images each -> {plan.directory}"
+              + (f" (in {len(waves)} waves of up to {wave_size})" if len(waves) > 1 else ""), flush=True)
         for note in plan.notes:  # once per campaign; the trial rows say which path ran (column path)
             print(f"[campaign] {note}", flush=True)
         os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C: our resume hint, not Tune's restore advice
@@ -576,9 +576,29 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
         logging.getLogger(_METRICS_LOGGER).addFilter(notice)
         quieted = outages.quiet(watchdog)
         try:
-            tuner.fit()
+            for number, (first, stop) in enumerate(waves):
+                wave = pending[first:stop]
+                staging = WaveStaging()
+                tuner = Tuner(
+                    trainable,
+                    param_space={"campaign": settings,
+                                 "trial": {field.name: None for field in dataclasses.fields(TrialPoint)}},
+                    tune_config=TuneConfig(search_alg=trial_points(wave, plan.spec.max_concurrent), num_samples=len(wave),
+                                           reuse_actors=True, trial_dirname_creator=trial_folder),
+                    run_config=RunConfig(name=f"tune-{attempt + number}", storage_path=tune_path,
+                                         storage_filesystem=tune_fs, verbose=0,
+                                         failure_config=FailureConfig(max_failures=plan.spec.max_failures),
+                                         callbacks=[progress, CommitChecks(watch), trial_errors, TrialFolders(), watchdog,
+                                                    staging]),
+                )
+                tuner.fit()
+                del tuner
+                if number + 1 < len(waves):  # Tune's state of a wave whose every commit checked out: dropped
+                    keys = [trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in wave]
+                    if len(watch.wait(keys)) == len(keys):
+                        drop_wave_state(storage.join(tune_dir, f"tune-{attempt + number}"), staging.path)
         except KeyboardInterrupt:
-            check_and_aggregate(plan.directory, wanted, verified=watch.results())
+            check_and_write(plan.directory, wanted, verified=watch.results())
             raise CampaignInterrupted(plan.directory) from None
         except Exception as exc:  # the watchdog's stop, or Tune's own write failing on the location
             cause = watchdog.cause
@@ -594,15 +614,64 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
             logging.getLogger(_METRICS_LOGGER).removeFilter(notice)
             for key in tune_env:
                 os.environ.pop(key, None)
-    final, trials = check_and_aggregate(plan.directory, wanted, verified=watch.results() if pending else None)
-    launched = [trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending]
+        verified = watch.results()
+    final, (trials, _) = check_and_write(plan.directory, wanted, verified=verified)
+    del verified
     if pending:
-        errors = failure_lines(launched, final.finished, trial_errors.reasons)
-    launched_here = set(launched)
+        errors = failure_lines((trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending), final.finished,
+                               trial_errors.reasons)
+    launched_here = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending}
     injections = sum(n for key, n in zip(trials.column("trial_key").to_pylist(), trials.column("images").to_pylist())
                      if key in launched_here)
     return CampaignOutcome(plan.directory, len(wanted), len(final.finished), errors, time.monotonic() - started,
                            int(injections), len(pending), tuple(damaged))
+
+
+DEFAULT_WAVE_SIZE = 4096  # trials handed to one Tune run: what Tune and the driver hold at once
+
+
+def wave_slices(count: int, wave_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each wave of ``count`` pending trials, in order, ``wave_size`` at most each."""
+    return [(start, min(start + wave_size, count)) for start in range(0, count, wave_size)]
+
+
+def next_attempt(entries: list[str]) -> int:
+    """The number of the next Tune run in a campaign's ray/ folder: one past the highest there
+    (waves whose state was dropped leave gaps)."""
+    numbers = [int(n) for n in (e[len("tune-"):] for e in entries if e.startswith("tune-")) if n.isdigit()]
+    return max(numbers) + 1 if numbers else 0
+
+
+class WaveStaging(tune.Callback):
+    """Notes the local folder where Tune stages a wave's experiment state on the driver."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.path is None:
+            with contextlib.suppress(Exception):
+                self.path = trial.storage.experiment_driver_staging_path
+
+
+def drop_wave_state(experiment: Path | str, staging: str | None) -> None:
+    """Remove a finished wave's Tune experiment folder (under the campaign's ray/) and its
+    staging folder on the driver: the commit markers, not Tune's state, are what a resume reads."""
+    with contextlib.suppress(OSError):
+        storage.delete_tree(experiment)
+    if staging:
+        import shutil
+
+        shutil.rmtree(Path(staging).parent, ignore_errors=True)
+
+
+def check_wave_size(wave_size: int | None) -> int:
+    """The wave size to use; SpecError, in one line, for one that is not a positive integer."""
+    if wave_size is None:
+        return DEFAULT_WAVE_SIZE
+    if isinstance(wave_size, bool) or not isinstance(wave_size, int) or wave_size < 1:
+        raise SpecError(f"wave_size: must be a positive integer, got {wave_size!r}")
+    return wave_size
 
 
 def trial_folder(trial) -> str:

@@ -17,14 +17,22 @@ K = trial_key(kind, site, bit, seed): a re-run or retried trial replaces its own
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
+import threading
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from trainables import storage
@@ -372,39 +380,48 @@ def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
     known = {k for k in (verified or {}) if k in markers}
     if tables is not None:
         for key in known:
-            tables.update(verified[key])
+            if _has_room(tables):
+                tables.update(verified[key])
     state = _check_markers(campaign_dir, {k: p for k, p in markers.items() if k not in known}, tables)
     return TrialCheck(state.finished | known, state.damaged)
 
 
 def _check_markers(campaign_dir: Path | str, markers: Mapping[str, Path | str],
                    tables: dict[str, pa.Table] | None) -> TrialCheck:
-    """check_trials of the markers given ({key: path}); one that cannot be read is damaged."""
+    """check_trials of the markers given ({key: path}); one that cannot be read is damaged.
+    Checked a batch at a time, so that at most KEEP_PARTS trials' parts are kept."""
     finished, damaged = set(), {}
 
-    def marker_problems(item: tuple[str, Path | str]) -> tuple[list[str], dict[str, pa.Table]]:
+    def marker_problems(item: tuple[str, Path | str], keep: bool) -> tuple[list[str], dict[str, bytes]]:
         key, path = item
         try:
             files = json.loads(storage.read_bytes(path))["files"]
-            return _listed_problems(campaign_dir, files, tables is not None)
+            return _listed_problems(campaign_dir, files, keep)
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             return [f"{PARTS_DIR}/{DONE_DIR}/{key}.json unreadable"], {}
 
     items = sorted(markers.items())
-    for (key, _), (problems, read) in zip(items, storage.map_io(marker_problems, items, campaign_dir)):
-        if problems:
-            damaged[key] = "; ".join(problems)
-        else:
-            finished.add(key)
-            if tables is not None:
-                tables.update(read)
+    for start in range(0, len(items), CHECK_BATCH):
+        batch = items[start:start + CHECK_BATCH]
+        keep = _has_room(tables)
+        for (key, _), (problems, read) in zip(batch, storage.map_io(lambda item: marker_problems(item, keep), batch,
+                                                                     campaign_dir)):
+            if problems:
+                damaged[key] = "; ".join(problems)
+            else:
+                finished.add(key)
+                if read and _has_room(tables):
+                    tables.update(read)
     return TrialCheck(frozenset(finished), damaged)
 
 
+CHECK_BATCH = 1024  # commit markers checked at a time
+
+
 def _listed_problems(campaign_dir: Path | str, files: Mapping[str, Mapping],
-                     keep_tables: bool) -> tuple[list[str], dict[str, pa.Table]]:
+                     keep_tables: bool) -> tuple[list[str], dict[str, bytes]]:
     """What is wrong with the files a commit lists ({relative path: {size, sha256}}), and,
-    when nothing is and ``keep_tables``, the trial and bits parts as read."""
+    when nothing is and ``keep_tables``, the trial and bits part files' bytes as read."""
     kept: dict[str, list] = {}
     problems = []
     for name, expected in sorted(files.items()):
@@ -414,20 +431,38 @@ def _listed_problems(campaign_dir: Path | str, files: Mapping[str, Mapping],
             problems.append(f"{name} {why}")
     if problems:
         return problems, {}
-    return [], {name: pq.read_table(pa.BufferReader(data[0]), schema=_part_schema(name))
-                for name, data in kept.items() if data}
+    return [], {name: data[0] for name, data in kept.items() if data}
+
+
+KEEP_PARTS = 2048  # trials whose part files the driver keeps, as read, for the final aggregation (beyond: read again)
+
+
+def _has_room(tables: Mapping | None) -> bool:
+    """Whether ``tables`` (parts kept by relative path, two per trial) may keep another trial's parts."""
+    return tables is not None and len(tables) < 2 * KEEP_PARTS
+
+
+def _part_table(name: str, kept: bytes | pa.Table) -> pa.Table:
+    """A kept part (its file's bytes, or a table) as a table of its role's schema."""
+    return kept if isinstance(kept, pa.Table) else pq.read_table(pa.BufferReader(kept), schema=_part_schema(name))
 
 
 class CommitWatch:
     """Checks each trial's commit as soon as it finishes, in background threads, so that the
     campaign's final ``check_and_aggregate(..., verified=watch.results())`` reads only the
     trials it has not seen (on an object store every read is a request). A trial checked
-    against the commit it reported counts only while its marker is listed at the end."""
+    against the commit it reported counts only while its marker is listed at the end. The
+    parts of at most KEEP_PARTS trials are kept (as their files' bytes); of the others only
+    that they checked out, so the watch stays small however many trials a campaign has."""
 
     def __init__(self, campaign_dir: str | Path, threads: int = 4) -> None:
         self.campaign_dir = _campaign_location(campaign_dir)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bitflip-commits")
-        self._checks: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pending: dict[str, Future] = {}
+        self._verified: dict[str, dict[str, bytes]] = {}  # key -> its parts as read ({} past KEEP_PARTS)
+        self._seen: set[str] = set()
+        self._kept = 0
 
     def __reduce__(self):  # Tune pickles its callbacks (tuner.pkl): a copy starts with no checks
         return CommitWatch, (self.campaign_dir,)
@@ -435,27 +470,49 @@ class CommitWatch:
     def finished(self, key: str, committed: Mapping[str, Mapping] | None = None) -> None:
         """Trial ``key`` says it finished, having committed ``committed`` (what its marker
         lists, if it said): check its files against that (else its marker), keep its parts."""
-        if key not in self._checks:
-            self._checks[key] = self._pool.submit(self._check, key, committed)
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+            self._pending[key] = self._pool.submit(self._settle, key, committed)
 
-    def _check(self, key: str, committed: Mapping[str, Mapping] | None) -> dict[str, pa.Table] | None:
+    def _settle(self, key: str, committed: Mapping[str, Mapping] | None) -> None:
+        """Check trial ``key``, then keep its parts (while there is room), or that it passed."""
+        try:
+            tables = self._check(key, committed)
+        except Exception:  # noqa: BLE001 - unreadable now: left to the final check
+            tables = None
+        with self._lock:
+            self._pending.pop(key, None)
+            if tables is not None:
+                keep = self._kept < KEEP_PARTS
+                self._verified[key] = tables if keep else {}
+                self._kept += keep
+
+    def _check(self, key: str, committed: Mapping[str, Mapping] | None) -> dict[str, bytes] | None:
         if committed is None:
-            tables: dict[str, pa.Table] = {}
+            tables: dict[str, bytes] = {}
             state = _check_markers(self.campaign_dir, {key: marker_path(self.campaign_dir, key)}, tables)
             return tables if key in state.finished else None
         problems, tables = _listed_problems(self.campaign_dir, committed, keep_tables=True)
         return None if problems else tables
 
-    def results(self) -> dict[str, dict[str, pa.Table]]:
-        """{key: its parts as read} of every trial whose commit checked out (waits for the
-        checks); the others are left to the final check."""
+    def wait(self, keys: Iterable[str]) -> set[str]:
+        """Wait for the checks of ``keys``; those whose commit checked out."""
+        with self._lock:
+            checks = [self._pending.get(k) for k in keys]
+        for check in checks:
+            if check is not None:
+                check.exception()  # waits; _settle has run once it returns
+        with self._lock:
+            return {k for k in keys if k in self._verified}
+
+    def results(self) -> dict[str, dict[str, bytes]]:
+        """{key: its parts as read, or {} past KEEP_PARTS} of every trial whose commit checked
+        out (waits for the checks); the others are left to the final check."""
         self._pool.shutdown(wait=True)
-        verified = {}
-        for key, check in self._checks.items():
-            tables = None if check.exception() is not None else check.result()
-            if tables is not None:
-                verified[key] = tables
-        return verified
+        with self._lock:
+            return dict(self._verified)
 
 
 def discard_trial(campaign_dir: str | Path, key: str) -> None:
@@ -490,45 +547,145 @@ def rename_campaign(campaign_dir: str | Path, name: str) -> int:
         changed += 1
     return changed
 
-def _concat_parts(campaign_dir: Path | str, role: str, schema: pa.Schema, keys: set[str] | None,
-                  read: Mapping[str, pa.Table] | None = None) -> pa.Table:
-    """The ``role`` parts (trials or bits) of ``keys``, concatenated; those in ``read`` (by
-    relative path) were read already."""
-    folder, read = storage.join(campaign_dir, PARTS_DIR, role), read or {}
-    names = [n for n in storage.list_names(folder, ".parquet") if keys is None or n[: -len(".parquet")] in keys]
+AGGREGATE_ROW_GROUP = 65_536  # rows per row group of trials.parquet and bits.parquet (one group below that)
+READ_BATCH = 1024  # part files read at a time while aggregating
+TRIAL_ORDER = [("kind", "ascending"), ("site_index", "ascending"), ("bit", "ascending"), ("seed", "ascending")]
+BIT_ORDER = [("trial_key", "ascending"), ("bit", "ascending")]
 
-    def part(n: str) -> pa.Table:
-        name = f"{PARTS_DIR}/{role}/{n}"
-        return read[name] if name in read else storage.read_table(storage.join(folder, n), schema=schema)
 
-    tables = storage.map_io(part, names, folder)
-    return pa.concat_tables(tables).replace_schema_metadata(schema.metadata) if tables else schema.empty_table()
+def _part_names(campaign_dir: Path | str, role: str, keys: set[str] | None) -> list[str]:
+    """The ``role`` part files (trials or bits) of ``keys`` (all: None), by relative path, in listing order."""
+    folder = storage.join(campaign_dir, PARTS_DIR, role)
+    return [f"{PARTS_DIR}/{role}/{n}" for n in storage.list_names(folder, ".parquet")
+            if keys is None or n[: -len(".parquet")] in keys]
+
+
+def _read_parts(campaign_dir: Path | str, names: list[str], schema: pa.Schema,
+                read: Mapping[str, bytes | pa.Table]) -> list[pa.Table]:
+    """The part files ``names`` as tables; those in ``read`` were read already."""
+    def part(name: str) -> pa.Table:
+        return _part_table(name, read[name]) if name in read else storage.read_table(storage.join(campaign_dir, name),
+                                                                                     schema=schema)
+
+    return storage.map_io(part, names, campaign_dir)
+
+
+def _stream_sorted(campaign_dir: Path | str, names: list[str], schema: pa.Schema, order: list[tuple[str, str]],
+                   read: Mapping[str, bytes | pa.Table], destination: Path | str,
+                   summary: tuple[str, ...] = ()) -> tuple[pa.Table, pa.Table | None]:
+    """Write the rows of the part files ``names`` to ``destination``, as one parquet file sorted
+    (stably, in listing order) by ``order``, without holding them all: a first pass reads only
+    the sort columns, a second writes row groups of AGGREGATE_ROW_GROUP rows. Returns the sort
+    and ``summary`` columns of the rows written, in their order, and the rows themselves when
+    they fit one row group (else None). The same bytes as sorting the concatenated parts and
+    writing them at once, below AGGREGATE_ROW_GROUP rows."""
+    keep = list(dict.fromkeys([name for name, _ in order] + list(summary)))
+    columns: list[pa.Table] = []  # one compact table per batch of files
+    files, rows = [], []  # (file, row) of each row, in listing order
+    for start in range(0, len(names), READ_BATCH):
+        tables = _read_parts(campaign_dir, names[start:start + READ_BATCH], schema, read)
+        columns.append(pa.concat_tables([t.select(keep) for t in tables]).combine_chunks())
+        for index, table in enumerate(tables, start):
+            files.append(np.full(table.num_rows, index, dtype=np.int64))
+            rows.append(np.arange(table.num_rows, dtype=np.int64))
+    keys = pa.concat_tables(columns) if columns else schema.empty_table().select(keep)
+    files, rows = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (files, rows))
+    indices = pc.sort_indices(keys, sort_keys=order).to_numpy()  # stable: ties keep the listing order
+    if not len(indices):
+        atomic_write_table(schema.empty_table(), destination)
+        return keys, schema.empty_table()
+    with _parquet_out(destination, schema) as writer:
+        buffered: list[pa.Table] = []
+        count = 0
+        for start in range(0, len(indices), READ_BATCH):
+            chosen = indices[start:start + READ_BATCH]
+            wanted = list(dict.fromkeys(files[chosen].tolist()))
+            tables = _read_parts(campaign_dir, [names[f] for f in wanted], schema, read)
+            offsets = dict(zip(wanted, np.cumsum([0] + [t.num_rows for t in tables[:-1]]).tolist()))
+            batch = pa.concat_tables(tables).take([offsets[f] + r for f, r in zip(files[chosen].tolist(),
+                                                                                 rows[chosen].tolist())])
+            buffered.append(batch.combine_chunks())
+            count += batch.num_rows
+            if count >= AGGREGATE_ROW_GROUP:
+                whole = pa.concat_tables(buffered).combine_chunks()
+                writer.write_table(whole.slice(0, AGGREGATE_ROW_GROUP), row_group_size=AGGREGATE_ROW_GROUP)
+                buffered, count = [whole.slice(AGGREGATE_ROW_GROUP)], count - AGGREGATE_ROW_GROUP
+        last = pa.concat_tables(buffered).combine_chunks() if count else None
+        if count:
+            writer.write_table(last, row_group_size=AGGREGATE_ROW_GROUP)
+    return keys.take(indices), last if count == len(indices) else None
+
+
+@contextlib.contextmanager
+def _parquet_out(destination: Path | str, schema: pa.Schema):
+    """A ParquetWriter whose file replaces ``destination`` whole once it is closed without error:
+    a local temporary file renamed (or, on an object store, uploaded) then."""
+    if storage.is_uri(destination):
+        folder = Path(tempfile.gettempdir())
+    else:
+        folder = Path(destination).parent
+        folder.mkdir(parents=True, exist_ok=True)
+    spool = folder / f".{storage.name(destination)}.{uuid.uuid4().hex}.tmp"
+    try:
+        with pq.ParquetWriter(str(spool), schema) as writer:
+            yield writer
+        if storage.is_uri(destination):
+            fs, path = storage.resolve(destination)
+            pafs.copy_files(str(spool), path, destination_filesystem=fs)
+        else:
+            os.replace(spool, destination)
+    finally:
+        spool.unlink(missing_ok=True)
+
+
+def write_aggregates(campaign_dir: str | Path, keys: Iterable[str], *,
+                     _read: Mapping[str, bytes | pa.Table] | None = None) -> tuple[pa.Table, pa.Table | None]:
+    """Stream the finished trials ``keys`` into trials.parquet and bits.parquet, sorted by kind,
+    site, bit and seed (bits: by trial key and bit), in bounded memory. Returns the trials'
+    sort columns, trial_key and images, in file order (a small table), and the trial rows when
+    they fit one row group (else None)."""
+    campaign_dir = _campaign_location(campaign_dir)
+    wanted, read = set(keys), _read or {}
+    trials, rows = _stream_sorted(campaign_dir, _part_names(campaign_dir, "trials", wanted), TRIAL_SCHEMA, TRIAL_ORDER, read,
+                            storage.join(campaign_dir, TRIALS_FILE), summary=("trial_key", "images"))
+    done = set(trials.column("trial_key").to_pylist())
+    _stream_sorted(campaign_dir, _part_names(campaign_dir, "bits", done), BIT_SCHEMA, BIT_ORDER, read,
+                   storage.join(campaign_dir, BITS_FILE))
+    return trials, rows
+
 
 def aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
-              _read: Mapping[str, pa.Table] | None = None) -> pa.Table:
+              _read: Mapping[str, bytes | pa.Table] | None = None) -> pa.Table:
     """Gather finished trials (``keys``, default: every committed and intact trial) into trials.parquet and bits.parquet,
-    sorted by kind, site, bit spec and seed. Returns the trials table."""
+    sorted by kind, site, bit spec and seed. Returns the trials table, read back (a campaign
+    driver uses write_aggregates, which does not)."""
     campaign_dir = _campaign_location(campaign_dir)
     if keys is None:
         return check_and_aggregate(campaign_dir)[1]
-    wanted = set(keys)
-    trials = _concat_parts(campaign_dir, "trials", TRIAL_SCHEMA, wanted, _read)
-    trials = trials.sort_by([("kind", "ascending"), ("site_index", "ascending"), ("bit", "ascending"), ("seed", "ascending")])
-    done = set(trials.column("trial_key").to_pylist())
-    bits = _concat_parts(campaign_dir, "bits", BIT_SCHEMA, done, _read)
-    bits = bits.sort_by([("trial_key", "ascending"), ("bit", "ascending")])
-    atomic_write_table(trials, storage.join(campaign_dir, TRIALS_FILE))
-    atomic_write_table(bits, storage.join(campaign_dir, BITS_FILE))
-    return trials
+    return _rows(campaign_dir, write_aggregates(campaign_dir, keys, _read=_read)[1])
+
+
+def _rows(campaign_dir: Path | str, rows: pa.Table | None) -> pa.Table:
+    """The aggregated trial rows: as written, or read back from trials.parquet."""
+    return rows if rows is not None else storage.read_table(storage.join(campaign_dir, TRIALS_FILE), schema=TRIAL_SCHEMA)
 
 
 def check_and_aggregate(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
-                        verified: Mapping[str, Mapping[str, pa.Table]] | None = None) -> tuple[TrialCheck, pa.Table]:
+                        verified: Mapping[str, Mapping[str, bytes]] | None = None) -> tuple[TrialCheck, pa.Table]:
     """``check_trials`` (of ``keys``, or all; ``verified`` as there), then ``aggregate`` of the
-    finished ones, reading each part file once (on an object store every read is a request)."""
-    read: dict[str, pa.Table] = {}
+    finished ones, reading each part file once (on an object store every read is a request;
+    beyond KEEP_PARTS trials twice)."""
+    state, (_, rows) = check_and_write(campaign_dir, keys, verified=verified)
+    return state, _rows(_campaign_location(campaign_dir), rows)
+
+
+def check_and_write(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
+                    verified: Mapping[str, Mapping[str, bytes]] | None = None
+                    ) -> tuple[TrialCheck, tuple[pa.Table, pa.Table | None]]:
+    """check_and_aggregate in bounded memory: returns the check and what write_aggregates returns."""
+    read: dict[str, bytes] = {}
     state = check_trials(campaign_dir, keys, tables=read, verified=verified)
-    return state, aggregate(campaign_dir, state.finished, _read=read)
+    return state, write_aggregates(campaign_dir, state.finished, _read=read)
 
 def write_spec(campaign_dir: str | Path, spec: Mapping) -> None:
     """Write spec.json atomically, stamped with the schema version."""
