@@ -114,7 +114,7 @@ def default_name(spec: CampaignSpec) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CampaignSpec)}
-_INT_FIELDS = {"budget", "num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
+_INT_FIELDS = {"seq_len", "budget", "num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
                "max_failures", "max_concurrent", "img_size", "channels"}
 _FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb", "margin", "confidence", "pilot"}
 

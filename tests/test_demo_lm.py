@@ -183,3 +183,12 @@ def test_an_hf_dataset_text_column_becomes_windows_for_a_causal_lm(tmp_path, tok
     assert len(inputs) >= 3 and torch.equal(data.images, inputs) and torch.equal(data.labels, labels)
     one_line_error(lambda: load_dataset(f"hf-dataset:{tmp_path / 'ds'}", model="demo:lm", label_column="text"),
                    "label_column")
+
+
+def test_seq_len_from_flags_and_yaml_is_a_number_and_reaches_the_workers():
+    from campaign.spec import spec_from_mapping
+    from trainables.trial import CampaignSettings
+
+    assert spec_from_mapping({"seq_len": "64"}).seq_len == 64
+    assert CampaignSettings.from_dict({"name": "c", "directory": "d", "model": "m", "dataset": "x",
+                                       "seq_len": 64}).seq_len == 64
