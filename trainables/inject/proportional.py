@@ -161,19 +161,18 @@ def _neurons(bench, the_pool: SitePool, bit, seed: int, start: int, stop: int, r
                     rows = (site_of[lo:hi] == p).nonzero()[:, 0]
                     site = the_pool.sites[p]
                     batch = _subset(plan, lo + rows, site)
-                    fired[p] = batch
+                    fired[p] = (rows, batch)
                     if site.index == 0:
                         images = _flip_rows(images, rows, batch)
                         batch.fired = 1
                     else:
                         hooks.enter_context(_hook(bench.model, site, rows, batch))
                 logits = bench.model(images)
-                for p, batch in fired.items():
+                for p, (rows, batch) in fired.items():
                     if batch.fired != 1:
                         site = the_pool.sites[p]
                         raise RuntimeError(f"site {site.index} ({site.name}, call {site.call}) fired {batch.fired} times "
                                            f"in a forward pass; expected once")
-                    rows = (site_of[lo:hi] == p).nonzero()[:, 0]
                     raw[lo + rows] = batch.raw_before
             faulty[lo:hi] = logits.argmax(dim=1)
             nonfinite[lo:hi] = ~torch.isfinite(logits).all(dim=1)
