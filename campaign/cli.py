@@ -5,7 +5,9 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
+from campaign import interrupts
 from campaign.numformats import (
     QUANTIZE_MODES,
     WEIGHT_FORMATS,
@@ -456,14 +458,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stopped_by = []
 
-    def on_sigterm(signum, frame):  # SIGTERM stops a run like Ctrl-C does
+    def on_stop(signum, frame):  # SIGTERM stops a run like Ctrl-C does; the request stays (campaign.interrupts)
         stopped_by.append(signum)
+        interrupts.request()
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # elsewhere: leave signals alone
+        interrupts.clear()
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_stop)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an inherited SIG_IGN stays
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_stop)
     from campaign.outages import EXIT_CODE, CampaignOutage
 
     try:
@@ -485,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_shutdown()
         return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _quiet_shutdown() -> None:

@@ -26,7 +26,7 @@ from ray import tune
 from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from campaign import outages, processes
+from campaign import interrupts, outages, processes
 from campaign.numformats import effective_mode, name_suffix
 from campaign.probe import check_shared
 from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecError, resolve
@@ -86,12 +86,34 @@ def _trainable(config: dict, objects: dict | None = None) -> None:
     barrier = config["campaign"].get("_barrier")
     if barrier:  # test hook: the first `parties` trials to start wait until all of them run at once
         _join_barrier(Path(barrier["dir"]), barrier["parties"], barrier["timeout_s"], ray.get_gpu_ids())
+    report = tune.report
+    hold = config["campaign"].get("_hold")
+    if hold:  # test hook: each attempt waits at its first report (mid-trial) until the test releases it
+        report = _held_report(Path(hold["dir"]), point.key, hold["timeout_s"])
     failures = config["campaign"].get("_write_failures")
     if failures:  # test hook: a full disk (ENOSPC on every write) once `after` trials have committed
         with _failing_writes(Path(failures["dir"]), failures["after"]):
-            run_trial(settings, point, report=tune.report, assigned_gpus=ray.get_gpu_ids())
+            run_trial(settings, point, report=report, assigned_gpus=ray.get_gpu_ids())
         return
-    run_trial(settings, point, report=tune.report, assigned_gpus=ray.get_gpu_ids())
+    run_trial(settings, point, report=report, assigned_gpus=ray.get_gpu_ids())
+
+
+def _held_report(directory: Path, key: str, timeout_s: float):
+    """Test hook: tune.report, except that the first call names this attempt's node and
+    process in ``held-<key>-<pid>`` and waits, up to ``timeout_s``, for ``directory/release``."""
+    held = []
+
+    def report(metrics: dict) -> None:
+        if not held:
+            held.append(True)
+            node = ray.get_runtime_context().get_node_id()
+            (directory / f"held-{key}-{os.getpid()}").write_text(node)
+            deadline = time.monotonic() + timeout_s
+            while not (directory / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        tune.report(metrics)
+
+    return report
 
 
 @contextlib.contextmanager
@@ -334,6 +356,13 @@ def failure_lines(launched: list[str], finished, reasons: dict[str, str]) -> tup
                  for key in launched if key not in finished)
 
 
+class StopRequests(tune.Callback):
+    """Raise a requested stop again at every Tune step (campaign.interrupts)."""
+
+    def on_step_begin(self, iteration, trials, **info):
+        interrupts.check()
+
+
 class TrialFolders(tune.Callback):
     """Removes each finished trial's folder from Tune's driver staging directory while it is
     empty (the campaign writes no Tune metrics files: the part files are its results), so Tune's
@@ -498,6 +527,7 @@ def run_campaign(spec: CampaignSpec, **options) -> CampaignOutcome:
 
 
 def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _barrier: dict | None = None,
+                  _hold: dict | None = None,
                   _write_failures: dict | None = None, progress_every_s: float = 5.0,
                   resolved: ResolvedCampaign | None = None, only: list | None = None,
                   objects: dict | None = None, wave_size: int | None = None) -> CampaignOutcome:
@@ -546,6 +576,8 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
             settings["_crash_once_dir"] = _crash_once_dir
         if _barrier:
             settings["_barrier"] = _barrier
+        if _hold:
+            settings["_hold"] = _hold
         if _write_failures:
             settings["_write_failures"] = _write_failures
         function = tune.with_parameters(_trainable, objects=objects) if objects else _trainable
@@ -577,6 +609,7 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
         quieted = outages.quiet(watchdog)
         try:
             for number, (first, stop) in enumerate(waves):
+                interrupts.check()
                 wave = pending[first:stop]
                 staging = WaveStaging()
                 tuner = Tuner(
@@ -588,11 +621,12 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
                     run_config=RunConfig(name=f"tune-{attempt + number}", storage_path=tune_path,
                                          storage_filesystem=tune_fs, verbose=0,
                                          failure_config=FailureConfig(max_failures=plan.spec.max_failures),
-                                         callbacks=[progress, CommitChecks(watch), trial_errors, TrialFolders(), watchdog,
-                                                    staging]),
+                                         callbacks=[StopRequests(), progress, CommitChecks(watch), trial_errors,
+                                                    TrialFolders(), watchdog, staging]),
                 )
                 tuner.fit()
                 del tuner
+                interrupts.check()  # an interrupt that Tune or a finalizer swallowed
                 if number + 1 < len(waves):  # Tune's state of a wave whose every commit checked out: dropped
                     keys = [trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in wave]
                     if len(watch.wait(keys)) == len(keys):

@@ -117,3 +117,49 @@ def submit(cluster: dict, *command: str, env_vars: dict | None = None, wait: boo
         if result.returncode == 0 or not not_up_yet or time.monotonic() > deadline:
             return result
         time.sleep(2)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, their children, ... (from /proc; a worker's title hides its node's temp dir)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_second_node(cluster: dict) -> list[int]:
+    """SIGKILL the second node: its `ray start`, everything it started (raylet, workers) and
+    whatever names its temp dir. Returns the pids killed."""
+    pids = [cluster["processes"][1].pid, *descendants(cluster["processes"][1].pid),
+            *processes_mentioning(cluster["temps"][1])]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster["processes"][1].wait(timeout=30)
+    return pids
+
+
+def rejoin_second_node(cluster: dict) -> None:
+    """Start a fresh second node in place of a killed one (same lists, so the session stops it)."""
+    temp = tempfile.mkdtemp(prefix="rayw", dir="/tmp")
+    port = cluster["gcs"].rsplit(":", 1)[1]
+    join = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--block", "--num-cpus=1", "--num-gpus=0",
+            "--disable-usage-stats", f"--temp-dir={temp}", *_agent_ports()]
+    log = Path(temp) / "ray-start.log"
+    cluster["processes"][1] = subprocess.Popen(join, env=cluster["env"], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                               start_new_session=True)
+    cluster["temps"].append(cluster["temps"][1])  # the dead node's temp dir stays listed: removed at the session's end
+    cluster["temps"][1] = temp
+    cluster["log"] = log
