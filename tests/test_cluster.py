@@ -23,7 +23,7 @@ def test_ray_job_submit_runs_the_demo_campaign_from_the_checkout(two_nodes, tmp_
     assert (trials["images"] == 500).all() and (trials["model"] == "demo:vgg").all()
 
 
-NODE_LOSS = dict(model="demo:vgg", weights="none", images=512, batch_size=128, report_every=256, layers="0-2",
+NODE_LOSS = dict(model="demo:vgg", weights="none", images=256, batch_size=128, report_every=128, layers="0-2",
                  sites=("neuron",), bits="30", seeds=(5,), record="changed", max_failures=3, name="node-lost")
 DRIVER = """import json, sys
 from campaign.runner import run_campaign
@@ -42,6 +42,7 @@ def test_a_worker_node_lost_mid_campaign_its_trial_runs_again_on_the_other_node_
     from trainables.results import aggregate
     from trainables.trial import CampaignSettings, TrialPoint, run_trial
 
+    head, second = two_nodes["head_id"], two_nodes["worker_id"]
     hold = tmp_path / "hold"
     hold.mkdir()
     spec = {**NODE_LOSS, "out": str(tmp_path), "address": two_nodes["gcs"]}
@@ -54,9 +55,9 @@ def test_a_worker_node_lost_mid_campaign_its_trial_runs_again_on_the_other_node_
         while len(list(hold.glob("held-*"))) < 2 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         held = {p.name: p.read_text() for p in hold.glob("held-*")}
-        assert sorted(held.values()) == sorted([two_nodes["head_id"], two_nodes["worker_id"]]), (
+        assert sorted(held.values()) == sorted([head, second]), (
             held, driver.poll() is not None and driver.communicate()[0].decode()[-3000:])
-        lost = next(name for name, node in held.items() if node == two_nodes["worker_id"]).rsplit("-", 1)[0][len("held-"):]
+        lost = next(name for name, node in held.items() if node == second).rsplit("-", 1)[0][len("held-"):]
         killed = kill_second_node(two_nodes)
         (hold / "release").touch()
         output = driver.communicate(timeout=400)[0].decode()
@@ -64,10 +65,11 @@ def test_a_worker_node_lost_mid_campaign_its_trial_runs_again_on_the_other_node_
         if driver.poll() is None:
             driver.kill()
         rejoin_second_node(two_nodes)
+        two_nodes.update(wait_two_nodes(two_nodes))  # the fresh second node, for the tests after this one
     assert driver.returncode == 0 and "complete=True finished=3 errors=()" in output, output[-3000:]
     assert not [pid for pid in killed if Path(f"/proc/{pid}").exists()]  # the node and its workers are gone
     attempts = sorted(p.read_text() for p in hold.glob(f"held-{lost}-*"))
-    assert attempts == sorted([two_nodes["worker_id"], two_nodes["head_id"]])  # lost on the second node, rerun on the head
+    assert attempts == sorted([second, head])  # lost on the second node, rerun on the head
     plan = resolve(CampaignSpec(**{**spec, "out": str(tmp_path / "oracle")}))
     settings = CampaignSettings.from_dict(settings_for(plan))
     for point in plan.trials:
@@ -81,4 +83,3 @@ def test_a_worker_node_lost_mid_campaign_its_trial_runs_again_on_the_other_node_
     oracle, lost_run = (pd.read_parquet(Path(d) / "faults").drop(columns=["campaign"]).sort_values(["trial_key", "image"])
                         .reset_index(drop=True) for d in (plan.directory, tmp_path / "node-lost"))
     pd.testing.assert_frame_equal(oracle, lost_run)
-    two_nodes.update(wait_two_nodes(two_nodes))  # the fresh second node, for the tests after this one
