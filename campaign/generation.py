@@ -114,13 +114,37 @@ def plain_problems(spec: CampaignSpec) -> list[str]:
     return problems
 
 
+def select_sites(spec: CampaignSpec, found, hf, no_cache: str | None, problems: list[str]) -> tuple[dict, list]:
+    """The selected sites per kind (neuron, weight and param as sites.select_campaign_sites selects
+    them; kv: the KV sites whose index --layers names, all by default), appending one line per problem."""
+    from trainables.inject import generation
+    from trainables.inject.sites import parse_index_list, select_campaign_sites
+
+    leaf_kinds = [k for k in spec.sites if k in ("neuron", "weight")]
+    others = [k for k in spec.sites if k in ("neuron", "weight", "param")]
+    selected, more = select_campaign_sites(found, others, spec.layers if leaf_kinds else None, spec.layer_types,
+                                           spec.params, spec.modules, spec.buffers) if others else ({}, [])
+    problems += more
+    kv = generation.kv_sites(hf) if no_cache is None else []
+    if "kv" in spec.sites and no_cache is None:
+        indices = parse_index_list(spec.layers)
+        chosen = kv if indices is None else [s for s in kv if s.index in indices]
+        missing = sorted(set(indices or ()) - {s.index for s in kv})
+        if not chosen or (missing and not leaf_kinds):
+            problems.append(f"layers: {', '.join(map(str, missing))} {'is no' if len(missing) == 1 else 'are no'} "
+                            f"KV-cache site of {spec.model} (kv sites 0..{len(kv) - 1}: 2 x layer + 0 keys, 1 values; "
+                            f"see `python -m campaign layers --model {spec.model} --sites kv`)")
+        selected["kv"] = chosen
+    return selected, kv
+
+
 def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problems: list[str]) -> ResolvedCampaign:
     """The trials of a generation campaign; SpecError listing every problem (one line each)."""
     from trainables.generation_trial import KV_SITE_TYPE, digest_data
     from trainables.inject import formats, generation
     from trainables.inject.engine import MATH_MODES
     from trainables.inject.faults import derive_seeds
-    from trainables.inject.sites import param_table, parse_index_list, select_campaign_sites, site_table
+    from trainables.inject.sites import param_table, site_table
 
     problems = list(problems)
     if not is_causal_lm(model):
@@ -150,31 +174,14 @@ def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problem
         found = generation.survey_sites(model, len(prompts.token_ids[0]), spec.dtype)
     except ValueError as exc:
         raise SpecError("\n".join(problems + [f"model {spec.model}: {exc}"])) from None
-    leaf_kinds = [k for k in spec.sites if k in ("neuron", "weight")]
-    others = [k for k in spec.sites if k in ("neuron", "weight", "param")]
-    selected, more = select_campaign_sites(found, others, spec.layers if leaf_kinds else None, spec.layer_types,
-                                           spec.params, spec.modules, spec.buffers) if others else ({}, [])
-    problems += more
-    kv = []
-    if "kv" in spec.sites and no_cache is None:
-        kv = generation.kv_sites(hf)
-        indices = parse_index_list(spec.layers)
-        if indices is not None:
-            chosen = [s for s in kv if s.index in indices]
-            missing = sorted(set(indices) - {s.index for s in kv})
-            if not chosen or (missing and not leaf_kinds):
-                problems.append(f"layers: {', '.join(map(str, missing))} {'is no' if len(missing) == 1 else 'are no'} "
-                                f"KV-cache site of {spec.model} (kv sites 0..{len(kv) - 1}: 2 x layer + 0 keys, 1 values; "
-                                f"see `python -m campaign layers --model {spec.model} --sites kv`)")
-            kv = chosen
-        selected["kv"] = kv
+    selected, _ = select_sites(spec, found, hf, no_cache, problems)
     step_dim: dict[str, list] = {}
     for kind in spec.sites:
         if kind in ("weight", "param"):
             step_dim[kind] = [None]
             continue
         try:
-            generation.parse_steps(steps if isinstance(steps, list) else steps, new_tokens, kind)
+            generation.parse_steps(steps, new_tokens, kind)
         except ValueError as exc:
             problems.append(f"steps: {exc}")
         step_dim[kind] = list(steps) if isinstance(steps, list) else [steps]
@@ -193,7 +200,7 @@ def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problem
                    for fault, its_bits in fault_bits for bit in its_bits for step in step_dim[kind])
     leaves = [s for s in found.sites if spec.modules is not None or not s.container]
     table = "\n\n".join([site_table(leaves), *([param_table(found.params)] if "param" in spec.sites else []),
-                         *([generation.kv_table(kv)] if "kv" in spec.sites else [])])
+                         *([generation.kv_table(selected["kv"])] if "kv" in spec.sites else [])])
     names = {s.index: f"{s.name}#{s.call}" for s in leaves}
     chunk = spec.batch_size > 1 and steps == "random" and len(prompts.token_ids) > 1
     notes = (f"generation: {len(prompts.token_ids)} prompts x {new_tokens} new tokens, greedy; faults start from the "
@@ -205,3 +212,41 @@ def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problem
              for s in chosen}
     return ResolvedCampaign(spec, dataset, seeds, table, {k: [s.index for s in v] for k, v in selected.items()}, names,
                             trials, len(prompts.token_ids), digests, notes=notes, site_sizes=sizes)
+
+
+def layers_lines(spec: CampaignSpec, dataset: str, data, model) -> list[str]:
+    """What ``python -m campaign layers`` prints for a generation campaign (prompts: data or --sites kv):
+    the neuron and weight sites as generation numbers them, param sites with --sites param, and the
+    KV-cache sites (kv_table); SpecError (one line each) for what cannot be listed."""
+    from trainables.inject import generation
+    from trainables.inject.sites import param_table, site_table
+
+    if not is_causal_lm(model):
+        raise SpecError(f"sites: kv: {spec.model} is not a causal LM: KV-cache sites are a causal LM's (hf:<dir>, demo:lm)")
+    problems = [f"sites: {k}: generation campaigns inject into neuron, weight, param and kv sites"
+                for k in spec.sites if k not in GENERATION_KINDS]
+    if problems:
+        raise SpecError("\n".join(problems))
+    hf = model.hf_model
+    no_cache = generation.cache_problem(hf)
+    if "kv" in spec.sites and no_cache is not None:
+        raise SpecError(f"sites: kv: {spec.model} decodes without a KV cache ({no_cache}): it has no KV-cache sites")
+    prompts = is_generation(spec, dataset)
+    length = len(data.token_ids[0]) if prompts else int(data.images.shape[1])
+    found = generation.survey_sites(model, length, spec.dtype)
+    selected, kv = select_sites(spec, found, hf, no_cache, problems)
+    if problems:
+        raise SpecError("\n".join(problems))
+    leaves = [s for s in found.sites if not s.container]
+    shown = selected["neuron"] if spec.modules is not None and "neuron" in selected else leaves
+    lines = [f"{spec.model} generating from {dataset if prompts else f'{length}-token prompts'}: {len(leaves)} neuron sites, "
+             f"{sum(s.is_weight_site for s in leaves)} weight sites, {len(found.params)} param sites, {len(kv)} KV-cache "
+             f"sites{f' (none: it decodes without a cache: {no_cache})' if no_cache else ''}; output shapes per prompt at "
+             f"the prefill (a decode step: 1 position)", site_table(shown)]
+    if "param" in spec.sites:
+        lines += ["", param_table(found.params)]
+    if kv:
+        lines += ["", "KV-cache sites (--sites kv; --layers selects them by kv site index):",
+                  generation.kv_table(selected.get("kv", kv))]
+    lines += ["", "selected: " + ", ".join(f"{len(chosen)} {kind}" for kind, chosen in selected.items()) + " sites"]
+    return lines
