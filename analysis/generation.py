@@ -164,12 +164,13 @@ def plot_sdc_by_step(step_table: pd.DataFrame, path=None, ax=None):
     fig = ax.figure if ax is not None else plt.figure(figsize=(7, 4))
     ax = ax or fig.add_subplot(1, 1, 1)
     keys = _identity(step_table)
+    others = [c for c in keys if c != "kind" and step_table[c].astype(str).nunique() > 1]  # named where they differ
     for ident, rows in step_table.groupby(keys, observed=True, sort=True) if keys and len(step_table) else []:
         ident = dict(zip(keys, ident if isinstance(ident, tuple) else (ident,)))
         rows = rows.sort_values("step")
         rate = rows["sdc_rate"].to_numpy(dtype=float)
         err = np.vstack([rate - rows["sdc_ci_low"].to_numpy(dtype=float), rows["sdc_ci_high"].to_numpy(dtype=float) - rate])
-        label = f"{ident.get('kind')}" + (f" ({ident.get('model')}, {ident.get('mode')})" if len(step_table[keys].drop_duplicates()) > 1 else "")
+        label = f"{ident.get('kind')}" + (f" ({', '.join(str(ident.get(c)) for c in others)})" if others else "")
         ax.errorbar(rows["step"].to_numpy(), 100 * rate, yerr=100 * err, marker="o", capsize=3, label=label)
     ax.set_xlabel("decode step of the fault (0 = prefill)")
     ax.set_ylabel("SDC rate % (Wilson 95%)")
