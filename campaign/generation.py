@@ -194,7 +194,8 @@ def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problem
         seeds = tuple(derive_seeds(master, spec.num_seeds))
         spec = dataclasses.replace(spec, master_seed=master)
     spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds, fault=",".join(f for f, _ in fault_bits),
-                               new_tokens=new_tokens, steps=steps_text(steps))
+                               new_tokens=new_tokens,  # steps: null where no kind takes one (a resume reads it back)
+                               steps=steps_text(steps) if {"neuron", "kv"} & set(spec.sites) else None)
     trials = tuple(TrialPlan(kind, site.index, bit, seed, fault, step=step)
                    for kind in spec.sites for site in selected[kind] for seed in seeds
                    for fault, its_bits in fault_bits for bit in its_bits for step in step_dim[kind])
