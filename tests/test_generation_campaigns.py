@@ -133,8 +133,9 @@ def test_report_prints_generation_tables_and_the_sdc_by_step_plot(ran, bench, tm
         assert f"{int(want.sdc)} / {int(want.faults)} faults" in text
 
 
-def test_random_steps_trial_counts_per_drawn_step(bench, prompts_file, tmp_path):
-    """A random-step trial (run_trial, no Ray): one fault per prompt at its drawn step, equal to run_generation."""
+def test_random_steps_trial_counts_per_drawn_step(bench, prompts_file, tmp_path, monkeypatch):
+    """A random-step trial (run_trial, no Ray): one fault per prompt at its drawn step, equal to run_generation;
+    the worker's next trial reuses its golden generation."""
     import dataclasses
 
     import analysis
@@ -151,11 +152,25 @@ def test_random_steps_trial_counts_per_drawn_step(bench, prompts_file, tmp_path)
     row = run_trial(CampaignSettings.from_dict(settings_for(plan)), TrialPoint(**dataclasses.asdict(plan.trials[0])))
     want = G.run_generation(bench, bench.site("neuron", 11), "neuron", "random", 8, "random", record="all")
     assert row["faults_by_step"] == want.counts.by_step[0].tolist() and row["sdc"] == want.counts.sdc
+    from trainables import generation_trial
+
+    def no_second_golden_run(*args, **kwargs):
+        raise AssertionError("the golden generation ran twice in one worker")
+
+    monkeypatch.setattr(generation_trial.generation, "prepare_generation", no_second_golden_run)
+    again = run_trial(CampaignSettings.from_dict(settings_for(plan)),
+                      TrialPoint(**{**dataclasses.asdict(plan.trials[0]), "seed": 9}))
+    other = G.run_generation(bench, bench.site("neuron", 11), "neuron", "random", 9, "random")
+    assert again["faults_by_step"] == other.counts.by_step[0].tolist() and again["sdc"] == other.counts.sdc
     results.aggregate(plan.directory)
     table = analysis.generation.per_step(analysis.load(plan.directory))
-    assert table["faults"].sum() == 3 and table["step"].tolist() == sorted(set(want.records.step.tolist()))
+    drawn = np.concatenate([want.records.step, G.run_generation(bench, bench.site("neuron", 11), "neuron", "random", 9,
+                                                                 "random", record="all").records.step])
+    assert table["step"].tolist() == sorted(set(drawn.tolist()))
+    assert table["faults"].tolist() == [int((drawn == s).sum()) for s in table["step"]]
     faults = analysis.load_faults(plan.directory)  # --record changed (the default): changed or non-finite only
-    assert len(faults) == int((~want.records.identical | want.records.nonfinite).sum())
+    mine = faults[faults["trial_key"] == plan.trials[0].key]
+    assert len(mine) == int((~want.records.identical | want.records.nonfinite).sum())
 
 
 @pytest.mark.parametrize("args, message", [
