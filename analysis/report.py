@@ -10,6 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from analysis import generation as generation_tables
 from analysis import tokens as token_tables
 from analysis.compare import compare
 from analysis.load import campaign_dirs, golden_warnings, load, load_bits
@@ -167,6 +168,21 @@ def _plots(site_table: pd.DataFrame, site_bits: pd.DataFrame, bit_table: pd.Data
     return written
 
 
+def _language_model_sections(lm_trials, lm_bits, gen_trials, gen_bits, paths, out: Path) -> tuple[list[str], list[Path]]:
+    """The teacher-forced and the generation sections (each only where it has trials) and their files."""
+    lines: list[str] = []
+    written: list[Path] = []
+    if not lm_trials.empty:
+        lm_lines, lm_files = token_tables.report_lines(lm_trials, lm_bits, paths, out)
+        lines += lm_lines
+        written += lm_files
+    if not gen_trials.empty:
+        gen_lines, gen_files = generation_tables.report_lines(gen_trials, gen_bits, out)
+        lines += [""] * bool(lines) + gen_lines
+        written += gen_files
+    return lines, written
+
+
 def run(dirs: list[str], out_dir: str | None = None) -> str:
     """Build the report of one or more campaigns, write its files into ``out_dir`` (default
     ``<first dir>/report``) and return the text. Several campaigns are reported apart, then compared."""
@@ -178,12 +194,15 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     partial, keep = _verified(paths)
     trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
     lm_trials, lm_bits = token_tables.teacher_forced(trials), token_tables.teacher_forced(bits)
-    trials, bits = trials.drop(index=lm_trials.index), bits.drop(index=lm_bits.index)  # never pooled together
-    if trials.empty and not lm_trials.empty:
+    gen_trials, gen_bits = generation_tables.generation(trials), generation_tables.generation(bits)
+    trials = trials.drop(index=lm_trials.index.union(gen_trials.index))  # never pooled together
+    bits = bits.drop(index=lm_bits.index.union(gen_bits.index))
+    if trials.empty and not (lm_trials.empty and gen_trials.empty):
         out = Path(out_dir) if out_dir is not None else paths[0] / "report"
         out.mkdir(parents=True, exist_ok=True)
-        lm_lines, written = token_tables.report_lines(lm_trials, lm_bits, paths, out)
-        lines = ["Bit-flip fault-injection report", "", *partial, "Campaigns:", *_summary(lm_trials), "", *lm_lines,
+        lines, written = _language_model_sections(lm_trials, lm_bits, gen_trials, gen_bits, paths, out)
+        summary = _summary(pd.concat([f for f in (lm_trials, gen_trials) if not f.empty]))
+        lines = ["Bit-flip fault-injection report", "", *partial, "Campaigns:", *summary, "", *lines,
                  "", f"Files written to {out}:", *(f"  {p.name}" for p in written)]
         return "\n".join(lines) + "\n"
     if trials.empty:
@@ -225,8 +244,8 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     for path in paths:  # --margin / --allocate campaigns only (their sfi.json)
         lines += sfi_report_lines(path)
     written += _plots(site_table, site_bits, bit_table, out)
-    if not lm_trials.empty:  # campaigns of both kinds: the teacher-forced ones in their own section
-        lm_lines, lm_files = token_tables.report_lines(lm_trials, lm_bits, paths, out)
+    if not (lm_trials.empty and gen_trials.empty):  # campaigns of several kinds: the LM ones in their own sections
+        lm_lines, lm_files = _language_model_sections(lm_trials, lm_bits, gen_trials, gen_bits, paths, out)
         lines += ["", *lm_lines]
         written += lm_files
     lines += ["", f"Files written to {out}:", *(f"  {p.name}" for p in written)]

@@ -169,6 +169,10 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--bounds", help="ranger: reuse the bounds of this file (a bounds file or a ranger campaign's spec.json)")
     run.add_argument("--calibration", help="ranger: the data set to profile bounds on (default: the evaluation set's "
                                            "training split: fashion-mnist-calib, cifar10-train, cifar100-train)")
+    run.add_argument("--new-tokens", type=int, help="prompts: data (a generation campaign): tokens decoded greedily per "
+                                                    "prompt (default 16)")
+    run.add_argument("--steps", help="generation: the decode steps of neuron and kv faults: 0,3,7 (a trial per step; 0 = "
+                                     "the prefill), random (default: a step drawn per prompt), prefill")
     run.add_argument("--seeds", help="explicit seeds, e.g. 1,2,3 (default: --num-seeds drawn from --master-seed)")
     run.add_argument("--num-seeds", type=int, help="how many seeds to draw from --master-seed (default 1)")
     run.add_argument("--master-seed", type=int, help="master seed (default 0; -1 = from the clock, recorded)")
@@ -189,7 +193,8 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
 
 def _site_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", help="neuron, weight, param or a list like neuron,weight,param (default neuron,weight); "
-                                        "qparam (with --quantize int8): the scales and zero points")
+                                        "qparam (with --quantize int8): the scales and zero points; kv (a causal LM "
+                                        "generating from prompts: data): the cached keys and values")
     parser.add_argument("--layers", help="neuron/weight site indices: all (default), 3, 1,4-7")
     parser.add_argument("--layer-types", help="module class names: all (default), Conv2d,Linear; for param sites the "
                                               "type of the module owning the tensor")
@@ -256,6 +261,11 @@ def cmd_plan(args) -> int:
 
     values = {k: v for k, v in vars(args).items() if k not in PLAN_ONLY}
     spec = spec_from_args(argparse.Namespace(**values))
+    from campaign.generation import is_generation
+
+    if is_generation(spec):
+        raise SpecError("plan: sizes classification and teacher-forced campaigns; a generation campaign (prompts: data) "
+                        "runs one fault per prompt and trial: size it with --images and --seeds")
     margin = args.margin if args.margin is not None else spec.margin or 0.01
     confidence = args.confidence if args.confidence is not None else spec.confidence if spec.margin else 0.99
     check_plan_args(margin, confidence, args.by, args.calibrate_images)
@@ -286,13 +296,16 @@ def _finish(outcome) -> int:
     if outcome.finished:
         trials = analysis.load(outcome.directory)
         lm = analysis.tokens.teacher_forced(trials)
-        trials = trials.drop(index=lm.index)
+        gen = analysis.generation.generation(trials)
+        trials = trials.drop(index=lm.index.union(gen.index))
         protected = analysis.is_protected(trials).any()  # two lines per layer, as the seed's
         if not trials.empty:
             print("\n".join(analysis.seed_protection_lines(analysis.protection_table(trials)) if protected
                             else analysis.seed_layer_lines(analysis.per_site(trials))))
         if not lm.empty:  # a causal LM's teacher-forced trials: their own table
             print("\n".join(analysis.tokens.site_lines(analysis.tokens.per_site(lm))))
+        if not gen.empty:  # generation trials: their own table
+            print("\n".join(analysis.generation.site_lines(analysis.generation.per_site(gen))))
         for line in analysis.golden_warnings(trials):
             print(f"WARNING {line}", file=sys.stderr)
     if not outcome.launched:
@@ -338,8 +351,8 @@ def _load_for_inspection(args, shape_only: bool = False):
 
             data = memory.load_data(dataset, root=spec.data_root, download=spec.download, limit=spec.images,
                                     **data_options(spec))
-        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
-                           weights=spec.weights, model_args=spec.model_args)
+        model = load_model(spec.model, num_classes=getattr(data, "model_classes", None), hub_dir=spec.hub_dir,
+                           hub_ref=spec.hub_ref, weights=spec.weights, model_args=spec.model_args)
         model = quantized_model(spec, dataset, model)  # --quantize int8; else unchanged
     except (ValueError, FileNotFoundError) as exc:
         raise SpecError(str(exc)) from None
@@ -354,6 +367,11 @@ def cmd_layers(args) -> int:
     from trainables.inject.sites import parse_index_list, parse_type_list
 
     spec, dataset, data, model = _load_for_inspection(args, shape_only=True)
+    from campaign import generation
+
+    if "kv" in spec.sites or generation.is_generation(spec, dataset):  # the sites of a generating causal LM
+        print("\n".join(generation.layers_lines(spec, dataset, data, model)))
+        return 0
     bad_kinds = [p for p in check_plain_fields(spec) if p.startswith("sites:")]
     if bad_kinds:
         raise SpecError("\n".join(bad_kinds))

@@ -40,7 +40,6 @@ from trainables.results import (
     discard_trial,
     read_spec,
     rename_campaign,
-    trial_key,
     write_spec,
 )
 from trainables.trial import CampaignSettings, TrialPoint, run_trial
@@ -246,12 +245,13 @@ def settings_for(plan: ResolvedCampaign) -> dict:
         target_margin=s.target_margin if s.margin is None else s.margin, report_every=s.report_every,
         stop_interval=s.stop_interval, confidence=s.confidence, cpus_per_trial=s.cpus_per_trial,
         inputs=dict(plan.inputs),
-        prefix=plan.reuses_prefix, prefix_cache_mb=s.prefix_cache_mb,
+        prefix=s.prefix if s.new_tokens is not None else plan.reuses_prefix,  # generation: the golden-state start
+        prefix_cache_mb=s.prefix_cache_mb,
         protect=plan.protection["protect"] if plan.protection else None, protection=plan.protection,
         weight_format=s.weight_format, transform=s.transform, input_column=s.input_column, label_column=s.label_column,
         data_cache=s.data_cache, model_args=json.dumps(s.model_args, sort_keys=True) if s.model_args else None,
         site_pool={k: list(v) for k, v in plan.sites_by_kind.items()} if s.site_sampling == "proportional" else None,
-        seq_len=s.seq_len,
+        seq_len=s.seq_len, new_tokens=s.new_tokens,
     ))
 
 
@@ -545,7 +545,7 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
     check_directory(plan)
     check_writable(plan.directory)
     check_address(plan.spec.address)
-    wanted = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault): t for t in plan.trials}
+    wanted = {t.key: t for t in plan.trials}
     state = check_trials(plan.directory, wanted)
     damaged = dict(sorted(state.damaged.items()))
     pending = [t for key, t in wanted.items() if key not in state.finished]
@@ -628,7 +628,7 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
                 del tuner
                 interrupts.check()  # an interrupt that Tune or a finalizer swallowed
                 if number + 1 < len(waves):  # Tune's state of a wave whose every commit checked out: dropped
-                    keys = [trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in wave]
+                    keys = [t.key for t in wave]
                     if len(watch.wait(keys)) == len(keys):
                         drop_wave_state(storage.join(tune_dir, f"tune-{attempt + number}"), staging.path)
         except KeyboardInterrupt:
@@ -652,9 +652,9 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
     final, (trials, _) = check_and_write(plan.directory, wanted, verified=verified)
     del verified
     if pending:
-        errors = failure_lines((trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending), final.finished,
+        errors = failure_lines((t.key for t in pending), final.finished,
                                trial_errors.reasons)
-    launched_here = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in pending}
+    launched_here = {t.key for t in pending}
     injections = sum(n for key, n in zip(trials.column("trial_key").to_pylist(), trials.column("images").to_pylist())
                      if key in launched_here)
     return CampaignOutcome(plan.directory, len(wanted), len(final.finished), errors, time.monotonic() - started,

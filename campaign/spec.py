@@ -15,7 +15,8 @@ from campaign.numformats import effective_mode, format_problems, name_suffix
 from trainables import storage
 
 SITE_KINDS = ("neuron", "weight")  # the default kinds
-ALL_SITE_KINDS = ("neuron", "weight", "param", "qparam")  # qparam: an int8 model's scales and zero points
+ALL_SITE_KINDS = ("neuron", "weight", "param", "qparam", "kv")  # qparam: an int8 model's scales and zero points;
+# kv: a causal LM's cached keys and values (generation campaigns, prompts: data; campaign.generation)
 RECORD_LEVELS = ("none", "changed", "all")
 MODES = ("fp32", "tf32", "fp16", "bf16")
 # What decides a campaign's results: a directory holding a campaign that differs in any of
@@ -23,7 +24,7 @@ MODES = ("fp32", "tf32", "fp16", "bf16")
 IDENTITY_FIELDS = ("model", "dataset", "hub_ref", "weights", "sites", "layers", "layer_types", "bits", "seeds",
                    "images", "dtype", "images_per_weight_fault", "record", "target_margin", "report_every",
                    "params", "modules", "buffers", "fault", "quantize", "weight_format", "stop_interval", "margin",
-                   "confidence", "allocate", "budget", "pilot", "model_args", "site_sampling")
+                   "confidence", "allocate", "budget", "pilot", "model_args", "site_sampling", "new_tokens", "steps")
 ALLOCATIONS = ("uniform", "proportional", "neyman", "equal-width")
 SITE_SAMPLINGS = ("per-site", "proportional")  # proportional: one trial per (kind, bit, seed), its faults' sites drawn by size
 STOP_INTERVALS = ("cs", "wilson")  # how a campaign that stops at a margin judges it (trainables.sfi)
@@ -101,6 +102,8 @@ class CampaignSpec:
     model_args: dict | None = None  # keyword arguments for py:/timm:/hub:/hf: models (--model-arg key=value)
     site_sampling: str = "per-site"  # proportional: each fault picks its site by size (trainables.inject.proportional)
     seq_len: int | None = None  # text:/hf-dataset: text for a causal LM: tokens per sequence; None: the model's context
+    new_tokens: int | None = None  # prompts: data (a generation campaign): tokens decoded per prompt; None: 16 there
+    steps: str | None = None  # generation: neuron/kv fault steps: "0,3,7" (a trial each), random, prefill; None: random
 
     @property
     def directory(self) -> Path | str:
@@ -114,7 +117,7 @@ def default_name(spec: CampaignSpec) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CampaignSpec)}
-_INT_FIELDS = {"seq_len", "budget", "num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
+_INT_FIELDS = {"seq_len", "new_tokens", "budget", "num_seeds", "master_seed", "images", "batch_size", "images_per_weight_fault", "report_every",
                "max_failures", "max_concurrent", "img_size", "channels"}
 _FLOAT_FIELDS = {"cpus_per_trial", "gpus_per_trial", "target_margin", "prefix_cache_mb", "margin", "confidence", "pilot"}
 
@@ -148,7 +151,7 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
             return tuple(_as_list(value))
         if name == "seeds":
             return tuple(int(v) for v in _as_list(value))
-        if name in ("layers", "layer_types", "bits"):
+        if name in ("layers", "layer_types", "bits", "steps"):
             return ",".join(_as_list(value))
         if name == "fault":
             return ",".join(v.lower() for v in _as_list(value))
@@ -366,6 +369,13 @@ class TrialPlan:
     prior_k: int = 0  # --margin: the stratum's mismatches and golden-correct images of earlier rounds
     prior_n: int = 0
     limit: int = 0  # --allocate: the trial runs only the first this many images (0: all)
+    step: int | str | None = None  # generation, neuron and kv sites: the decode step (a listed one), random, prefill
+
+    @property
+    def key(self) -> str:
+        from trainables.results import trial_key
+
+        return trial_key(self.kind, self.site, self.bit, self.seed, self.fault, self.step)
 
 
 @dataclass(frozen=True)
@@ -498,6 +508,9 @@ def check_plain_fields(spec: CampaignSpec) -> list[str]:
         problems.append(f"out: {problem}")
     problems += protect_problems(spec)
     problems += format_problems(spec)
+    from campaign.generation import plain_problems
+
+    problems += plain_problems(spec)
     return problems
 
 
@@ -542,8 +555,8 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     try:
         data = memory.load_data(dataset, root=spec.data_root, download=spec.download, limit=spec.images,
                                 **data_options(spec))
-        model = load_model(spec.model, num_classes=data.model_classes, hub_dir=spec.hub_dir, hub_ref=spec.hub_ref,
-                           weights=spec.weights, model_args=spec.model_args)
+        model = load_model(spec.model, num_classes=getattr(data, "model_classes", None), hub_dir=spec.hub_dir,
+                           hub_ref=spec.hub_ref, weights=spec.weights, model_args=spec.model_args)
         digests = None
         if spec.quantize:  # the digests are of the float model, taken before quantizing it
             numformats.check_quantizable(spec, dataset, data)
@@ -551,6 +564,10 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
             model = numformats.quantized_model(spec, dataset, model)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise SpecError("\n".join(problems + [str(exc)])) from None
+    from campaign import generation
+
+    if generation.is_generation(spec, dataset):  # prompts: data: greedy decoding, its own sites and trials
+        return generation.resolve_generation(spec, dataset, data, model, problems)
     if is_causal_lm(model) and (lm := lm_problems(spec, model, data)):
         raise SpecError("\n".join(problems + lm))
     shape = tuple(data.images.shape[1:])

@@ -180,17 +180,39 @@ TOKEN_BIT_FIELDS = [*[(name, pa.int64()) for name in TOKEN_COUNT_COLUMNS],
 TOKEN_FAULT_FIELDS = [("token", pa.int64()), ("token_changes", pa.int64()),
                       ("first_change", pa.int64()), ("log_ppl_ratio", pa.float64()), ("kl", pa.float64())]
 
-TRIAL_SCHEMA = _extended(_extended(TRIAL_SCHEMA, PROTECTION_TRIAL_FIELDS), TOKEN_TRIAL_FIELDS)
-BIT_SCHEMA = _extended(_extended(BIT_SCHEMA, PROTECTION_BIT_FIELDS), TOKEN_BIT_FIELDS)
-FAULT_SCHEMA = _extended(_extended(FAULT_SCHEMA, PROTECTION_FAULT_FIELDS), TOKEN_FAULT_FIELDS)
+# Generation trials of a causal LM (trainables.inject.generation, trainables.generation_trial): appended
+# last, null in classification and teacher-forced rows. In these rows trial_kind = "generation",
+# images = faults (one per prompt, or per prompt and listed step), changed = faults whose continuation
+# differs from the golden one, sdc = changed with finite logits at every step run, masked = the rest
+# of the finite ones; golden_correct = mismatches = 0. First-divergence sums run over the changed faults.
+GEN_SUM_COLUMNS = ("first_divergence_sum", "first_divergence_sq_sum", "edit_distance_sum", "edit_distance_sq_sum")
+GEN_STEP_COLUMNS = ("faults_by_step", "sdc_by_step", "nonfinite_by_step")  # per fault step 0..new_tokens-1
+GEN_TRIAL_FIELDS = [
+    ("new_tokens", pa.int64()),
+    ("decode_step", pa.string()),  # the trial's steps: "3" (one listed step), "random", "prefill"; null: weight/param
+    ("identical", pa.int64()),
+    *[(name, pa.float64()) for name in GEN_SUM_COLUMNS],
+    *[(name, pa.float64()) for name in ("identical_rate", "mean_first_divergence", "mean_edit_distance")],
+    *[(name, pa.list_(pa.int64())) for name in GEN_STEP_COLUMNS],
+]
+GEN_BIT_FIELDS = [("identical", pa.int64()), *[(name, pa.float64()) for name in GEN_SUM_COLUMNS]]
+GEN_FAULT_FIELDS = [("step", pa.int64()), ("kv_position", pa.int64()), ("first_divergence", pa.int64()),
+                    ("edit_distance", pa.float64())]
+
+TRIAL_SCHEMA = _extended(_extended(_extended(TRIAL_SCHEMA, PROTECTION_TRIAL_FIELDS), TOKEN_TRIAL_FIELDS), GEN_TRIAL_FIELDS)
+BIT_SCHEMA = _extended(_extended(_extended(BIT_SCHEMA, PROTECTION_BIT_FIELDS), TOKEN_BIT_FIELDS), GEN_BIT_FIELDS)
+FAULT_SCHEMA = _extended(_extended(_extended(FAULT_SCHEMA, PROTECTION_FAULT_FIELDS), TOKEN_FAULT_FIELDS), GEN_FAULT_FIELDS)
 
 TRIALS_FILE, BITS_FILE, FAULTS_DIR, PARTS_DIR, SPEC_FILE = "trials.parquet", "bits.parquet", "faults", "parts", "spec.json"
 
-def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int, fault: str = "flip") -> str:
+def trial_key(kind: str, site_index: int, bit_spec: str | int, seed: int, fault: str = "flip",
+              step: int | str | None = None) -> str:
     """Stable file-name key of one trial, e.g. 'neuron-s0005-b23-seed17' or '...-brandom-...';
     a fault model other than flip is appended ('...-seed17-burst2'), so flip keys never change;
-    a bit pool reads '...-brandom23-30-...' (trainables.inject.bitpools.key_text)."""
+    a bit pool reads '...-brandom23-30-...' (trainables.inject.bitpools.key_text). A generation
+    trial's decode step (3, random, prefill) ends it: '...-seed17-step3'."""
     suffix = "" if fault in (None, "flip") else "-" + str(fault).replace(":", "")
+    suffix += "" if step is None else f"-step{step}"
     site = "all" if int(site_index) == -1 else f"{int(site_index):04d}"  # -1: a proportional trial's site pool
     return f"{kind}-s{site}-b{key_text(bit_spec)}-seed{int(seed)}{suffix}"
 

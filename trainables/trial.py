@@ -71,6 +71,7 @@ class CampaignSettings:
     model_args: str | None = None  # the model's keyword arguments as sorted JSON text (hashable)
     site_pool: dict | None = None  # kind -> site indices a proportional trial (site -1) draws from
     seq_len: int | None = None  # text data for a causal LM: tokens per sequence; None: the model's context
+    new_tokens: int | None = None  # a generation campaign (prompts: data): tokens decoded per prompt; None: none
 
     @classmethod
     def from_dict(cls, values: dict) -> "CampaignSettings":
@@ -88,10 +89,11 @@ class TrialPoint:
     prior_k: int = 0  # mismatches and golden-correct images its stratum counted in earlier rounds (--margin):
     prior_n: int = 0  # the trial stops once the stratum's pooled interval is narrow enough
     limit: int = 0  # run only the first this many images (--allocate's share of a stratum); 0: all
+    step: int | str | None = None  # generation trials of neuron and kv sites: a decode step, "random" or "prefill"
 
     @property
     def key(self) -> str:
-        return trial_key(self.kind, self.site, self.bit, self.seed, self.fault)
+        return trial_key(self.kind, self.site, self.bit, self.seed, self.fault, self.step)
 
 
 def pick_device(assigned_gpus) -> tuple[torch.device, str]:
@@ -144,6 +146,10 @@ def run_trial(
     assigned_gpus=(),
 ) -> dict:
     """Run one trial, write its parquet files atomically under its key, return its row."""
+    if settings.new_tokens is not None:  # a generation campaign: greedy decoding of prompts
+        from trainables.generation_trial import run_generation_trial
+
+        return run_generation_trial(settings, point, report, assigned_gpus)
     started = time.time()
     uncommitted = uncommit_trial(settings.directory, point.key)  # on a store: while the trial computes
     device, device_label = pick_device(list(assigned_gpus))
@@ -219,7 +225,8 @@ def run_trial(
         "weight_format": settings.weight_format,  # fp8 weight storage (every row of the campaign); null: none
     }
     row.update(protection.row_columns(settings.protect, pairs, counts.golden_correct))
-    row.update({name: None for name, _ in results.TOKEN_TRIAL_FIELDS})  # a classification trial: no next-token columns
+    row.update({name: None for name, _ in results.TOKEN_TRIAL_FIELDS + results.GEN_TRIAL_FIELDS})  # a classification
+    # trial: no next-token or generation columns
     bit_rows = [
         {"campaign": settings.name, "trial_key": point.key, "bit": b,
          **{name: int(counts.by_bit[i, b]) for i, name in enumerate(engine.COUNT_FIELDS)}}
@@ -227,7 +234,7 @@ def run_trial(
     ]
     for bit_row in bit_rows:
         bit_row.update(protection.bit_columns(pairs, bit_row["bit"]))
-        bit_row.update({name: None for name, _ in results.TOKEN_BIT_FIELDS})
+        bit_row.update({name: None for name, _ in results.TOKEN_BIT_FIELDS + results.GEN_BIT_FIELDS})
     # the last window's counts are reported with what the commit lists, while the files are written
     write_trial(settings.directory, row, bit_rows, _fault_columns(settings.name, point, site, str(fault), record_parts),
                 uncommitted=uncommitted,
@@ -321,5 +328,5 @@ def _fault_columns(campaign: str, point: TrialPoint, site, fault: str, parts: li
     columns.update(campaign=[campaign] * n, trial_key=[point.key] * n, kind=[point.kind] * n, outcome=outcome,
                    site_name=[site.name] * n, seed=np.full(n, point.seed), fault=[fault] * n)
     columns.setdefault("site_index", np.full(n, site.index))  # a proportional trial's records name each fault's site
-    columns.update({name: [None] * n for name, _ in results.TOKEN_FAULT_FIELDS})
+    columns.update({name: [None] * n for name, _ in results.TOKEN_FAULT_FIELDS + results.GEN_FAULT_FIELDS})
     return protection.fault_columns(columns)

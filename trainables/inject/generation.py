@@ -160,6 +160,17 @@ class _LastLogits(nn.Module):
         return self.hf_model(input_ids=input_ids, use_cache=False).logits[:, -1]
 
 
+def survey_sites(model: nn.Module, prompt_length: int, mode: str = "fp32"):
+    """The sites.survey of a causal LM as prepare_generation numbers its neuron, weight and param
+    sites (the last position's logits of a ``prompt_length``-token prompt), for a campaign's driver."""
+    from trainables.inject.sites import survey
+
+    hf = _hf_model(model)
+    dtype = MATH_MODES[mode]
+    with math_mode(mode):
+        return survey(_LastLogits(hf.to(dtype)), (prompt_length,), dtype, input_dtype=torch.int64)
+
+
 @dataclass
 class _Chunk:
     """Consecutive prompts of one length, decoded as one batch; the golden run's results."""

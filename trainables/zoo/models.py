@@ -73,6 +73,8 @@ DEMO_LM_FILES: dict[str, str] = {
     "tokenizer_config.json": "555be586f43b56c34d51712a976bdcfd1995260a7f211ecbbe1f07112565455d",
 }
 DEMO_LM_HELDOUT = ("heldout.txt", "52900db6a3122d6111ff8ba21ec70c1b8d584ff45389190a3ba3d0f785f26eb5")
+# prompts:demo-lm-prompts: the first six words of the first 32 held-out verses, one a line (generation campaigns)
+DEMO_LM_PROMPTS = ("prompts.txt", "b60f4142b78baba6c8c8156a2fd781129f9337a6d865b4390dfb99a03f637866")
 DEMO_LM_BIGRAMS = ("train-bigrams.safetensors", "2c7cc719a8019340051b888a4a5d0687a69ddfc3e3e631073b9c29459bf54b60")
 
 

@@ -27,13 +27,25 @@ class Prompts:
         return len(self.texts)
 
 
+DEMO_NAME = "demo-lm-prompts"  # demo:lm's shipped prompts (data/demo-lm/prompts.txt), checksum-checked
+
+
+def _path(rest: str) -> Path:
+    """The prompts file: the shipped demo prompts (SHA-256 checked) or the path given."""
+    if rest == DEMO_NAME:
+        from trainables.zoo.models import DEMO_LM_PROMPTS, verify_demo_lm_file
+
+        return verify_demo_lm_file(*DEMO_LM_PROMPTS)
+    return Path(rest).expanduser()
+
+
 def check(rest: str, options: DataOptions) -> None:
     if not rest:
-        raise ValueError("prompts: name a text file with one prompt a line")
+        raise ValueError(f"prompts: name a text file with one prompt a line, or {DEMO_NAME} (demo:lm's)")
     refuse_image_settings(f"prompts:{rest}", options)
     if options.seq_len is not None:
         raise ValueError(f"prompts:{rest}: seq_len applies to text: data sets; prompts keep their own lengths")
-    if not Path(rest).expanduser().is_file():
+    if rest != DEMO_NAME and not Path(rest).expanduser().is_file():
         raise ValueError(f"prompts:{rest}: no such file")
 
 
@@ -42,7 +54,7 @@ def load(rest: str, options: DataOptions) -> Prompts:
     check(rest, options)
     tokenizer = causal_tokenizer(options.model, name)
     try:
-        lines = Path(rest).expanduser().read_text(encoding="utf-8").splitlines()
+        lines = _path(rest).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise ValueError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     texts = [line for line in lines if line.strip()]
@@ -57,4 +69,4 @@ def load(rest: str, options: DataOptions) -> Prompts:
     return Prompts(name, tuple(texts), ids, context, tokenizer.vocab_size)
 
 
-SOURCE = register_dataset(DataSource("prompts", check, load, "prompts:<file, one prompt a line>"))
+SOURCE = register_dataset(DataSource("prompts", check, load, f"prompts:<file, one prompt a line>|prompts:{DEMO_NAME}"))
