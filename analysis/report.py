@@ -10,6 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from analysis import stream
 from analysis import tokens as token_tables
 from analysis.compare import compare
 from analysis.load import campaign_dirs, golden_warnings, load, load_bits
@@ -83,7 +84,8 @@ def _summary(trials: pd.DataFrame) -> list[str]:
                            for key in rows[columns].drop_duplicates().itertuples(index=False))
         seeds = ",".join(str(s) for s in sorted(rows["seed"].unique()))
         specs = ",".join(str(s) for s in rows["bit_spec"].astype(str).unique())
-        lines.append(f"  {name} ({rows['campaign_dir'].iloc[0]}): {idents}; {len(rows)} trials, "
+        count = int(rows["_trials"].sum()) if "_trials" in rows else len(rows)  # pooled rows (analysis.stream)
+        lines.append(f"  {name} ({rows['campaign_dir'].iloc[0]}): {idents}; {count} trials, "
                      f"{int(rows['images'].sum())} faults, seeds {seeds}, bit {specs}")
     return lines
 
@@ -176,9 +178,13 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     if out_dir is not None and (storage.is_uri(out_dir) or storage.uri_problem(str(out_dir))):
         raise ValueError(f"report --out {out_dir}: the report is written to a local folder; name one")
     partial, keep = _verified(paths)
-    trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
-    lm_trials, lm_bits = token_tables.teacher_forced(trials), token_tables.teacher_forced(bits)
-    trials, bits = trials.drop(index=lm_trials.index), bits.drop(index=lm_bits.index)  # never pooled together
+    pooled = stream.pooled(paths, keep)  # one plain campaign: its rows pooled per group batch by batch (bounded memory)
+    if pooled is not None:
+        trials, bits, lm_trials, lm_bits = pooled.trials, pooled.bits, pooled.trials.iloc[:0], pooled.bits.iloc[:0]
+    else:
+        trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
+        lm_trials, lm_bits = token_tables.teacher_forced(trials), token_tables.teacher_forced(bits)
+        trials, bits = trials.drop(index=lm_trials.index), bits.drop(index=lm_bits.index)  # never pooled together
     if trials.empty and not lm_trials.empty:
         out = Path(out_dir) if out_dir is not None else paths[0] / "report"
         out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +200,7 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
 
     site_table, type_table = per_site(trials, several), per_type(trials, several)
-    bit_table, field_table = per_bit(bits, several), per_bit_field(bits, several)
+    bit_table, field_table = per_bit(bits, several), per_bit_field(pooled.fields if pooled else bits, several)
     seed_table, site_bits = per_seed(trials, several), site_by_bit(bits, several)
     written: list[Path] = []
     for name, table in (("per_site", site_table), ("per_type", type_table), ("per_bit", bit_table),
