@@ -180,7 +180,7 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     partial, keep = _verified(paths)
     pooled = stream.pooled(paths, keep)  # one plain campaign: its rows pooled per group batch by batch (bounded memory)
     if pooled is not None:
-        trials, bits, lm_trials, lm_bits = pooled.trials, pooled.bits, pooled.trials.iloc[:0], pooled.bits.iloc[:0]
+        trials, bits, lm_trials, lm_bits = pooled.seeds, pooled.bits, pooled.seeds.iloc[:0], pooled.bits.iloc[:0]
     else:
         trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
         lm_trials, lm_bits = token_tables.teacher_forced(trials), token_tables.teacher_forced(bits)
@@ -199,7 +199,8 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     out = Path(out_dir) if out_dir is not None else paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    site_table, type_table = per_site(trials, several), per_type(trials, several)
+    by_site = pooled.sites if pooled else trials
+    site_table, type_table = per_site(by_site, several), per_type(by_site, several)
     bit_table, field_table = per_bit(bits, several), per_bit_field(pooled.fields if pooled else bits, several)
     seed_table, site_bits = per_seed(trials, several), site_by_bit(bits, several)
     written: list[Path] = []
@@ -207,7 +208,7 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
                         ("per_bit_field", field_table), ("per_seed", seed_table), ("site_by_bit", site_bits)):
         table.to_csv(out / f"{name}.csv", index=False)
         written.append(out / f"{name}.csv")
-    written += write_seed_csv(trials, out / "seed_layout.csv")
+    written += write_seed_csv(pooled.layout if pooled else trials, out / "seed_layout.csv")
 
     mixed = [f"WARNING {line}" for line in golden_warnings(trials)]
     lines = ["Bit-flip fault-injection report", "", *partial, *mixed, *[""] * bool(mixed), "Campaigns:", *_summary(trials), "",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -133,7 +132,7 @@ def dry_run(trials: int, wave_size: int, eager: bool = False) -> dict:
     del search, done
     return {"plan": "eager (before)" if eager else "lazy", "dry_trials": len(wanted), "waves": len(waves),
             "resolve_s": round(resolved_s, 1), "total_s": round(seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mb": round(peak_rss(os.getpid()) / 2**20)}  # VmHWM: not the parent's peak, as ru_maxrss can be
 
 
 def dry_runs(trials: int, wave_size: int) -> list[dict]:

@@ -18,6 +18,20 @@ from trainables.results import trial_key
 _KEY = re.compile(r"(?P<kind>[^-]+)-s(?P<site>[^-]+)-b(?P<bit>.+)-seed(?P<seed>\d+)(?P<fault>-.+)?")
 
 
+_SENTINEL_SEED = 7_391_846_205_113_527_019  # a seed whose digits no other part of a key holds
+
+
+def _around_seed(kind: str, site: int, bit, fault: str) -> tuple[str, str | None]:
+    """(head, tail): trial_key(kind, site, bit, seed, fault) == head + str(seed) + tail for every seed,
+    checked on the sentinel and one more seed; (head, None) where the key is not made so."""
+    text = str(_SENTINEL_SEED)
+    key = trial_key(kind, site, bit, _SENTINEL_SEED, fault)
+    head, sep, tail = key.partition(text)
+    if sep and text not in tail and trial_key(kind, site, bit, 12, fault) == f"{head}12{tail}":
+        return head, tail
+    return key, None
+
+
 def _parts(key: str) -> dict[str, str] | None:
     match = _KEY.fullmatch(key)
     return None if match is None else {k: v or "" for k, v in match.groupdict().items()}
@@ -79,15 +93,23 @@ class TrialGrid(Sequence):
         return TrialPlan(block.kind, block.sites[site], bit, self.seeds[seed], fault)
 
     def __iter__(self) -> Iterator[TrialPlan]:
+        return (t for _, t in self.items())
+
+    def items(self, plans: bool = True) -> Iterator[tuple[str, TrialPlan | None]]:
+        """(key, trial) of each trial in order (``plans`` False: (key, None), faster). A key is its
+        trial's ``trial_key``, put together from the parts that trial_key gives a sentinel seed."""
         left = len(self)
         for block in self.blocks:
             for site in block.sites:
+                parts = [_around_seed(block.kind, site, bit, fault) for fault, bit in block.units]
                 for seed in self.seeds:
-                    for fault, bit in block.units:
+                    text = str(int(seed))
+                    for (head, tail), (fault, bit) in zip(parts, block.units):
                         if left <= 0:
                             return
                         left -= 1
-                        yield TrialPlan(block.kind, site, bit, seed, fault)
+                        key = head + text + tail if tail is not None else trial_key(block.kind, site, bit, seed, fault)
+                        yield key, TrialPlan(block.kind, site, bit, seed, fault) if plans else None
 
     def __eq__(self, other) -> bool:
         if isinstance(other, TrialGrid) and (self.blocks, self.seeds) == (other.blocks, other.seeds):
@@ -167,7 +189,7 @@ class GridKeys(Set):
         return len(self.grid)
 
     def __iter__(self) -> Iterator[str]:
-        return (trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in self.grid)
+        return (key for key, _ in self.grid.items(plans=False))
 
     def __contains__(self, key) -> bool:
         return isinstance(key, str) and self.grid.index_of(key) is not None
@@ -184,6 +206,9 @@ def distinct_trials(trials: Sequence[TrialPlan]) -> tuple[Sequence[TrialPlan], S
 
 def pending_trials(trials: Sequence[TrialPlan], finished: Set) -> Iterator[tuple[str, TrialPlan]]:
     """(key, trial) of each trial whose key is not in ``finished``, in order."""
+    if isinstance(trials, TrialGrid):
+        yield from ((key, t) for key, t in trials.items() if key not in finished)
+        return
     for t in trials:
         key = trial_key(t.kind, t.site, t.bit, t.seed, t.fault)
         if key not in finished:

@@ -79,10 +79,9 @@ def in_memory(directory, keep):
 
 def streamed(directory, keep, batch_rows):
     pooled = stream.pooled([directory], keep, batch_rows)
-    trials, bits = pooled.trials, pooled.bits
-    return {"per_site": per_site(trials), "per_type": per_type(trials), "per_seed": per_seed(trials),
-            "per_bit": per_bit(bits), "per_bit_field": per_bit_field(pooled.fields),
-            "site_by_bit": site_by_bit(bits)}, trials
+    return {"per_site": per_site(pooled.sites), "per_type": per_type(pooled.sites), "per_seed": per_seed(pooled.seeds),
+            "per_bit": per_bit(pooled.bits), "per_bit_field": per_bit_field(pooled.fields),
+            "site_by_bit": site_by_bit(pooled.bits)}, pooled.layout
 
 
 @pytest.mark.parametrize("batch_rows, partial", [(4, False), (13, True), (10_000, False)])
