@@ -11,6 +11,7 @@ from typing import Sequence
 import pandas as pd
 
 from analysis import generation as generation_tables
+from analysis import stream
 from analysis import tokens as token_tables
 from analysis.compare import compare
 from analysis.load import campaign_dirs, golden_warnings, load, load_bits
@@ -84,7 +85,8 @@ def _summary(trials: pd.DataFrame) -> list[str]:
                            for key in rows[columns].drop_duplicates().itertuples(index=False))
         seeds = ",".join(str(s) for s in sorted(rows["seed"].unique()))
         specs = ",".join(str(s) for s in rows["bit_spec"].astype(str).unique())
-        lines.append(f"  {name} ({rows['campaign_dir'].iloc[0]}): {idents}; {len(rows)} trials, "
+        count = int(rows["_trials"].sum()) if "_trials" in rows else len(rows)  # pooled rows (analysis.stream)
+        lines.append(f"  {name} ({rows['campaign_dir'].iloc[0]}): {idents}; {count} trials, "
                      f"{int(rows['images'].sum())} faults, seeds {seeds}, bit {specs}")
     return lines
 
@@ -192,11 +194,16 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     if out_dir is not None and (storage.is_uri(out_dir) or storage.uri_problem(str(out_dir))):
         raise ValueError(f"report --out {out_dir}: the report is written to a local folder; name one")
     partial, keep = _verified(paths)
-    trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
-    lm_trials, lm_bits = token_tables.teacher_forced(trials), token_tables.teacher_forced(bits)
-    gen_trials, gen_bits = generation_tables.generation(trials), generation_tables.generation(bits)
-    trials = trials.drop(index=lm_trials.index.union(gen_trials.index))  # never pooled together
-    bits = bits.drop(index=lm_bits.index.union(gen_bits.index))
+    pooled = stream.pooled(paths, keep)  # one plain campaign: its rows pooled per group batch by batch (bounded memory)
+    if pooled is not None:
+        trials, bits = pooled.seeds, pooled.bits
+        lm_trials, lm_bits, gen_trials, gen_bits = trials.iloc[:0], bits.iloc[:0], trials.iloc[:0], bits.iloc[:0]
+    else:
+        trials, bits = _only_verified(load(paths), keep), _only_verified(load_bits(paths), keep)
+        lm_trials, lm_bits = token_tables.teacher_forced(trials), token_tables.teacher_forced(bits)
+        gen_trials, gen_bits = generation_tables.generation(trials), generation_tables.generation(bits)
+        trials = trials.drop(index=lm_trials.index.union(gen_trials.index))  # never pooled together
+        bits = bits.drop(index=lm_bits.index.union(gen_bits.index))
     if trials.empty and not (lm_trials.empty and gen_trials.empty):
         out = Path(out_dir) if out_dir is not None else paths[0] / "report"
         out.mkdir(parents=True, exist_ok=True)
@@ -212,15 +219,16 @@ def run(dirs: list[str], out_dir: str | None = None) -> str:
     out = Path(out_dir) if out_dir is not None else paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    site_table, type_table = per_site(trials, several), per_type(trials, several)
-    bit_table, field_table = per_bit(bits, several), per_bit_field(bits, several)
+    by_site = pooled.sites if pooled else trials
+    site_table, type_table = per_site(by_site, several), per_type(by_site, several)
+    bit_table, field_table = per_bit(bits, several), per_bit_field(pooled.fields if pooled else bits, several)
     seed_table, site_bits = per_seed(trials, several), site_by_bit(bits, several)
     written: list[Path] = []
     for name, table in (("per_site", site_table), ("per_type", type_table), ("per_bit", bit_table),
                         ("per_bit_field", field_table), ("per_seed", seed_table), ("site_by_bit", site_bits)):
         table.to_csv(out / f"{name}.csv", index=False)
         written.append(out / f"{name}.csv")
-    written += write_seed_csv(trials, out / "seed_layout.csv")
+    written += write_seed_csv(pooled.layout if pooled else trials, out / "seed_layout.csv")
 
     mixed = [f"WARNING {line}" for line in golden_warnings(trials)]
     lines = ["Bit-flip fault-injection report", "", *partial, *mixed, *[""] * bool(mixed), "Campaigns:", *_summary(trials), "",

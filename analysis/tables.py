@@ -140,7 +140,9 @@ def pool(frame: pd.DataFrame, keys: Sequence[str], by_campaign: bool = False, sp
     identity = identity_columns(frame)
     group = (["campaign"] if by_campaign else []) + identity + sampling + [k for k in keys if k not in identity]
     _require(frame, [*group, *COUNTS])
-    if "trial_key" not in frame:
+    if "_trials" in frame:  # rows pooled already (analysis.stream): their trial counts add up
+        work = frame
+    elif "trial_key" not in frame:
         work = frame.assign(_trial=np.arange(len(frame)))  # no keys: count rows as trials
     elif "campaign" in frame:
         work = frame.assign(_trial=frame["campaign"].astype(str) + "/" + frame["trial_key"].astype(str))
@@ -153,7 +155,7 @@ def pool(frame: pd.DataFrame, keys: Sequence[str], by_campaign: bool = False, sp
             values = pd.to_numeric(work[column], errors="coerce").astype("Int64")
             by = work.assign(**{column: values}).groupby(group, observed=True, sort=True, dropna=False)[column]
             table[column] = by.sum().where(by.count() == by.size()).astype("Int64")
-    table.insert(0, "trials", grouped["_trial"].nunique())
+    table.insert(0, "trials", grouped["_trials"].sum() if "_trials" in work else grouped["_trial"].nunique())
     if "bit_spec" in work:
         table.insert(0, "bit_specs", grouped["bit_spec"].agg(_spec_list))
     table = table.reset_index()

@@ -4,7 +4,8 @@ several sizes, each as its own driver process, and prints per size: the driver's
 largest size Tune's state (the campaign's ray/ folder) reached, the campaign directory's size,
 and trials/s in each tenth of the campaign (from the commit markers' times). Then a dry run of
 the driver's planning and bookkeeping alone at --dry-trials trials (no Ray, no injections):
-resolve, the pending list, waves, Tune's search over one wave, and the commit bookkeeping.
+resolve, the pending trials, waves, Tune's search over one wave, and the commit bookkeeping, for
+the lazy plan and, in another process, the plan built up front as before (side by side).
 
     python benchmarks/scale.py --seeds 4,37        # 2,176 and 20,128 trials (about 20 min on 2 cores)
     python benchmarks/scale.py --seeds 1 --dry-trials 1000000
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -82,13 +82,18 @@ def run_size(seeds: int, out: Path, wave_size: int | None, extra: list[str]) -> 
             "campaign_dir_mb": round(folder_bytes(directory) / 2**20, 1), "trials_per_s_by_tenth": rates}
 
 
-def dry_run(trials: int, wave_size: int) -> dict:
-    """The driver's planning and bookkeeping at ``trials`` trials, with no Ray and no trials run."""
+def dry_run(trials: int, wave_size: int, eager: bool = False) -> dict:
+    """The driver's planning and bookkeeping at ``trials`` trials, with no Ray and no trials run,
+    as _run_campaign does them: the plan kept lazy (campaign.grid), each wave taken from it in
+    turn. ``eager``: as before the lazy plan, every TrialPlan built up front, a key -> trial dict
+    and the pending list (the old driver's code, kept here to measure against)."""
     import dataclasses
+    import itertools
 
+    from campaign.grid import distinct_trials, pending_trials
     from campaign.runner import trial_points, wave_slices
     from campaign.spec import CampaignSpec, resolve
-    from trainables.results import CommitWatch, trial_key
+    from trainables.results import NO_PARTS, CommitWatch, trial_key
 
     seeds = -(-trials // 544)
     started = time.monotonic()
@@ -96,21 +101,48 @@ def dry_run(trials: int, wave_size: int) -> dict:
                         record="none", num_seeds=seeds, out=tempfile.mkdtemp(prefix="scale-dry-"), name="dry")
     plan = resolve(spec)
     plan = dataclasses.replace(plan, trials=plan.trials[:trials])
+    if eager:
+        plan = dataclasses.replace(plan, trials=tuple(plan.trials))
     resolved_s = time.monotonic() - started
-    wanted = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault): t for t in plan.trials}  # as _run_campaign
-    pending = list(wanted.values())
-    waves = wave_slices(len(pending), wave_size)
-    first, stop = waves[0]
-    search = trial_points(pending[first:stop], None)  # Tune's search over one wave
+    finished: frozenset = frozenset()  # a fresh campaign
+    if eager:  # as _run_campaign did before the lazy plan
+        wanted = {trial_key(t.kind, t.site, t.bit, t.seed, t.fault): t for t in plan.trials}
+        pending = [t for key, t in wanted.items() if key not in finished]
+        waves = wave_slices(len(pending), wave_size)
+        for number, (first, stop) in enumerate(waves):
+            wave = pending[first:stop]
+            keys = [trial_key(t.kind, t.site, t.bit, t.seed, t.fault) for t in wave]
+            if number == 0:
+                search = trial_points(wave, None)  # Tune's search over one wave
+    else:
+        trials_, wanted = distinct_trials(plan.trials)
+        waves = wave_slices(len(wanted) - len(finished), wave_size)
+        to_run = pending_trials(trials_, finished)
+        for number, (first, stop) in enumerate(waves):
+            keys, wave = zip(*itertools.islice(to_run, stop - first))
+            if number == 0:
+                search = trial_points(wave, None)
+    del wave, keys
     watch = CommitWatch(spec.directory)
     for key in wanted:  # the driver's record of verified trials (past KEEP_PARTS: the key alone)
-        watch._verified[key] = {}
+        watch._verified[key] = {} if eager else NO_PARTS  # before: an empty dict per trial
     done = watch.results()
     seconds = time.monotonic() - started
     shutil.rmtree(spec.out, ignore_errors=True)
     del search, done
-    return {"dry_trials": len(wanted), "waves": len(waves), "resolve_s": round(resolved_s, 1), "total_s": round(seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {"plan": "eager (before)" if eager else "lazy", "dry_trials": len(wanted), "waves": len(waves),
+            "resolve_s": round(resolved_s, 1), "total_s": round(seconds, 1),
+            "peak_rss_mb": round(peak_rss(os.getpid()) / 2**20)}  # VmHWM: not the parent's peak, as ru_maxrss can be
+
+
+def dry_runs(trials: int, wave_size: int) -> list[dict]:
+    """dry_run of the eager and the lazy plan, each in a fresh process (its own peak RSS), in turn."""
+    rows = []
+    for mode in ("eager", "lazy"):
+        out = subprocess.run([sys.executable, __file__, "--seeds", "", "--dry-trials", str(trials), "--wave-size",
+                              str(wave_size), "--dry-mode", mode], cwd=ROOT, capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-trials", type=int, default=1_000_000, help="trials of the dry run (0: none)")
     parser.add_argument("--out", help="where the campaigns go (default: a temporary folder, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the campaign directories")
+    parser.add_argument("--dry-mode", choices=("eager", "lazy"), help=argparse.SUPPRESS)  # one dry run, in this process
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scale-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -142,9 +175,17 @@ def main(argv: list[str] | None = None) -> int:
               f"Tune state: {large['tune_state_peak_mb'] / max(small['tune_state_peak_mb'], 1e-9):.2f}; "
               f"last tenth / first full tenth at {large['trials']:,}: "
               f"{(large['trials_per_s_by_tenth'][-1] or 0) / (large['trials_per_s_by_tenth'][1] or 1):.2f}")
-    if args.dry_trials:
-        print(json.dumps(dry_run(args.dry_trials, args.wave_size or __import__("campaign.runner").runner.DEFAULT_WAVE_SIZE)),
-              flush=True)
+    wave_size = args.wave_size or __import__("campaign.runner").runner.DEFAULT_WAVE_SIZE
+    if args.dry_trials and args.dry_mode:
+        print(json.dumps(dry_run(args.dry_trials, wave_size, eager=args.dry_mode == "eager")), flush=True)
+    elif args.dry_trials:
+        rows = dry_runs(args.dry_trials, wave_size)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        print("| plan | trials | waves | resolve s | total s | peak RSS |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['plan']} | {r['dry_trials']:,} | {r['waves']} | {r['resolve_s']} | {r['total_s']} | "
+                  f"{r['peak_rss_mb']} MB |")
     if not args.out and not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return 0

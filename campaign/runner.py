@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from campaign import interrupts, outages, processes
+from campaign.grid import distinct_trials, pending_trials
 from campaign.numformats import effective_mode, name_suffix
 from campaign.probe import check_shared
 from campaign.spec import DIGEST_FIELDS, CampaignSpec, ResolvedCampaign, SpecError, resolve
@@ -545,10 +547,10 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
     check_directory(plan)
     check_writable(plan.directory)
     check_address(plan.spec.address)
-    wanted = {t.key: t for t in plan.trials}
+    trials, wanted = distinct_trials(plan.trials)  # a lazy grid stays lazy: waves are taken from it in turn
     state = check_trials(plan.directory, wanted)
     damaged = dict(sorted(state.damaged.items()))
-    pending = [t for key, t in wanted.items() if key not in state.finished]
+    pending = len(wanted) - len(state.finished)  # finished: of the wanted keys only
     errors: tuple[str, ...] = ()
     if pending:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
@@ -586,12 +588,12 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
         attempt = next_attempt(storage.list_entries(tune_dir))
         tune_fs, tune_path = storage.resolve(tune_dir) if storage.is_uri(tune_dir) else (None, str(tune_dir))
         tune_fs = tune_view(tune_fs) if tune_fs is not None else None  # no requests that can only miss
-        progress = Progress(len(wanted), len(wanted) - len(pending), plan.num_images, progress_every_s)
+        progress = Progress(len(wanted), len(state.finished), plan.num_images, progress_every_s)
         watch = CommitWatch(plan.directory)
         trial_errors = TrialErrors()
         watchdog = OutageWatch(plan.directory, trial_errors.keys)
-        waves = wave_slices(len(pending), wave_size)
-        print(f"[campaign] {plan.spec.model} on {plan.dataset} ({name_suffix(plan.spec)}): {len(pending)} of {len(wanted)} "
+        waves = wave_slices(pending, wave_size)
+        print(f"[campaign] {plan.spec.model} on {plan.dataset} ({name_suffix(plan.spec)}): {pending} of {len(wanted)} "
               f"trials to run, {plan.num_images} images each -> {plan.directory}"
               + (f" (in {len(waves)} waves of up to {wave_size})" if len(waves) > 1 else ""), flush=True)
         for note in plan.notes:  # once per campaign; the trial rows say which path ran (column path)
@@ -607,10 +609,11 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
         notice = _DropMetricsNotice()
         logging.getLogger(_METRICS_LOGGER).addFilter(notice)
         quieted = outages.quiet(watchdog)
+        to_run = pending_trials(trials, state.finished)
         try:
             for number, (first, stop) in enumerate(waves):
                 interrupts.check()
-                wave = pending[first:stop]
+                keys, wave = zip(*itertools.islice(to_run, stop - first))
                 staging = WaveStaging()
                 tuner = Tuner(
                     trainable,
@@ -628,7 +631,6 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
                 del tuner
                 interrupts.check()  # an interrupt that Tune or a finalizer swallowed
                 if number + 1 < len(waves):  # Tune's state of a wave whose every commit checked out: dropped
-                    keys = [t.key for t in wave]
                     if len(watch.wait(keys)) == len(keys):
                         drop_wave_state(storage.join(tune_dir, f"tune-{attempt + number}"), staging.path)
         except KeyboardInterrupt:
@@ -649,16 +651,16 @@ def _run_campaign(spec: CampaignSpec, *, _crash_once_dir: str | None = None, _ba
             for key in tune_env:
                 os.environ.pop(key, None)
         verified = watch.results()
-    final, (trials, _) = check_and_write(plan.directory, wanted, verified=verified)
+    final, (rows, _) = check_and_write(plan.directory, wanted, verified=verified)
     del verified
     if pending:
-        errors = failure_lines((t.key for t in pending), final.finished,
+        errors = failure_lines((key for key, _ in pending_trials(trials, state.finished)), final.finished,
                                trial_errors.reasons)
-    launched_here = {t.key for t in pending}
-    injections = sum(n for key, n in zip(trials.column("trial_key").to_pylist(), trials.column("images").to_pylist())
-                     if key in launched_here)
+    # the trials launched here: the wanted ones not finished before (every aggregated row is wanted)
+    injections = sum(n for key, n in zip(rows.column("trial_key").to_pylist(), rows.column("images").to_pylist())
+                     if key not in state.finished)
     return CampaignOutcome(plan.directory, len(wanted), len(final.finished), errors, time.monotonic() - started,
-                           int(injections), len(pending), tuple(damaged))
+                           int(injections), pending, tuple(damaged))
 
 
 DEFAULT_WAVE_SIZE = 4096  # trials handed to one Tune run: what Tune and the driver hold at once

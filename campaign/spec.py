@@ -388,7 +388,7 @@ class ResolvedCampaign:
     site_table: str
     sites_by_kind: dict[str, list[int]]
     site_names: dict[int, str] = field(repr=False)
-    trials: tuple[TrialPlan, ...] = field(repr=False)
+    trials: Sequence[TrialPlan] = field(repr=False)  # a lazy campaign.grid.TrialGrid, or a tuple
     num_images: int = 0
     inputs: dict[str, str] = field(default_factory=dict)  # content digests (DIGEST_FIELDS)
     notes: tuple[str, ...] = ()  # said once per campaign before it runs (sites that cannot reuse the prefix)
@@ -661,9 +661,10 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
         spec = dataclasses.replace(spec, master_seed=master)
     spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds, fault=",".join(f for f, _ in fault_bits))  # canonical names
     # site-major: a worker's consecutive trials share a site, and with it the prefix cache
-    trials = tuple(TrialPlan(kind, site, bit, seed, fault)
-                   for kind in spec.sites for site in _trial_sites(spec, sites_by_kind[kind]) for seed in seeds
-                   for fault, its_bits in fault_bits_for[kind] for bit in its_bits)
+    from campaign.grid import TrialGrid  # kept lazy: index -> TrialPlan (a million trials, no million objects)
+
+    trials = TrialGrid.site_major(spec.sites, {kind: _trial_sites(spec, sites_by_kind[kind]) for kind in spec.sites},
+                                  seeds, fault_bits_for)
     sites = [s for s in found.sites if spec.modules is not None or not s.container]
     coverage = coverage_lines(model, found, selected, show_containers=spec.modules is not None)
     table = "\n\n".join([site_table(sites), *([param_table(found.params)] if "param" in spec.sites else []),
@@ -799,6 +800,8 @@ def input_digests(spec: CampaignSpec, data, model) -> dict[str, str]:
 
 def trials_per_site(trials: Sequence[TrialPlan]) -> int:
     """The most trials that share one (kind, site)."""
+    if hasattr(trials, "trials_per_site"):  # a lazy TrialGrid (campaign.grid): from its axes
+        return trials.trials_per_site()
     counts = collections.Counter((t.kind, t.site) for t in trials)
     return max(counts.values(), default=0)
 

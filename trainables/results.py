@@ -24,9 +24,11 @@ import os
 import tempfile
 import threading
 import uuid
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -397,7 +399,7 @@ def check_trials(campaign_dir: str | Path, keys: Iterable[str] | None = None, *,
     folder = storage.join(campaign_dir, PARTS_DIR, DONE_DIR)
     markers = {n[: -len(".json")]: storage.join(folder, n) for n in storage.list_names(folder, ".json")}
     if keys is not None:
-        wanted = set(keys)
+        wanted = keys if isinstance(keys, AbstractSet) else set(keys)  # a set-like view is used as it is (campaign.grid)
         markers = {k: p for k, p in markers.items() if k in wanted}
     known = {k for k in (verified or {}) if k in markers}
     if tables is not None:
@@ -457,6 +459,7 @@ def _listed_problems(campaign_dir: Path | str, files: Mapping[str, Mapping],
 
 
 KEEP_PARTS = 2048  # trials whose part files the driver keeps, as read, for the final aggregation (beyond: read again)
+NO_PARTS: Mapping[str, bytes] = MappingProxyType({})  # a verified trial's parts past KEEP_PARTS: one shared empty map
 
 
 def _has_room(tables: Mapping | None) -> bool:
@@ -508,7 +511,7 @@ class CommitWatch:
             self._pending.pop(key, None)
             if tables is not None:
                 keep = self._kept < KEEP_PARTS
-                self._verified[key] = tables if keep else {}
+                self._verified[key] = tables if keep else NO_PARTS
                 self._kept += keep
 
     def _check(self, key: str, committed: Mapping[str, Mapping] | None) -> dict[str, bytes] | None:
