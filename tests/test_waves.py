@@ -71,6 +71,7 @@ def test_a_driver_killed_in_its_second_wave_resumes_to_the_rows_of_one_wave(one_
     assert driver.returncode == -signal.SIGKILL and 4 <= done_then < 6, output
     assert "in 2 waves of up to 3" in output
     outcome = run_campaign(spec_from_directory(directory))
-    assert outcome.complete and outcome.errored == 0 and outcome.launched == 6 - done_then
+    # a trial running at the kill may still commit afterwards (its worker outlives the driver a moment)
+    assert outcome.complete and outcome.errored == 0 and 1 <= outcome.launched <= 6 - done_then
     for a, b in zip(frames(one_wave.directory), frames(outcome.directory)):
         pd.testing.assert_frame_equal(a, b)
