@@ -18,10 +18,9 @@ from campaign.spec import (
     ResolvedCampaign,
     SpecError,
     TrialPlan,
-    fault_dimension,
     input_digests,
     is_causal_lm,
-    parse_bits,
+    spec_fault_bits,
 )
 
 PREFIX = "prompts:"
@@ -163,13 +162,7 @@ def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problem
     digests = input_digests(spec, digest_data(prompts), model)  # of the model as loaded, as the workers check it
     dtype = MATH_MODES[spec.dtype]
     width = formats.width(dtype)
-    try:
-        bits = parse_bits(spec.bits, width)
-    except SpecError as exc:
-        problems.append(str(exc))
-        bits = []
-    fault_bits, more = fault_dimension(spec.fault, bits, width)
-    problems += more
+    fault_bits = spec_fault_bits(spec, width, problems)
     try:
         found = generation.survey_sites(model, len(prompts.token_ids[0]), spec.dtype)
     except ValueError as exc:

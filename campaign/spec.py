@@ -580,13 +580,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
                         else f"holds no images (per-example shape {list(shape)})"))
     dtype = MATH_MODES[effective_mode(spec)]
     width = formats.width(dtype) if set(spec.sites) != {"qparam"} else qparams.WIDTH
-    try:
-        bits = parse_bits(spec.bits, width)
-    except SpecError as exc:
-        problems.append(str(exc))
-        bits = []
-    fault_bits, fault_problems = fault_dimension(spec.fault, bits, width)
-    problems += fault_problems
+    fault_bits = spec_fault_bits(spec, width, problems)
     fault_bits_for = {kind: fault_bits for kind in spec.sites}  # fp8-stored weights have 8 bits
     if spec.weight_format and "weight" in spec.sites and width != numformats.FORMAT_WIDTH:
         try:
@@ -711,6 +705,18 @@ def fault_problem(text: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def spec_fault_bits(spec: CampaignSpec, width: int, problems: list[str]) -> list[tuple[str, list[int | str]]]:
+    """fault_dimension of ``spec``'s --fault and --bits at ``width`` bits; its problems appended to ``problems``."""
+    try:
+        bits = parse_bits(spec.bits, width)
+    except SpecError as exc:
+        problems.append(str(exc))
+        bits = []
+    fault_bits, more = fault_dimension(spec.fault, bits, width)
+    problems += more
+    return fault_bits
 
 
 def fault_dimension(text: str, bits: list[int | str], width: int) -> tuple[list[tuple[str, list[int | str]]], list[str]]:
