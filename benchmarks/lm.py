@@ -1,16 +1,21 @@
 """Teacher-forced LM campaigns against clean inference, side by side in one process: clean
 teacher-forced throughput (sequences/s of the model's forward pass), then a full-layer neuron
 campaign (one trial per bit and leaf neuron site, in site order, one fault per sequence) with the
-layer-boundary prefix (trainables.inject.layers) and without it. Prints faults/s of each, their
-ratios to clean inference, and whether every count and sum was identical; the last line is JSON.
+layer-boundary prefix (trainables.inject.layers) and without it. The three are interleaved
+(``--repeats`` rounds, the order of the two campaigns alternating) and the medians compared, so a
+shared machine's load moves all three alike. Prints faults/s of each, their ratios to clean
+inference, the load average, and whether every count and sum was identical; the last line is JSON.
 
     OMP_NUM_THREADS=1 python benchmarks/lm.py                      # a 4-layer width-128 Llama built here
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --model demo:lm --seq-len 128
     OMP_NUM_THREADS=1 python benchmarks/lm.py --model hf:<dir> --sequences 128 --seq-len 64
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -38,15 +43,15 @@ def tiny_llama(directory: Path, layers: int, width: int, vocab: int, context: in
 
 
 def clean_pass(bench: engine.Workbench, tries: int = 5) -> float:
-    """Seconds for one clean forward pass over every sequence, in the bench's batches (best of ``tries``)."""
-    best = float("inf")
+    """Seconds for one clean forward pass over every sequence, in the bench's batches (median of ``tries``)."""
+    seconds = []
     for _ in range(tries):
         t0 = time.perf_counter()
         with torch.inference_mode():
             for lo in range(0, bench.num_images, bench.batch_size):
                 bench.model(bench.images[lo : lo + bench.batch_size])
-        best = min(best, time.perf_counter() - t0)
-    return best
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
 
 
 def campaign(bench: engine.Workbench, prefix: bool, bits: list) -> tuple[float, list]:
@@ -73,7 +78,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bits", default="random", help="one trial per bit and site: random,30,22")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -87,26 +92,32 @@ def main(argv=None) -> dict:
     sites = sum(1 for s in bench.sites if not s.container)
     times: dict[str, list[float]] = {"clean": [], "prefix": [], "full": []}
     results = {}
-    for _ in range(args.repeats):
+    load_before = os.getloadavg()
+    for round_ in range(args.repeats):
         times["clean"].append(clean_pass(bench))
-        for mode in ("prefix", "full"):
+        for mode in (("prefix", "full") if round_ % 2 == 0 else ("full", "prefix")):
             seconds, results[mode] = campaign(bench, mode == "prefix", bits)
             times[mode].append(seconds)
-    best = {k: min(v) for k, v in times.items()}
+        times["clean"].append(clean_pass(bench))
+    load_after = os.getloadavg()
+    best = {k: statistics.median(v) for k, v in times.items()}
     clean_rate = args.sequences / best["clean"]
     faults = args.sequences * sites * len(bits)
     rate = {mode: faults / best[mode] for mode in ("prefix", "full")}
     identical = results["prefix"] == results["full"]
+    load = f"{load_before[0]:.2f} -> {load_after[0]:.2f}"
     result = {"model": args.model or f"llama {args.layers}x{args.width} vocab {args.vocab}",
               "parameters": sum(p.numel() for p in bench.model.parameters()), "sequences": args.sequences,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "sites": sites, "bits": args.bits,
-              "threads": args.threads, "clean_seq_per_s": round(clean_rate, 1),
+              "threads": args.threads, "repeats": args.repeats, "clean_seq_per_s": round(clean_rate, 1),
               "prefix_faults_per_s": round(rate["prefix"], 1), "full_faults_per_s": round(rate["full"], 1),
               "prefix_vs_clean": round(rate["prefix"] / clean_rate, 3), "full_vs_clean": round(rate["full"] / clean_rate, 3),
-              "identical": identical}
+              "prefix_vs_clean_per_round": [round(best["clean"] * faults / args.sequences / t, 3) for t in times["prefix"]],
+              "load_average_1min": load, "identical": identical}
     print(f"clean teacher-forced: {clean_rate:.1f} sequences/s; campaign over {sites} neuron sites x {len(bits)} bit(s): "
           f"prefix {rate['prefix']:.1f} faults/s ({rate['prefix'] / clean_rate:.2f}x clean), full pass "
-          f"{rate['full']:.1f} faults/s ({rate['full'] / clean_rate:.2f}x clean); identical counts: {identical}")
+          f"{rate['full']:.1f} faults/s ({rate['full'] / clean_rate:.2f}x clean); medians of {args.repeats} interleaved "
+          f"rounds; load average {load}; identical counts: {identical}")
     print(json.dumps(result))
     if not identical:
         raise SystemExit("prefix and full-pass results differ")
