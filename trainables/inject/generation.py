@@ -169,6 +169,7 @@ class _Chunk:
     golden: torch.Tensor  # (B, new_tokens) int64
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer (B, kv_heads, P + new_tokens - 1, head_dim)
     values: list[torch.Tensor] = field(default_factory=list)
+    nonfinite: torch.Tensor | None = None  # (B, new_tokens) bool: the golden logits of step s were not all finite
 
     @property
     def length(self) -> int:
@@ -177,6 +178,20 @@ class _Chunk:
     def state_cache(self, hf_model: nn.Module, positions: int):
         """A new DynamicCache holding a copy of the golden cache's first ``positions`` positions."""
         return _new_cache(hf_model, [(k[:, :, :positions], v[:, :, :positions]) for k, v in zip(self.keys, self.values)])
+
+    def settled(self, cache, tokens: torch.Tensor, step: int) -> bool:
+        """Whether the state after decode ``step`` equals the golden state bit for bit: the token of
+        every row, and (with a cache) the keys and values step ``step`` wrote (the earlier positions are
+        the golden copies the run started from). Then every later step decodes exactly as the golden run."""
+        if not torch.equal(tokens[:, step], self.golden[:, step]):
+            return False
+        if cache is None:
+            return True
+        lo, hi = (0, self.length) if step == 0 else (self.length + step - 1, self.length + step)
+        bits = lambda t: t.view(formats.int_view(t.dtype))  # noqa: E731  (NaN and -0.0 compare by their bits)
+        return all(torch.equal(bits(layer.keys[:, :, lo:hi]), bits(k[:, :, lo:hi])) and
+                   torch.equal(bits(layer.values[:, :, lo:hi]), bits(v[:, :, lo:hi]))
+                   for layer, k, v in zip(cache.layers, self.keys, self.values))
 
 
 @dataclass
@@ -321,7 +336,7 @@ def _forward(bench: GenerationBench, inputs: torch.Tensor, cache) -> torch.Tenso
 def _golden_chunk(bench: GenerationBench, rows: np.ndarray, ids: torch.Tensor) -> _Chunk:
     n, b = bench.new_tokens, len(rows)
     tokens = torch.empty((b, n), dtype=torch.int64, device=bench.device)
-    nonfinite = torch.zeros(b, dtype=torch.bool, device=bench.device)
+    nonfinite = torch.zeros((b, n), dtype=torch.bool, device=bench.device)
     cache = _new_cache(bench.hf_model) if bench.no_cache is None else None
     inputs = ids
     with math_mode(bench.mode), torch.inference_mode():
@@ -329,9 +344,10 @@ def _golden_chunk(bench: GenerationBench, rows: np.ndarray, ids: torch.Tensor) -
             with _shape_recorder(bench, (ids.shape[1], step), b):
                 logits = _forward(bench, inputs, cache)
             tokens[:, step] = logits.argmax(dim=-1)
-            nonfinite |= ~torch.isfinite(logits).all(dim=-1)
+            nonfinite[:, step] = ~torch.isfinite(logits).all(dim=-1)
             inputs = tokens[:, step : step + 1] if cache is not None else torch.cat([ids, tokens[:, : step + 1]], dim=1)
-    chunk = _Chunk(rows, ids, tokens)
+    chunk = _Chunk(rows, ids, tokens, nonfinite=nonfinite)
+    nonfinite = nonfinite.any(dim=1)
     if cache is not None:
         _check_cache(cache, type(bench.hf_model).__name__)
         chunk.keys = [layer.keys for layer in cache.layers]
@@ -583,15 +599,18 @@ def _flip_cache(cache, site: KVSite, positions: torch.Tensor, keep, toggle) -> t
 
 def _decode(bench: GenerationBench, chunk: _Chunk, first: int, hook_step: int | None = None,
             hook: Callable[[], contextlib.AbstractContextManager] | None = None,
-            edit_step: int | None = None, edit: Callable | None = None, keep_logits: bool = False):
+            edit_step: int | None = None, edit: Callable | None = None, keep_logits: bool = False,
+            settle: bool = False):
     """Decode ``chunk`` from the golden state before step ``first`` (0: from the prompt) to the
     last step; ``hook()`` wraps step ``hook_step``'s forward, ``edit(cache)`` runs right after
     step ``edit_step`` (``first == edit_step + 1``: applied to the starting state). Returns the
-    tokens (B, new_tokens; golden before ``first``), per-row non-finite flags from ``first`` on,
-    and the logits of the steps run (B, steps, vocab) when ``keep_logits``."""
+    tokens (B, new_tokens; golden before ``first``), per-row non-finite flags (the golden run's
+    before ``first``), and the logits of the steps run (B, steps, vocab) when ``keep_logits``.
+    ``settle``: stop after step ``hook_step`` when the state is golden again (the fault was masked
+    bit for bit): the later steps are the golden run's (same tokens and flags as decoding them)."""
     n, length = bench.new_tokens, chunk.length
     tokens = chunk.golden.clone()
-    nonfinite = torch.zeros(len(chunk.prompts), dtype=torch.bool, device=bench.device)
+    nonfinite = chunk.nonfinite[:, :first].any(dim=1)  # the golden steps before ``first``, as decoding them gives
     cached = bench.no_cache is None
     if first == 0:
         cache, inputs = (_new_cache(bench.hf_model) if cached else None), chunk.ids
@@ -610,6 +629,9 @@ def _decode(bench: GenerationBench, chunk: _Chunk, first: int, hook_step: int | 
         nonfinite |= ~torch.isfinite(logits).all(dim=-1)
         if edit is not None and step == edit_step:
             edit(cache)
+        if settle and step == hook_step and not keep_logits and step + 1 < n and chunk.settled(cache, tokens, step):
+            nonfinite |= chunk.nonfinite[:, step + 1 :].any(dim=1)
+            break
         inputs = tokens[:, step : step + 1] if cached else torch.cat([chunk.ids, tokens[:, : step + 1]], dim=1)
     return tokens, nonfinite, (torch.stack(logits_all, dim=1) if keep_logits else None)
 
@@ -696,7 +718,7 @@ def _execute(bench, site, kind, faults: _Faults, record: str, prefix: bool, tens
                                            f"times in decode step {key}; expected once")
 
                 tokens, bad, lg = _decode(bench, chunk, key if prefix else 0, hook_step=key, hook=hooked,
-                                          keep_logits=keep_logits)
+                                          keep_logits=keep_logits, settle=prefix)
                 raw[idx] = batch.raw_before[torch.from_numpy(rows).to(bench.device)].to(torch.int64).cpu().numpy()
             else:
                 positions, keep, toggle = _masks(bench, len(chunk.prompts), rows, faults, idx)

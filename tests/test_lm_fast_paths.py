@@ -1,0 +1,110 @@
+"""The LM fast paths against the full paths, field by field: teacher-forced faults after a decoder
+layer's attention (its golden output stubbed in, trainables.inject.layers) and generation faults
+that stop decoding once the state is golden again (trainables.inject.generation)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests import test_generation as gen_tests
+from tests import test_language_models as lm_tests
+from trainables.inject import engine, layers
+from trainables.inject import generation as G
+
+lm_dirs = lm_tests.lm_dirs  # the fixture: tiny Llama and GPT-2 saved with save_pretrained
+bench_for = lm_tests.bench_for
+
+
+def assert_same(want, got, what):
+    for field, value in want.records.as_dict().items():
+        np.testing.assert_array_equal(getattr(got.records, field), value, err_msg=f"{what} {field}")
+    np.testing.assert_array_equal(got.counts.by_bit, want.counts.by_bit, err_msg=what)
+    np.testing.assert_array_equal(got.counts.sums, want.counts.sums, err_msg=what)
+
+
+def post_attention_targets(bench):
+    """Layer 1's sites after its attention (neuron) and the weights read there, in forward order."""
+    prefix = layers.decoder_layers(bench.model)[0]
+    inside = [s for s in bench.sites if s.name.startswith(f"{prefix}.1.") and not s.container]
+    neurons = [s for s in inside if layers.after_attention(bench.model, bench.sites, s, "neuron", None, 1)]
+    weights = [s for s in inside if s.is_weight_site
+               and layers.after_attention(bench.model, bench.sites, s, "weight", engine._fault_tensor(bench, s, "weight"), 1)]
+    return [("neuron", s) for s in neurons] + [("weight", s) for s in weights]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_attention_stub_equals_the_full_pass(lm_dirs, name):
+    """Layer 1's post-attention neuron and weight sites: the stubbed attention is used (verified) and
+    every record, count and sum equals the full pass's; the attention sites before them do not stub it."""
+    full = bench_for(lm_dirs, name, batch_size=3)
+    fast = bench_for(lm_dirs, name, batch_size=3, prefix=True, prefix_cache_mb=64)
+    targets = post_attention_targets(fast)
+    expected = {"llama": {"model.layers.1.post_attention_layernorm", "model.layers.1.mlp.gate_proj",
+                          "model.layers.1.mlp.act_fn", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"},
+                "gpt2": {"transformer.h.1.ln_2", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.act",
+                         "transformer.h.1.mlp.c_proj", "transformer.h.1.mlp.dropout"}}[name]
+    assert {s.name for kind, s in targets if kind == "neuron"} == expected
+    assert any(kind == "weight" for kind, _ in targets)
+    attention_site = next(s for s in fast.sites if ".1.self_attn.q_proj" in s.name or ".1.attn.c_attn" in s.name)
+    for kind, site in [("neuron", attention_site)] + targets:
+        for bit in (30, "random"):
+            kwargs = dict(bit=bit, seed=5, record="all", images_per_weight_fault=2)
+            want = engine.run_faults(full, full.site(kind, site.index), kind, **kwargs)
+            got = engine.run_faults(fast, site, kind, **kwargs)
+            assert (want.path, got.path) == ("full", "prefix")
+            assert fast.prefix_state.runner.after_attention == (site is not attention_site), site.name
+            assert_same(want, got, f"{kind} {site.name} bit {bit}")
+    assert fast.prefix_state.runner.attention_checked == ""
+
+
+def test_an_attention_stub_that_differs_is_not_used(lm_dirs, monkeypatch):
+    """A stubbed attention output that is not the golden one fails the check: the plain layer cut runs
+    (the attention recomputed) and the records still equal the full pass's."""
+    real = layers.LayerRunner.live_attention
+
+    def perturbed(self, lo, hi, hidden):
+        out = real(self, lo, hi, hidden)
+        return (out[0] + 1.0, *out[1:])
+
+    monkeypatch.setattr(layers.LayerRunner, "live_attention", perturbed)
+    full = bench_for(lm_dirs, "llama", batch_size=3)
+    fast = bench_for(lm_dirs, "llama", batch_size=3, prefix=True, prefix_cache_mb=64)
+    site = next(s for s in fast.sites if s.name == "model.layers.1.mlp.down_proj")
+    want = engine.run_faults(full, full.site("neuron", site.index), "neuron", bit="random", seed=5, record="all")
+    got = engine.run_faults(fast, site, "neuron", bit="random", seed=5, record="all")
+    runner = fast.prefix_state.runner
+    assert got.path == "prefix" and runner.after_attention is False
+    assert runner.attention_checked.startswith("stubbing the attention of decoder layer 1 does not reproduce")
+    assert_same(want, got, "fallback")
+
+
+@pytest.mark.parametrize("make", [gen_tests.llama, gen_tests.gpt2])
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_generation_stops_when_the_state_is_golden_again_with_the_regenerated_records(make, batch_size, monkeypatch):
+    """Neuron faults in the last layer's MLP, the final norm and the head (their flips are often
+    masked bit for bit, and write no cache) and in layer 0: decoding from the golden state stops
+    early where the state is golden again, and every record equals decoding from the prompt."""
+    bench = G.prepare_generation(make(), gen_tests.prompts(), 8, batch_size=batch_size, device="cpu")
+    outcomes = []
+    real = G._Chunk.settled
+
+    def counted(self, *args):
+        outcomes.append(real(self, *args))
+        return outcomes[-1]
+
+    monkeypatch.setattr(G._Chunk, "settled", counted)
+    names = [s.name for s in bench.sites if not s.container]
+    chosen = [n for n in names if n.endswith(("1.mlp.down_proj", "1.mlp.c_proj", "norm", "ln_f", "lm_head"))][-3:]
+    chosen.append(next(n for n in names if ".0." in n))
+    for name in chosen:
+        site = next(s for s in bench.sites if s.name == name)
+        for bit in ("random", 30, 3):
+            fast = G.run_generation(bench, site, "neuron", bit, seed=4, steps="random", record="all")
+            full = G.run_generation(bench, site, "neuron", bit, seed=4, steps="random", record="all", prefix=False)
+            for field, value in full.records.as_dict().items():
+                np.testing.assert_array_equal(getattr(fast.records, field), value, err_msg=f"{name} {bit} {field}")
+            assert (fast.counts.identical, fast.counts.sdc, fast.counts.nonfinite) == \
+                (full.counts.identical, full.counts.sdc, full.counts.nonfinite)
+            np.testing.assert_array_equal(fast.counts.by_step, full.counts.by_step)
+    assert True in outcomes and False in outcomes  # both ways were taken: stopped early, and decoded on
+
