@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tests import test_generation as gen_tests
 from tests import test_language_models as lm_tests
@@ -108,3 +109,51 @@ def test_generation_stops_when_the_state_is_golden_again_with_the_regenerated_re
             np.testing.assert_array_equal(fast.counts.by_step, full.counts.by_step)
     assert True in outcomes and False in outcomes  # both ways were taken: stopped early, and decoded on
 
+
+
+@pytest.mark.parametrize("make", [gen_tests.llama, gen_tests.gpt2])
+def test_decoding_from_layer_l_while_the_tokens_are_golden_equals_regenerating(make, monkeypatch):
+    """Neuron faults in layer 1 and kv faults in layer 1's cache: the steps after the fault run from
+    layer 1 (layer 0 stubbed with its golden output) until a token differs, then every layer again;
+    tokens and logits equal decoding from the prompt bit for bit, both ways taken."""
+    bench = G.prepare_generation(make(), gen_tests.prompts(), 8, batch_size=2, device="cpu")
+    stubbed = []
+    real = layers._stubbed
+
+    def counted(decoder, k, hidden):
+        stubbed.append(k)
+        return real(decoder, k, hidden)
+
+    monkeypatch.setattr(layers, "_stubbed", counted)
+    names = [s.name for s in bench.sites if not s.container and (".1." in s.name)]
+    targets = [("neuron", next(s for s in bench.sites if s.name == n)) for n in (names[0], names[len(names) // 2], names[-1])]
+    targets += [("kv", bench.kv[2]), ("kv", bench.kv[3])]
+    diverged = 0
+    for kind, site in targets:
+        for bit in (30, "random"):
+            fast = G.run_generation(bench, site, kind, bit, seed=6, steps="random", record="all", keep_logits=True)
+            full = G.run_generation(bench, site, kind, bit, seed=6, steps="random", record="all", prefix=False,
+                                    keep_logits=True)
+            for field, value in full.records.as_dict().items():
+                np.testing.assert_array_equal(getattr(fast.records, field), value, err_msg=f"{site.name} {bit} {field}")
+            for i, s in enumerate(fast.records.step):
+                start = s if kind == "neuron" else s + 1
+                assert gen_tests.same(fast.logits[i], full.logits[i][start:]), f"{site.name} {bit} fault {i}"
+            diverged += int((~fast.records.identical).sum())
+    assert bench.cuts == {1: ""} and stubbed and set(stubbed) == {1}
+    assert diverged > 0  # some continuations changed: the switch back to every layer ran
+
+
+def test_a_layer_cut_that_does_not_reproduce_the_golden_steps_is_not_used():
+    """Golden layer outputs that are not the golden run's (hand-perturbed on the first chunk) fail the
+    check once: the cut is refused with the reason, and the faults decode every layer, as from the prompt."""
+    bench = G.prepare_generation(gen_tests.llama(), gen_tests.prompts(), 6, device="cpu")
+    with torch.inference_mode():
+        for step_output in bench.chunks[0].hidden[0]:
+            step_output.add_(1.0)
+    site = next(s for s in bench.sites if s.name == "model.layers.1.mlp.down_proj")
+    fast = G.run_generation(bench, site, "neuron", 30, seed=2, steps="random", record="all")
+    full = G.run_generation(bench, site, "neuron", 30, seed=2, steps="random", record="all", prefix=False)
+    assert bench.cuts[1].startswith("stubbing decoder layers 0..0 does not reproduce decode step 1")
+    for field, value in full.records.as_dict().items():
+        np.testing.assert_array_equal(getattr(fast.records, field), value, err_msg=field)
