@@ -9,7 +9,7 @@ import torch
 
 from tests import test_generation as gen_tests
 from tests import test_language_models as lm_tests
-from trainables.inject import engine, layers
+from trainables.inject import engine, layers, tokens
 from trainables.inject import generation as G
 
 lm_dirs = lm_tests.lm_dirs  # the fixture: tiny Llama and GPT-2 saved with save_pretrained
@@ -157,3 +157,34 @@ def test_a_layer_cut_that_does_not_reproduce_the_golden_steps_is_not_used():
     assert bench.cuts[1].startswith("stubbing decoder layers 0..0 does not reproduce decode step 1")
     for field, value in full.records.as_dict().items():
         np.testing.assert_array_equal(getattr(fast.records, field), value, err_msg=field)
+
+
+@pytest.mark.parametrize("name,mode", [("llama", "fp32"), ("llama", "bf16"), ("gpt2", "fp32")])
+def test_only_rows_whose_head_input_changed_are_measured_with_the_full_pass_records(lm_dirs, name, mode, monkeypatch):
+    """Teacher-forced neuron faults on the prefix path measure only the rows whose head input differs
+    from the golden one (batches as in the golden pass); every record, count and sum equals the full
+    pass's. A window whose batches are not the golden pass's measures every row, with the same records."""
+    full = bench_for(lm_dirs, name, mode=mode, batch_size=3)
+    fast = bench_for(lm_dirs, name, mode=mode, batch_size=3, prefix=True, prefix_cache_mb=64)
+    measured = []
+    real = tokens.NextTokenMetric._add_changed_rows
+
+    def counted(self, lo, hi, logits, head_input):
+        measured.append(int((head_input != self.bench.golden_head_input[self.start + lo : self.start + hi]).any(-1).sum()))
+        return real(self, lo, hi, logits, head_input)
+
+    monkeypatch.setattr(tokens.NextTokenMetric, "_add_changed_rows", counted)
+    leaves = [s for s in fast.sites if not s.container]
+    head = engine.head_module(fast.model)[0]
+    for site in leaves[1::2] + [s for s in leaves if s.name == head]:
+        for bit in (30 if mode == "fp32" else 14, "random"):
+            for start, stop in ((0, None), (1, 8)):
+                before = len(measured)
+                kwargs = dict(bit=bit, seed=9, record="all", start=start, stop=stop)
+                want = engine.run_faults(full, full.site("neuron", site.index), "neuron", **kwargs)
+                got = engine.run_faults(fast, site, "neuron", **kwargs)
+                assert_same(want, got, f"{site.name} bit {bit} from {start}")
+                restricted = got.path == "prefix" and start == 0 and site.name != head
+                assert (len(measured) > before) == restricted, site.name
+    rows = fast.images.shape[1] * 3
+    assert measured and min(measured) < rows and max(measured) > 0  # some batches skipped rows, some measured them
