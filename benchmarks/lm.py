@@ -54,18 +54,28 @@ def clean_pass(bench: engine.Workbench, tries: int = 5) -> float:
     return statistics.median(seconds)
 
 
-def campaign(bench: engine.Workbench, prefix: bool, bits: list) -> tuple[float, list]:
-    """One trial per leaf neuron site and bit, site-major, on a fresh prefix state: (seconds, results)."""
+def campaign(bench: engine.Workbench, bits: list, flip: int) -> tuple[dict[str, float], dict[str, list]]:
+    """One trial per leaf neuron site and bit, site-major, with and without the prefix (a fresh prefix
+    state), each trial next to the other path's and to one clean pass over every sequence, the order
+    rotating from trial to trial: (seconds per path, results per path)."""
     bench.prefix_state = suffix.PrefixState(bench.prefix_cache_mb)
-    t0 = time.perf_counter()
-    results = []
+    seconds = {"clean": 0.0, "prefix": 0.0, "full": 0.0}
+    results: dict[str, list] = {"prefix": [], "full": []}
+    orders = [("clean", "prefix", "full"), ("full", "clean", "prefix"), ("prefix", "full", "clean")]
     for site in bench.sites:
         if site.container:
             continue
         for bit in bits:
-            counts = engine.run_faults(bench, site, "neuron", bit, seed=1, prefix=prefix).counts
-            results.append((counts.by_bit.tolist(), counts.sums.tolist()))
-    return time.perf_counter() - t0, results
+            flip += 1
+            for mode in orders[flip % 3]:
+                if mode == "clean":
+                    seconds["clean"] += clean_pass(bench, tries=1)
+                    continue
+                t0 = time.perf_counter()
+                counts = engine.run_faults(bench, site, "neuron", bit, seed=1, prefix=mode == "prefix").counts
+                seconds[mode] += time.perf_counter() - t0
+                results[mode].append((counts.by_bit.tolist(), counts.sums.tolist()))
+    return seconds, results
 
 
 def main(argv=None) -> dict:
@@ -94,15 +104,15 @@ def main(argv=None) -> dict:
     results = {}
     load_before = os.getloadavg()
     for round_ in range(args.repeats):
-        times["clean"].append(clean_pass(bench))
-        for mode in (("prefix", "full") if round_ % 2 == 0 else ("full", "prefix")):
-            seconds, results[mode] = campaign(bench, mode == "prefix", bits)
-            times[mode].append(seconds)
-        times["clean"].append(clean_pass(bench))
+        seconds, results = campaign(bench, bits, round_)
+        for mode, value in seconds.items():
+            times[mode].append(value)
     load_after = os.getloadavg()
+    runs = sites * len(bits)  # one clean pass over every sequence per trial
+    ratios = {mode: [c / t for c, t in zip(times["clean"], times[mode])] for mode in ("prefix", "full")}
     best = {k: statistics.median(v) for k, v in times.items()}
-    clean_rate = args.sequences / best["clean"]
-    faults = args.sequences * sites * len(bits)
+    clean_rate = args.sequences * runs / best["clean"]
+    faults = args.sequences * runs
     rate = {mode: faults / best[mode] for mode in ("prefix", "full")}
     identical = results["prefix"] == results["full"]
     load = f"{load_before[0]:.2f} -> {load_after[0]:.2f}"
@@ -111,13 +121,15 @@ def main(argv=None) -> dict:
               "seq_len": args.seq_len, "batch_size": args.batch_size, "sites": sites, "bits": args.bits,
               "threads": args.threads, "repeats": args.repeats, "clean_seq_per_s": round(clean_rate, 1),
               "prefix_faults_per_s": round(rate["prefix"], 1), "full_faults_per_s": round(rate["full"], 1),
-              "prefix_vs_clean": round(rate["prefix"] / clean_rate, 3), "full_vs_clean": round(rate["full"] / clean_rate, 3),
-              "prefix_vs_clean_per_round": [round(best["clean"] * faults / args.sequences / t, 3) for t in times["prefix"]],
+              "prefix_vs_clean": round(statistics.median(ratios["prefix"]), 3),
+              "full_vs_clean": round(statistics.median(ratios["full"]), 3),
+              "prefix_vs_clean_per_round": [round(r, 3) for r in ratios["prefix"]],
               "load_average_1min": load, "identical": identical}
     print(f"clean teacher-forced: {clean_rate:.1f} sequences/s; campaign over {sites} neuron sites x {len(bits)} bit(s): "
-          f"prefix {rate['prefix']:.1f} faults/s ({rate['prefix'] / clean_rate:.2f}x clean), full pass "
-          f"{rate['full']:.1f} faults/s ({rate['full'] / clean_rate:.2f}x clean); medians of {args.repeats} interleaved "
-          f"rounds; load average {load}; identical counts: {identical}")
+          f"prefix {rate['prefix']:.1f} faults/s ({statistics.median(ratios['prefix']):.2f}x clean; per round "
+          f"{', '.join(f'{r:.2f}' for r in ratios['prefix'])}), full pass {rate['full']:.1f} faults/s "
+          f"({statistics.median(ratios['full']):.2f}x clean); medians of {args.repeats} rounds, trials and clean passes "
+          f"interleaved; load average {load}; identical counts: {identical}")
     print(json.dumps(result))
     if not identical:
         raise SystemExit("prefix and full-pass results differ")

@@ -715,8 +715,8 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
             flipped = (offset, raw)
 
     hooked = plan.kind == "neuron" and (runner is None or getattr(runner, "needs_hook", False))
-    head_inputs = [] if metric is not None and runner is not None and hooked and _rows_reusable(bench, site, plan, start) \
-        else None
+    # prefix reuse asked for: a neuron fault's rows that stay golden are not measured (on the full pass too)
+    head_inputs = [] if metric is not None and prefix and hooked and _rows_reusable(bench, site, plan, start) else None
     with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if hooked else contextlib.nullcontext(), \
             _head_input(bench.model, head_inputs) if head_inputs is not None else contextlib.nullcontext():
         try:
@@ -745,6 +745,8 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                         elif runner is not None:
                             logits = runner.logits(start + lo, start + hi, batch)
                         else:
+                            if head_inputs is not None:
+                                head_inputs.clear()
                             logits = _faulty_logits(bench.model, bench.images[start + lo : start + hi], site, batch)
                     raw_all[lo:hi] = batch.raw_before
                 if metric is not None:
