@@ -47,8 +47,9 @@ def test_attention_stub_equals_the_full_pass(lm_dirs, name):
     assert {s.name for kind, s in targets if kind == "neuron"} == expected
     assert any(kind == "weight" for kind, _ in targets)
     attention_site = next(s for s in fast.sites if ".1.self_attn.q_proj" in s.name or ".1.attn.c_attn" in s.name)
-    for kind, site in [("neuron", attention_site)] + targets:
-        for bit in (30, "random"):
+    weights = [t for t in targets if t[0] == "weight"]
+    for kind, site in [("neuron", attention_site)] + [t for t in targets if t[0] == "neuron"] + weights[-1:]:
+        for bit in ("random",):
             kwargs = dict(bit=bit, seed=5, record="all", images_per_weight_fault=2)
             want = engine.run_faults(full, full.site(kind, site.index), kind, **kwargs)
             got = engine.run_faults(fast, site, kind, **kwargs)
@@ -79,13 +80,12 @@ def test_an_attention_stub_that_differs_is_not_used(lm_dirs, monkeypatch):
     assert_same(want, got, "fallback")
 
 
-@pytest.mark.parametrize("make", [gen_tests.llama, gen_tests.gpt2])
-@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("make,batch_size", [(gen_tests.llama, 1), (gen_tests.gpt2, 2)])
 def test_generation_stops_when_the_state_is_golden_again_with_the_regenerated_records(make, batch_size, monkeypatch):
     """Neuron faults in the last layer's MLP, the final norm and the head (their flips are often
     masked bit for bit, and write no cache) and in layer 0: decoding from the golden state stops
     early where the state is golden again, and every record equals decoding from the prompt."""
-    bench = G.prepare_generation(make(), gen_tests.prompts(), 8, batch_size=batch_size, device="cpu")
+    bench = G.prepare_generation(make(), gen_tests.prompts(), 6, batch_size=batch_size, device="cpu")
     outcomes = []
     real = G._Chunk.settled
 
@@ -99,7 +99,7 @@ def test_generation_stops_when_the_state_is_golden_again_with_the_regenerated_re
     chosen.append(next(n for n in names if ".0." in n))
     for name in chosen:
         site = next(s for s in bench.sites if s.name == name)
-        for bit in ("random", 30, 3):
+        for bit in ("random", 3):
             fast = G.run_generation(bench, site, "neuron", bit, seed=4, steps="random", record="all")
             full = G.run_generation(bench, site, "neuron", bit, seed=4, steps="random", record="all", prefix=False)
             for field, value in full.records.as_dict().items():
@@ -111,12 +111,12 @@ def test_generation_stops_when_the_state_is_golden_again_with_the_regenerated_re
 
 
 
-@pytest.mark.parametrize("make", [gen_tests.llama, gen_tests.gpt2])
-def test_decoding_from_layer_l_while_the_tokens_are_golden_equals_regenerating(make, monkeypatch):
+def test_decoding_from_layer_l_while_the_tokens_are_golden_equals_regenerating(monkeypatch):
     """Neuron faults in layer 1 and kv faults in layer 1's cache: the steps after the fault run from
     layer 1 (layer 0 stubbed with its golden output) until a token differs, then every layer again;
-    tokens and logits equal decoding from the prompt bit for bit, both ways taken."""
-    bench = G.prepare_generation(make(), gen_tests.prompts(), 8, batch_size=2, device="cpu")
+    tokens and logits equal decoding from the prompt bit for bit, both ways taken. (GPT-2's kv
+    faults take this path in test_generation's golden-state test.)"""
+    bench = G.prepare_generation(gen_tests.llama(), gen_tests.prompts(), 8, batch_size=2, device="cpu")
     stubbed = []
     real = layers._stubbed
 
@@ -126,11 +126,11 @@ def test_decoding_from_layer_l_while_the_tokens_are_golden_equals_regenerating(m
 
     monkeypatch.setattr(layers, "_stubbed", counted)
     names = [s.name for s in bench.sites if not s.container and (".1." in s.name)]
-    targets = [("neuron", next(s for s in bench.sites if s.name == n)) for n in (names[0], names[len(names) // 2], names[-1])]
-    targets += [("kv", bench.kv[2]), ("kv", bench.kv[3])]
+    targets = [("neuron", next(s for s in bench.sites if s.name == n)) for n in (names[len(names) // 2], names[-1])]
+    targets += [("kv", bench.kv[3])]
     diverged = 0
     for kind, site in targets:
-        for bit in (30, "random"):
+        for bit in (30,):
             fast = G.run_generation(bench, site, kind, bit, seed=6, steps="random", record="all", keep_logits=True)
             full = G.run_generation(bench, site, kind, bit, seed=6, steps="random", record="all", prefix=False,
                                     keep_logits=True)
@@ -159,7 +159,7 @@ def test_a_layer_cut_that_does_not_reproduce_the_golden_steps_is_not_used():
         np.testing.assert_array_equal(getattr(fast.records, field), value, err_msg=field)
 
 
-@pytest.mark.parametrize("name,mode", [("llama", "fp32"), ("llama", "bf16"), ("gpt2", "fp32")])
+@pytest.mark.parametrize("name,mode", [("llama", "fp32"), ("gpt2", "bf16")])
 def test_only_rows_whose_head_input_changed_are_measured_with_the_full_pass_records(lm_dirs, name, mode, monkeypatch):
     """Teacher-forced neuron faults with prefix reuse asked for measure only the rows whose head input
     differs from the golden one (batches as in the golden pass; on the layer cut or, before the first
@@ -176,8 +176,8 @@ def test_only_rows_whose_head_input_changed_are_measured_with_the_full_pass_reco
     monkeypatch.setattr(tokens.NextTokenMetric, "_add_changed_rows", counted)
     leaves = [s for s in fast.sites if not s.container]
     head = engine.head_module(fast.model)[0]
-    for site in leaves[1::2] + [s for s in leaves if s.name == head]:
-        for bit in (30 if mode == "fp32" else 14, "random"):
+    for site in leaves[1::4] + [s for s in leaves if s.name == head]:
+        for bit in (14 if mode == "bf16" else 30,):
             for start, stop in ((0, None), (1, 8)):
                 before = len(measured)
                 kwargs = dict(bit=bit, seed=9, record="all", start=start, stop=stop)
