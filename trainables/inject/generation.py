@@ -378,9 +378,10 @@ def _golden_chunk(bench: GenerationBench, rows: np.ndarray, ids: torch.Tensor) -
     cache = _new_cache(bench.hf_model) if bench.no_cache is None else None
     inputs = ids
     found = layers.decoder_layers(bench.hf_model) if cache is not None else None
+    width = getattr(bench.hf_model.config, "hidden_size", None)
     hidden = None
-    if found is not None:
-        per_position = bench.hf_model.config.hidden_size * torch.finfo(bench.dtype).bits // 8
+    if found is not None and isinstance(width, int):
+        per_position = width * torch.finfo(bench.dtype).bits // 8
         size = len(found[1]) * b * (ids.shape[1] + n - 1) * per_position
         if bench.hidden_bytes + size <= GOLDEN_HIDDEN_MB * 2**20:
             hidden = [[] for _ in found[1]]
@@ -392,6 +393,8 @@ def _golden_chunk(bench: GenerationBench, rows: np.ndarray, ids: torch.Tensor) -
             tokens[:, step] = logits.argmax(dim=-1)
             nonfinite[:, step] = ~torch.isfinite(logits).all(dim=-1)
             inputs = tokens[:, step : step + 1] if cache is not None else torch.cat([ids, tokens[:, : step + 1]], dim=1)
+    if hidden is not None and any(len(outputs) != n for outputs in hidden):
+        hidden = None  # a decoder layer ran other than once a step: no layer stubs for this chunk
     chunk = _Chunk(rows, ids, tokens, nonfinite=nonfinite, hidden=hidden)
     nonfinite = nonfinite.any(dim=1)
     if cache is not None:
