@@ -78,6 +78,28 @@ def campaign(bench: engine.Workbench, bits: list, flip: int) -> tuple[dict[str, 
     return seconds, results
 
 
+def campaign_rounds(bench: engine.Workbench, bits: list, flip: int) -> tuple[dict[str, float], dict[str, list]]:
+    """``--interleave round``: each path's whole campaign back to back (the order alternating by round),
+    between clean passes (the median of five before and five after, scaled to one pass per trial)."""
+    seconds: dict[str, float] = {}
+    results: dict[str, list] = {}
+    clean = [clean_pass(bench, tries=1) for _ in range(5)]
+    for mode in (("prefix", "full") if flip % 2 == 0 else ("full", "prefix")):
+        bench.prefix_state = suffix.PrefixState(bench.prefix_cache_mb)
+        t0 = time.perf_counter()
+        results[mode] = []
+        for site in bench.sites:
+            if site.container:
+                continue
+            for bit in bits:
+                counts = engine.run_faults(bench, site, "neuron", bit, seed=1, prefix=mode == "prefix").counts
+                results[mode].append((counts.by_bit.tolist(), counts.sums.tolist()))
+        seconds[mode] = time.perf_counter() - t0
+    clean += [clean_pass(bench, tries=1) for _ in range(5)]
+    seconds["clean"] = statistics.median(clean) * len(results["prefix"])
+    return seconds, results
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="hf:<dir> (default: a Llama built here from --layers/--width/--vocab)")
@@ -90,6 +112,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--bits", default="random", help="one trial per bit and site: random,30,22")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--interleave", choices=("trial", "round"), default="trial",
+                        help="trial: each trial next to the other path's and a clean pass (default); round: each "
+                             "path's whole campaign back to back, between clean passes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bits = [b if b == "random" else int(b) for b in args.bits.split(",")]
@@ -104,7 +129,7 @@ def main(argv=None) -> dict:
     results = {}
     load_before = os.getloadavg()
     for round_ in range(args.repeats):
-        seconds, results = campaign(bench, bits, round_)
+        seconds, results = (campaign if args.interleave == "trial" else campaign_rounds)(bench, bits, round_)
         for mode, value in seconds.items():
             times[mode].append(value)
     load_after = os.getloadavg()
@@ -119,7 +144,7 @@ def main(argv=None) -> dict:
     result = {"model": args.model or f"llama {args.layers}x{args.width} vocab {args.vocab}",
               "parameters": sum(p.numel() for p in bench.model.parameters()), "sequences": args.sequences,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "sites": sites, "bits": args.bits,
-              "threads": args.threads, "repeats": args.repeats, "clean_seq_per_s": round(clean_rate, 1),
+              "threads": args.threads, "repeats": args.repeats, "interleave": args.interleave, "clean_seq_per_s": round(clean_rate, 1),
               "prefix_faults_per_s": round(rate["prefix"], 1), "full_faults_per_s": round(rate["full"], 1),
               "prefix_vs_clean": round(statistics.median(ratios["prefix"]), 3),
               "full_vs_clean": round(statistics.median(ratios["full"]), 3),
@@ -128,8 +153,8 @@ def main(argv=None) -> dict:
     print(f"clean teacher-forced: {clean_rate:.1f} sequences/s; campaign over {sites} neuron sites x {len(bits)} bit(s): "
           f"prefix {rate['prefix']:.1f} faults/s ({statistics.median(ratios['prefix']):.2f}x clean; per round "
           f"{', '.join(f'{r:.2f}' for r in ratios['prefix'])}), full pass {rate['full']:.1f} faults/s "
-          f"({statistics.median(ratios['full']):.2f}x clean); medians of {args.repeats} rounds, trials and clean passes "
-          f"interleaved; load average {load}; identical counts: {identical}")
+          f"({statistics.median(ratios['full']):.2f}x clean); medians of {args.repeats} rounds, interleaved by "
+          f"{args.interleave}; load average {load}; identical counts: {identical}")
     print(json.dumps(result))
     if not identical:
         raise SystemExit("prefix and full-pass results differ")
