@@ -188,3 +188,18 @@ def test_only_rows_whose_head_input_changed_are_measured_with_the_full_pass_reco
                 assert (len(measured) > before) == restricted, site.name
     rows = fast.images.shape[1] * 3
     assert measured and min(measured) < rows and max(measured) > 0  # some batches skipped rows, some measured them
+    assert fast.rows_check == ""
+
+
+def test_rows_are_all_measured_where_the_subset_check_failed(lm_dirs, monkeypatch):
+    """A workbench whose check of the metric on a subset of rows failed measures every row: the
+    changed-rows metric is never called, and the records equal the full pass's."""
+    full = bench_for(lm_dirs, "llama", batch_size=3)
+    fast = bench_for(lm_dirs, "llama", batch_size=3, prefix=True, prefix_cache_mb=64)
+    monkeypatch.setattr(engine, "_check_rows", lambda bench: "failed here")
+    monkeypatch.setattr(tokens.NextTokenMetric, "_add_changed_rows", lambda *args: pytest.fail("rows skipped"))
+    site = next(s for s in fast.sites if s.name == "model.layers.1.mlp.up_proj")
+    want = engine.run_faults(full, full.site("neuron", site.index), "neuron", bit=30, seed=3, record="all")
+    got = engine.run_faults(fast, site, "neuron", bit=30, seed=3, record="all")
+    assert got.path == "prefix" and fast.rows_check == "failed here"
+    assert_same(want, got, "every row")

@@ -120,6 +120,7 @@ class Workbench:
     # and which golden rows (N, T) have finite logits; the prefix path then measures only the rows a fault changed
     golden_head_input: torch.Tensor | None = field(default=None, repr=False)
     golden_finite_rows: torch.Tensor | None = field(default=None, repr=False)
+    rows_check: str | None = field(default=None, repr=False)  # '' once the metric on a subset of rows was checked exact
 
     def site(self, kind: str, index: int) -> Site | ParamSite | qparams.QParamSite | None:
         """The site of ``kind`` with ``index`` (param and qparam sites are numbered apart), or None."""
@@ -793,7 +794,27 @@ def _rows_reusable(bench: Workbench, site, plan: _Plan, start: int) -> bool:
     if found is None or site.name == found[0] or site.name.startswith(found[0] + "."):
         return False
     n, size = bench.num_images, bench.batch_size
-    return all((start + lo) % size == 0 and (hi - lo == size or start + hi == n) for lo, hi, _ in plan.batches)
+    if not all((start + lo) % size == 0 and (hi - lo == size or start + hi == n) for lo, hi, _ in plan.batches):
+        return False
+    if bench.rows_check is None:
+        bench.rows_check = _check_rows(bench)
+    return bench.rows_check == ""
+
+
+def _check_rows(bench: Workbench) -> str:
+    """'' when the metric's kernels give, on every third row of the first batch's golden logits taken
+    apart, the golden top-1 and cross-entropy bit for bit (row reductions that do not depend on the
+    rows around them, as the changed-rows metric assumes); else why not."""
+    hi = min(bench.batch_size, bench.num_images)
+    logits = bench.golden_logits[:hi]
+    pick = (torch.arange(logits.shape[0] * logits.shape[1], device=logits.device) % 3 == 0).view(logits.shape[:2])
+    where = pick.nonzero(as_tuple=True)
+    with torch.inference_mode():
+        rows = logits[where]
+        nll = token_metrics.token_nll(rows, bench.labels[:hi][where])
+        same = torch.equal(rows.argmax(dim=-1), bench.golden[:hi][where]) and \
+            torch.equal(nll.view(torch.int64), bench.golden_nll[:hi][where].view(torch.int64))
+    return "" if same else "the metric on a subset of rows does not reproduce the golden values bit for bit"
 
 
 def _next_token_metric(bench: Workbench, site, plan: _Plan, start: int, stop: int) -> token_metrics.NextTokenMetric:
