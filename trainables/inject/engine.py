@@ -116,6 +116,11 @@ class Workbench:
     # position against the next token, golden_logits (N, T, V) float32 when within golden_cache_mb (else computed per run_faults window)
     golden_nll: torch.Tensor | None = field(default=None, repr=False)
     golden_logits: torch.Tensor | None = field(default=None, repr=False)
+    # next-token only, kept with golden_logits when both fit golden_cache_mb: the head's golden input (N, T, hidden)
+    # and which golden rows (N, T) have finite logits; the prefix path then measures only the rows a fault changed
+    golden_head_input: torch.Tensor | None = field(default=None, repr=False)
+    golden_finite_rows: torch.Tensor | None = field(default=None, repr=False)
+    rows_check: str | None = field(default=None, repr=False)  # '' once the metric on a subset of rows was checked exact
 
     def site(self, kind: str, index: int) -> Site | ParamSite | qparams.QParamSite | None:
         """The site of ``kind`` with ``index`` (param and qparam sites are numbered apart), or None."""
@@ -244,7 +249,8 @@ def prepare(
         golden = torch.empty_like(labels)
         digest = hashlib.sha256()
         lm_golden = _LMGolden(images, golden_cache_mb) if lm else None
-        with torch.inference_mode():
+        head = _head_input(model, lm_golden.head_inputs) if lm else contextlib.nullcontext()
+        with torch.inference_mode(), head:
             for lo in range(0, images.shape[0], batch_size):
                 logits = model(images[lo : lo + batch_size])
                 check_logits(logits, batch=min(batch_size, images.shape[0] - lo),
@@ -254,7 +260,8 @@ def prepare(
                     lm_golden.add(lo, logits, labels[lo : lo + batch_size])
                 digest.update(logits.float().cpu().contiguous().numpy().tobytes())
         digest.update(golden.cpu().numpy().tobytes())
-    extra = {} if lm_golden is None else dict(task=token_metrics.TASK, golden_nll=lm_golden.nll, golden_logits=lm_golden.logits)
+    extra = {} if lm_golden is None else dict(task=token_metrics.TASK, golden_nll=lm_golden.nll, golden_logits=lm_golden.logits,
+                                              golden_head_input=lm_golden.hidden, golden_finite_rows=lm_golden.finite)
     return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device,
                      prefix=bool(prefix), prefix_cache_mb=prefix_cache_mb, prefix_state=suffix.PrefixState(prefix_cache_mb),
                      params=param_sites(model)[0], weight_format=weight_format,
@@ -269,7 +276,8 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 class _LMGolden:
-    """An LM's golden per-sequence cross-entropy, and its golden logits while they fit the budget."""
+    """An LM's golden per-sequence cross-entropy, and its golden logits while they fit the budget
+    (with the head's golden input and the finite rows while those fit too)."""
 
     def __init__(self, inputs: torch.Tensor, budget_mb: float) -> None:
         if not isinstance(budget_mb, (int, float)) or budget_mb < 0:
@@ -278,16 +286,56 @@ class _LMGolden:
         self.nll = torch.empty(inputs.shape, dtype=torch.float64, device=inputs.device)
         self.logits: torch.Tensor | None = None
         self.keep = True
+        self.head_inputs: list[torch.Tensor] = []  # the batch in flight's head input (_head_input)
+        self.hidden: torch.Tensor | None = None
+        self.finite: torch.Tensor | None = None
+        self.keep_hidden = True
 
     def add(self, lo: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.nll[lo : lo + logits.shape[0]] = token_metrics.token_nll(logits, labels)
+        head_input = self.head_inputs.pop() if len(self.head_inputs) == 1 else None
+        self.head_inputs.clear()
         if self.keep and self.logits is None:
             n, t = self.inputs.shape
             self.keep = n * t * logits.shape[-1] * 4 <= self.budget
             if self.keep:
                 self.logits = torch.empty((n, t, logits.shape[-1]), dtype=torch.float32, device=logits.device)
+            self.keep_hidden = self.keep and head_input is not None and head_input.shape[:2] == logits.shape[:2] and \
+                n * t * (logits.shape[-1] * 4 + head_input.shape[-1] * head_input.element_size() + 1) <= self.budget
+            if self.keep_hidden:
+                self.hidden = torch.empty((n, t, head_input.shape[-1]), dtype=head_input.dtype, device=logits.device)
+                self.finite = torch.empty((n, t), dtype=torch.bool, device=logits.device)
         if self.keep:
             self.logits[lo : lo + logits.shape[0]] = logits.float()
+        if self.keep_hidden and head_input is not None and head_input.shape[:2] == logits.shape[:2]:
+            self.hidden[lo : lo + logits.shape[0]] = head_input
+            self.finite[lo : lo + logits.shape[0]] = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
+        elif self.keep_hidden:
+            self.keep_hidden, self.hidden, self.finite = False, None, None
+
+
+def head_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of a causal LM's output head (transformers' get_output_embeddings), or None."""
+    hf = getattr(model, "hf_model", model)
+    getter = getattr(hf, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        return None
+    return next(((name, m) for name, m in model.named_modules() if m is head), None)
+
+
+@contextlib.contextmanager
+def _head_input(model: nn.Module, into: list) -> Iterator[None]:
+    """Append the head's input (B, T, hidden) of each forward to ``into`` (nothing without a head)."""
+    found = head_module(model)
+    if found is None:
+        yield
+        return
+    handle = found[1].register_forward_pre_hook(lambda _m, args: into.append(args[0]) if args else None)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -668,7 +716,10 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
             flipped = (offset, raw)
 
     hooked = plan.kind == "neuron" and (runner is None or getattr(runner, "needs_hook", False))
-    with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if hooked else contextlib.nullcontext():
+    # prefix reuse asked for: a neuron fault's rows that stay golden are not measured (on the full pass too)
+    head_inputs = [] if metric is not None and prefix and hooked and _rows_reusable(bench, site, plan, start) else None
+    with math_mode(bench.mode), neuron_hook(bench.model, site, batch) if hooked else contextlib.nullcontext(), \
+            _head_input(bench.model, head_inputs) if head_inputs is not None else contextlib.nullcontext():
         try:
             current = None
             for lo, hi, weight_index in plan.batches:
@@ -689,14 +740,20 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
                     batch.keep = plan.keep[lo:hi] if plan.keep is not None else None
                     with torch.inference_mode():
                         if runner is not None and hooked:  # a layer-boundary cut: the hook flips inside the layer
+                            if head_inputs is not None:
+                                head_inputs.clear()
                             logits = runner.faulty_logits(start + lo, start + hi, site, batch)
                         elif runner is not None:
                             logits = runner.logits(start + lo, start + hi, batch)
                         else:
+                            if head_inputs is not None:
+                                head_inputs.clear()
                             logits = _faulty_logits(bench.model, bench.images[start + lo : start + hi], site, batch)
                     raw_all[lo:hi] = batch.raw_before
                 if metric is not None:
-                    metric.add(lo, hi, logits)
+                    if head_inputs is not None and len(head_inputs) != 1:
+                        raise RuntimeError(f"the output head ran {len(head_inputs)} times in a forward pass; expected once")
+                    metric.add(lo, hi, logits, head_inputs[0] if head_inputs else None)
                     continue
                 faulty_all[lo:hi] = logits.argmax(dim=1)
                 nonfinite_all[lo:hi] = ~torch.isfinite(logits).all(dim=1)
@@ -725,6 +782,39 @@ def _execute(bench: Workbench, site: Site, plan: _Plan, start: int, stop: int, r
             decode = lambda raw, _positions: formats.dequantize_codes(raw, batch.qparams[2], *batch.qparams[:2])  # noqa: E731
         records = _records(bench, plan, start, keep, faulty_all, changed, nonfinite_all, raw_all, effective, decode)
     return Outcome(counts, records, path)
+
+
+def _rows_reusable(bench: Workbench, site, plan: _Plan, start: int) -> bool:
+    """Whether a neuron fault's rows whose head input stays golden may take the golden row values: the
+    head's golden input is kept, the site runs before the head, and every batch is one of prepare's
+    (same rows, same shape, hence the same head and metric kernels as the golden pass)."""
+    if bench.golden_head_input is None or bench.golden_finite_rows is None or plan.kind != "neuron":
+        return False
+    found = head_module(bench.model)
+    if found is None or site.name == found[0] or site.name.startswith(found[0] + "."):
+        return False
+    n, size = bench.num_images, bench.batch_size
+    if not all((start + lo) % size == 0 and (hi - lo == size or start + hi == n) for lo, hi, _ in plan.batches):
+        return False
+    if bench.rows_check is None:
+        bench.rows_check = _check_rows(bench)
+    return bench.rows_check == ""
+
+
+def _check_rows(bench: Workbench) -> str:
+    """'' when the metric's kernels give, on every third row of the first batch's golden logits taken
+    apart, the golden top-1 and cross-entropy bit for bit (row reductions that do not depend on the
+    rows around them, as the changed-rows metric assumes); else why not."""
+    hi = min(bench.batch_size, bench.num_images)
+    logits = bench.golden_logits[:hi]
+    pick = (torch.arange(logits.shape[0] * logits.shape[1], device=logits.device) % 3 == 0).view(logits.shape[:2])
+    where = pick.nonzero(as_tuple=True)
+    with torch.inference_mode():
+        rows = logits[where]
+        nll = token_metrics.token_nll(rows, bench.labels[:hi][where])
+        same = torch.equal(rows.argmax(dim=-1), bench.golden[:hi][where]) and \
+            torch.equal(nll.view(torch.int64), bench.golden_nll[:hi][where].view(torch.int64))
+    return "" if same else "the metric on a subset of rows does not reproduce the golden values bit for bit"
 
 
 def _next_token_metric(bench: Workbench, site, plan: _Plan, start: int, stop: int) -> token_metrics.NextTokenMetric:

@@ -27,6 +27,12 @@ share a step (a step list, prefill) or when ``batch_size`` is 1 (the choice for 
 Fast path (``prefix=True``): a fault at step s starts from a copy of the golden state after
 step s-1 (the KV cache cut to its first P+s-1 positions, and token s-1) instead of decoding
 from the prompt; a kv fault after step s starts from the state after step s. Same tokens.
+Two more savings, both exact: a fault in decoder layer l (a neuron site there, or layer l's
+cache) leaves layers 0..l-1 golden for as long as the tokens fed are golden, so those steps
+run from layer l on (the layers before it return the golden run's output, kept per chunk
+within GOLDEN_HIDDEN_MB; their cache is the golden one; each cut checked once per workbench
+against the golden run); and a neuron fault whose step leaves the state golden bit for bit
+(its token and the keys and values it wrote) stops there: the later steps are the golden run's.
 
 Usable without Ray::
 
@@ -46,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainables.inject import engine, fault_models, formats
+from trainables.inject import engine, fault_models, formats, layers
 from trainables.inject.bitflip import apply_fault
 from trainables.inject.bitpools import BitPool
 from trainables.inject.engine import MATH_MODES, check_mode, math_mode
@@ -54,6 +60,7 @@ from trainables.inject.faults import BitSpec, random_words, uniform_below
 from trainables.inject.sites import ParamSite, Site, enumerate_sites, find_module, find_tensor, injectable_output, param_sites
 
 KINDS = ("neuron", "weight", "param", "kv")
+GOLDEN_HIDDEN_MB = 256.0  # the golden run's decoder-layer outputs kept for the fast path, all chunks together
 KV_TENSORS = ("keys", "values")
 RECORD_LEVELS = ("none", "changed", "all")
 GEN_MODES = ("fp32", "tf32", "fp16", "bf16")  # int8 models are classifiers (trainables.zoo.quantization)
@@ -180,6 +187,8 @@ class _Chunk:
     golden: torch.Tensor  # (B, new_tokens) int64
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer (B, kv_heads, P + new_tokens - 1, head_dim)
     values: list[torch.Tensor] = field(default_factory=list)
+    nonfinite: torch.Tensor | None = None  # (B, new_tokens) bool: the golden logits of step s were not all finite
+    hidden: list[list] | None = field(default=None, repr=False)  # [layer j][step]: layer j's golden output (None: not kept)
 
     @property
     def length(self) -> int:
@@ -188,6 +197,32 @@ class _Chunk:
     def state_cache(self, hf_model: nn.Module, positions: int):
         """A new DynamicCache holding a copy of the golden cache's first ``positions`` positions."""
         return _new_cache(hf_model, [(k[:, :, :positions], v[:, :, :positions]) for k, v in zip(self.keys, self.values)])
+
+    def settled(self, cache, tokens: torch.Tensor, step: int, first_layer: int = 0) -> bool:
+        """Whether the state after decode ``step`` equals the golden state bit for bit: the token of
+        every row, and (with a cache) the keys and values step ``step`` wrote in layers ``first_layer``
+        on (the earlier positions are the golden copies the run started from; layers before
+        ``first_layer`` ran as stubs returning golden outputs). Then every later step decodes exactly
+        as the golden run."""
+        if not torch.equal(tokens[:, step], self.golden[:, step]):
+            return False
+        if cache is None:
+            return True
+        lo, hi = self.written(step)
+        bits = lambda t: t.view(formats.int_view(t.dtype))  # noqa: E731  (NaN and -0.0 compare by their bits)
+        return all(torch.equal(bits(layer.keys[:, :, lo:hi]), bits(k[:, :, lo:hi])) and
+                   torch.equal(bits(layer.values[:, :, lo:hi]), bits(v[:, :, lo:hi]))
+                   for layer, k, v in list(zip(cache.layers, self.keys, self.values))[first_layer:])
+
+    def written(self, step: int) -> tuple[int, int]:
+        """The cache positions decode ``step`` writes: the prompt's at the prefill, then one a step."""
+        return (0, self.length) if step == 0 else (self.length + step - 1, self.length + step)
+
+    def golden_layers(self, cache, count: int, positions: int) -> None:
+        """Layers 0..count-1 of ``cache`` hold the golden keys and values of their first ``positions``
+        positions (views: an update concatenates, so the golden tensors never change)."""
+        for layer, k, v in zip(cache.layers[:count], self.keys, self.values):
+            layer.keys, layer.values = k[:, :, :positions], v[:, :, :positions]
 
 
 @dataclass
@@ -209,6 +244,8 @@ class GenerationBench:
     no_cache: str | None  # why the model decodes without a KV cache (each step reruns the whole sequence), or None
     shapes: dict[tuple[int, int], dict[int, tuple[int, ...] | None]] = field(repr=False)  # (P, step) -> site -> shape
     takes_logits_to_keep: bool = False
+    hidden_bytes: int = 0  # the golden layer outputs kept (GOLDEN_HIDDEN_MB)
+    cuts: dict[int, str] = field(default_factory=dict, repr=False)  # decoder layer l -> '' once its cut checked out, else why not
 
     @property
     def num_prompts(self) -> int:
@@ -329,20 +366,48 @@ def _forward(bench: GenerationBench, inputs: torch.Tensor, cache) -> torch.Tenso
     return bench.hf_model(input_ids=inputs, cache=cache, use_cache=True, **extra).logits[:, -1]
 
 
+@contextlib.contextmanager
+def _layer_outputs(found, hidden: list[list] | None):
+    """Append each decoder layer's output (as returned) to ``hidden[layer]``, once per forward."""
+    if hidden is None:
+        yield
+        return
+    handles = []
+    try:
+        for j, layer in enumerate(found[1]):
+            handles.append(layer.register_forward_hook(lambda _m, _i, out, j=j: hidden[j].append(out)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _golden_chunk(bench: GenerationBench, rows: np.ndarray, ids: torch.Tensor) -> _Chunk:
     n, b = bench.new_tokens, len(rows)
     tokens = torch.empty((b, n), dtype=torch.int64, device=bench.device)
-    nonfinite = torch.zeros(b, dtype=torch.bool, device=bench.device)
+    nonfinite = torch.zeros((b, n), dtype=torch.bool, device=bench.device)
     cache = _new_cache(bench.hf_model) if bench.no_cache is None else None
     inputs = ids
-    with math_mode(bench.mode), torch.inference_mode():
+    found = layers.decoder_layers(bench.hf_model) if cache is not None else None
+    width = getattr(bench.hf_model.config, "hidden_size", None)
+    hidden = None
+    if found is not None and isinstance(width, int):
+        per_position = width * torch.finfo(bench.dtype).bits // 8
+        size = len(found[1]) * b * (ids.shape[1] + n - 1) * per_position
+        if bench.hidden_bytes + size <= GOLDEN_HIDDEN_MB * 2**20:
+            hidden = [[] for _ in found[1]]
+            bench.hidden_bytes += size
+    with math_mode(bench.mode), torch.inference_mode(), _layer_outputs(found, hidden):
         for step in range(n):
             with _shape_recorder(bench, (ids.shape[1], step), b):
                 logits = _forward(bench, inputs, cache)
             tokens[:, step] = logits.argmax(dim=-1)
-            nonfinite |= ~torch.isfinite(logits).all(dim=-1)
+            nonfinite[:, step] = ~torch.isfinite(logits).all(dim=-1)
             inputs = tokens[:, step : step + 1] if cache is not None else torch.cat([ids, tokens[:, : step + 1]], dim=1)
-    chunk = _Chunk(rows, ids, tokens)
+    if hidden is not None and any(len(outputs) != n for outputs in hidden):
+        hidden = None  # a decoder layer ran other than once a step: no layer stubs for this chunk
+    chunk = _Chunk(rows, ids, tokens, nonfinite=nonfinite, hidden=hidden)
+    nonfinite = nonfinite.any(dim=1)
     if cache is not None:
         _check_cache(cache, type(bench.hf_model).__name__)
         chunk.keys = [layer.keys for layer in cache.layers]
@@ -594,15 +659,23 @@ def _flip_cache(cache, site: KVSite, positions: torch.Tensor, keep, toggle) -> t
 
 def _decode(bench: GenerationBench, chunk: _Chunk, first: int, hook_step: int | None = None,
             hook: Callable[[], contextlib.AbstractContextManager] | None = None,
-            edit_step: int | None = None, edit: Callable | None = None, keep_logits: bool = False):
+            edit_step: int | None = None, edit: Callable | None = None, keep_logits: bool = False,
+            settle: bool = False, cut: int | None = None):
     """Decode ``chunk`` from the golden state before step ``first`` (0: from the prompt) to the
     last step; ``hook()`` wraps step ``hook_step``'s forward, ``edit(cache)`` runs right after
     step ``edit_step`` (``first == edit_step + 1``: applied to the starting state). Returns the
-    tokens (B, new_tokens; golden before ``first``), per-row non-finite flags from ``first`` on,
-    and the logits of the steps run (B, steps, vocab) when ``keep_logits``."""
+    tokens (B, new_tokens; golden before ``first``), per-row non-finite flags (the golden run's
+    before ``first``), and the logits of the steps run (B, steps, vocab) when ``keep_logits``.
+    ``settle``: stop after step ``hook_step`` when the state is golden again (the fault was masked
+    bit for bit): the later steps are the golden run's (same tokens and flags as decoding them).
+    ``cut`` (a checked decoder layer l, see _cut_for): while every token fed is golden, layers 0..l-1
+    return the golden run's outputs and keep the golden cache instead of running."""
     n, length = bench.new_tokens, chunk.length
+    decoder = layers.decoder_layers(bench.hf_model)[1] if cut else None
+    golden_fed = bool(cut) and bench.no_cache is None and chunk.hidden is not None  # every token fed so far golden
+    stale = False  # the stubbed layers' cache lags behind (they did not run the last step)
     tokens = chunk.golden.clone()
-    nonfinite = torch.zeros(len(chunk.prompts), dtype=torch.bool, device=bench.device)
+    nonfinite = chunk.nonfinite[:, :first].any(dim=1)  # the golden steps before ``first``, as decoding them gives
     cached = bench.no_cache is None
     if first == 0:
         cache, inputs = (_new_cache(bench.hf_model) if cached else None), chunk.ids
@@ -613,7 +686,14 @@ def _decode(bench: GenerationBench, chunk: _Chunk, first: int, hook_step: int | 
         edit(cache)
     logits_all = []
     for step in range(first, n):
-        with hook() if step == hook_step else contextlib.nullcontext():
+        stub = golden_fed and step > 0  # the prefill fills the cache of every layer
+        if stub and step > first and not torch.equal(tokens[:, step - 1], chunk.golden[:, step - 1]):
+            golden_fed = stub = False  # a token fed differs: every layer runs from now on
+        if stub or stale:
+            chunk.golden_layers(cache, cut, length + step - 1)  # the stubbed layers' cache: golden up to this step
+            stale = stub
+        with hook() if step == hook_step else contextlib.nullcontext(), \
+                layers._stubbed(decoder, cut, chunk.hidden[cut - 1][step]) if stub else contextlib.nullcontext():
             logits = _forward(bench, inputs, cache)
         if keep_logits:
             logits_all.append(logits.clone())
@@ -621,8 +701,48 @@ def _decode(bench: GenerationBench, chunk: _Chunk, first: int, hook_step: int | 
         nonfinite |= ~torch.isfinite(logits).all(dim=-1)
         if edit is not None and step == edit_step:
             edit(cache)
+        if settle and step == hook_step and not keep_logits and step + 1 < n and \
+                chunk.settled(cache, tokens, step, cut if stale else 0):
+            nonfinite |= chunk.nonfinite[:, step + 1 :].any(dim=1)
+            break
         inputs = tokens[:, step : step + 1] if cached else torch.cat([chunk.ids, tokens[:, : step + 1]], dim=1)
     return tokens, nonfinite, (torch.stack(logits_all, dim=1) if keep_logits else None)
+
+
+def _cut_for(bench: GenerationBench, site, kind: str) -> int | None:
+    """The decoder layer l >= 1 before which a neuron fault at ``site`` or a kv fault in its layer's
+    cache changes nothing, once checked on the workbench (None: decode every layer)."""
+    found = layers.decoder_layers(bench.hf_model)
+    if found is None or bench.no_cache is not None or not bench.chunks or bench.chunks[0].hidden is None:
+        return None
+    k = site.layer if kind == "kv" else layers.cut_for(bench.hf_model, bench.sites, site, "neuron", None)[0]
+    if not k:
+        return None
+    if k not in bench.cuts:
+        bench.cuts[k] = _check_cut(bench, k)
+    return k if bench.cuts[k] == "" else None
+
+
+def _check_cut(bench: GenerationBench, k: int) -> str:
+    """'' when decoding the first chunk's steps 1 and 2 from the golden state with layers 0..k-1
+    stubbed gives the golden tokens and the golden keys and values of layers k on, bit for bit."""
+    chunk, n = bench.chunks[0], bench.new_tokens
+    if n < 2:
+        return ""  # no step after the prefill: the cut is never used
+    stop = min(n, 3)
+    with math_mode(bench.mode), torch.inference_mode():
+        cache = chunk.state_cache(bench.hf_model, chunk.length)
+        tokens = chunk.golden.clone()
+        inputs = tokens[:, :1]
+        decoder = layers.decoder_layers(bench.hf_model)[1]
+        for step in range(1, stop):
+            chunk.golden_layers(cache, k, chunk.length + step - 1)
+            with layers._stubbed(decoder, k, chunk.hidden[k - 1][step]):
+                tokens[:, step] = _forward(bench, inputs, cache).argmax(dim=-1)
+            inputs = tokens[:, step : step + 1]
+            if not chunk.settled(cache, tokens, step, k):
+                return f"stubbing decoder layers 0..{k - 1} does not reproduce decode step {step} bit for bit"
+    return ""
 
 
 def check_range(bench: GenerationBench, start: int, stop: int | None) -> int:
@@ -678,6 +798,7 @@ def _execute(bench, site, kind, faults: _Faults, record: str, prefix: bool, tens
     kv_position = np.full(count, -1, dtype=np.int64)
     logits = [None] * count if keep_logits else None
     chunk_of = {int(p): (c, r) for c, chunk in enumerate(bench.chunks) for r, p in enumerate(chunk.prompts)}
+    cut = _cut_for(bench, site, kind) if prefix and kind in ("neuron", "kv") else None
     # the runs: (chunk, step or weight group) -> the fault rows (indices into faults) it serves
     runs: dict[tuple[int, int], list[int]] = {}
     for i, (p, s, g) in enumerate(zip(faults.prompt, faults.step, faults.group)):
@@ -707,7 +828,7 @@ def _execute(bench, site, kind, faults: _Faults, record: str, prefix: bool, tens
                                            f"times in decode step {key}; expected once")
 
                 tokens, bad, lg = _decode(bench, chunk, key if prefix else 0, hook_step=key, hook=hooked,
-                                          keep_logits=keep_logits)
+                                          keep_logits=keep_logits, settle=prefix, cut=cut if prefix else None)
                 raw[idx] = batch.raw_before[torch.from_numpy(rows).to(bench.device)].to(torch.int64).cpu().numpy()
             else:
                 positions, keep, toggle = _masks(bench, len(chunk.prompts), rows, faults, idx)
@@ -717,7 +838,7 @@ def _execute(bench, site, kind, faults: _Faults, record: str, prefix: bool, tens
                     saved["raw"] = _flip_cache(cache, site, positions, keep, toggle)
 
                 tokens, bad, lg = _decode(bench, chunk, key + 1 if prefix else 0, edit_step=key, edit=edit,
-                                          keep_logits=keep_logits)
+                                          keep_logits=keep_logits, cut=cut if prefix else None)
                 raw[idx] = saved["raw"][torch.from_numpy(rows).to(bench.device)].to(torch.int64).cpu().numpy()
                 # per prompt the cache is (kv_heads, P + step, head_dim) after step ``key``
                 kv_position[idx] = (faults.position[idx] // site.head_dim) % (chunk.length + key)

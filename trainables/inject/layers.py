@@ -15,6 +15,11 @@ pass's logits bit for bit, else the full pass runs (with the reason). The next c
 filled from the previous cut's (the ladder: only layers j..k-1 run) when campaigns go up the layers.
 The cache holds (batch, T, hidden) per batch within the prefix budget; batches beyond it are
 recomputed when used.
+
+Inside layer k, a site that runs after the layer's attention (Llama's post_attention_layernorm and
+MLP, GPT-2's ln_2 and mlp) also reuses the attention's golden output: the attention module is
+stubbed to return it (cached per batch), so only the residual add, the MLP half of layer k and the
+layers after it run. Verified once per cut like the layer stubs; the plain cut runs otherwise.
 """
 from __future__ import annotations
 
@@ -90,6 +95,48 @@ def cut_for(model: nn.Module, sites, site, kind: str, tensor: torch.Tensor | Non
     return min(cuts), ""
 
 
+ATTENTION_NAMES = ("self_attn", "attn", "attention")  # the attention child of a decoder layer
+
+
+def attention_child(layer: nn.Module) -> str | None:
+    """The name of a decoder layer's attention child (Llama's self_attn, GPT-2's attn), or None."""
+    return next((name for name, _ in layer.named_children() if name in ATTENTION_NAMES), None)
+
+
+def after_attention(model: nn.Module, sites, site, kind: str, tensor: torch.Tensor | None, k: int) -> bool:
+    """Whether a fault at ``site`` (cut at decoder layer ``k``) leaves layer k's attention output golden:
+    the site (or every module reading the tensor) is a leaf module inside layer k, called once, after
+    the attention's last call and outside it."""
+    found = decoder_layers(model)
+    if found is None or k >= len(found[1]):
+        return False
+    prefix, layers = found
+    attn = attention_child(layers[k])
+    if attn is None:
+        return False
+    layer_name, attn_name = f"{prefix}.{k}", f"{prefix}.{k}.{attn}"
+    leaves = [s for s in sites if not s.container]
+    inside = lambda s, name: s.name == name or s.name.startswith(name + ".")  # noqa: E731
+    attention_sites = [s.index for s in leaves if inside(s, attn_name)]
+    if not attention_sites:
+        return False
+    last = max(attention_sites)
+
+    def later(name: str) -> bool:
+        if not name.startswith(layer_name + ".") or name == attn_name or name.startswith(attn_name + "."):
+            return False
+        calls = [s for s in sites if inside(s, name)]
+        return bool(calls) and all(not s.container and s.call == 0 and s.index > last for s in calls) and \
+            sum(s.name == name for s in sites) <= 1
+
+    if kind == "neuron":
+        return not site.container and site.call == 0 and later(site.name)
+    owners = [name for name, m in model.named_modules()
+              for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+              if t.data_ptr() == tensor.data_ptr()]
+    return bool(owners) and all(later(name) for name in owners)
+
+
 @contextlib.contextmanager
 def _stubbed(layers: nn.ModuleList, k: int, hidden: torch.Tensor) -> Iterator[None]:
     """Layers 0..k-1 return ``hidden`` (the cached input of layer k) without running."""
@@ -108,6 +155,21 @@ def _stubbed(layers: nn.ModuleList, k: int, hidden: torch.Tensor) -> Iterator[No
                 layer.forward = forward
 
 
+@contextlib.contextmanager
+def _returning(module: nn.Module, output) -> Iterator[None]:
+    """``module`` returns ``output`` (its cached golden output) without running; its hooks still run."""
+    missing = object()
+    saved = module.__dict__.get("forward", missing)
+    try:
+        module.forward = lambda *args, **kwargs: output
+        yield
+    finally:
+        if saved is missing:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = saved
+
+
 @dataclass
 class LayerRunner:
     """The golden hidden states at the input of decoder layer ``k``, by batch, and the runs from there."""
@@ -123,6 +185,9 @@ class LayerRunner:
     misses: int = 0
     needs_hook: bool = False  # neuron faults: the engine's hook flips inside layer k or later
     below: "LayerRunner | None" = field(default=None, repr=False)  # the previous cut's cache (the ladder)
+    after_attention: bool = False  # the fault in hand leaves layer k's attention golden: it is stubbed too
+    attention_checked: str | None = None  # '' once the attention stub reproduced the full pass; else why not
+    attention_cache: dict[tuple[int, int], tuple] = field(default_factory=dict, repr=False)
 
     def live(self, lo: int, hi: int) -> torch.Tensor:
         """The golden input of layer k for sequences lo..hi-1 (absolute), cached within budget."""
@@ -162,25 +227,74 @@ class LayerRunner:
             raise RuntimeError(f"decoder layer {self.k - 1} ran {len(captured)} times in a forward pass; expected once")
         return captured[0]
 
+    def _attention(self) -> nn.Module:
+        return getattr(self.layers[self.k], attention_child(self.layers[self.k]))
+
+    def live_attention(self, lo: int, hi: int, hidden: torch.Tensor):
+        """The golden output of layer k's attention for sequences lo..hi-1, cached within budget."""
+        output = self.attention_cache.get((lo, hi))
+        if output is not None:
+            return output
+        captured = []
+
+        def hook(_m, _inputs, out):
+            captured.append(out)
+            raise _Stop
+
+        handle = self._attention().register_forward_hook(hook)
+        try:
+            with _stubbed(self.layers, self.k, hidden):
+                self.model(self.images[lo:hi])
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"the attention of decoder layer {self.k} ran {len(captured)} times in a forward pass; "
+                               f"expected once")
+        output = captured[0]
+        size = sum(t.numel() * t.element_size() for t in (output if isinstance(output, tuple) else (output,))
+                   if isinstance(t, torch.Tensor))
+        held = self.below.used if self.below is not None else 0
+        if self.used + held + size <= self.budget:
+            self.attention_cache[(lo, hi)] = output
+            self.used += size
+        return output
+
+    @contextlib.contextmanager
+    def _suffix(self, lo: int, hi: int) -> Iterator[None]:
+        """Layers 0..k-1 stubbed with their cached output, and layer k's attention too when the fault
+        in hand runs after it (``after_attention``, verified)."""
+        hidden = self.live(lo, hi)
+        attention = self.live_attention(lo, hi, hidden) if self.after_attention else None
+        with _stubbed(self.layers, self.k, hidden), \
+                _returning(self._attention(), attention) if attention is not None else contextlib.nullcontext():
+            yield
+
     def logits(self, lo: int, hi: int, faults=None) -> torch.Tensor:
         """The model's logits for lo..hi-1 from the cached input of layer k (weight faults are in the model)."""
-        hidden = self.live(lo, hi)
-        with _stubbed(self.layers, self.k, hidden):
+        with self._suffix(lo, hi):
             return self.model(self.images[lo:hi])
 
     def faulty_logits(self, lo: int, hi: int, site, faults) -> torch.Tensor:
         """The logits with the engine's neuron hook (already registered) flipping ``faults`` at ``site``."""
-        hidden = self.live(lo, hi)
-        faults.calls = faults.fired = 0
-        with _stubbed(self.layers, self.k, hidden):
+        with self._suffix(lo, hi):
+            faults.calls = faults.fired = 0
             logits = self.model(self.images[lo:hi])
         if faults.fired != 1:
             raise RuntimeError(f"site {site.index} ({site.name}, call {site.call}) fired {faults.fired} times "
                                f"in a forward pass; expected once")
         return logits
 
+    def drop_attention(self) -> None:
+        for output in self.attention_cache.values():
+            self.used -= sum(t.numel() * t.element_size() for t in (output if isinstance(output, tuple) else (output,))
+                             if isinstance(t, torch.Tensor))
+        self.attention_cache.clear()
+
     def drop(self) -> None:
         self.cache.clear()
+        self.attention_cache.clear()
         self.used = 0
 
 
@@ -199,8 +313,10 @@ def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor
         return None
     previous = state.runner if isinstance(state.runner, LayerRunner) else None
     state.current = key
+    stub_attention = after_attention(model, sites, site, kind, tensor, k)
     if previous is not None and previous.k == k and previous.images is images:
         previous.needs_hook = kind == "neuron"
+        previous.after_attention = _attention_verified(previous, probe) if stub_attention else False
         return previous
     budget = int((state.budget_mb if state.budget_mb is not None else suffix.default_budget_mb(device)) * 2**20)
     layers = decoder_layers(model)[1]
@@ -210,6 +326,7 @@ def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor
     runner = LayerRunner(model, layers, k, images, budget, needs_hook=kind == "neuron", below=below)
     if below is not None:
         below.below = None  # one step of the ladder at a time: older caches are freed
+        below.drop_attention()
     problem = _verify(runner, probe)
     if problem:
         state.reasons[key] = problem
@@ -218,8 +335,30 @@ def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor
         if below is not None:
             below.drop()
         return None
+    runner.after_attention = _attention_verified(runner, probe) if stub_attention else False
     state.runner = runner
     return runner
+
+
+def _attention_verified(runner: LayerRunner, probe: tuple[int, int]) -> bool:
+    """Whether the cut with layer k's attention stubbed reproduces the full pass bit for bit (checked
+    once per runner on the probe's first two sequences)."""
+    if runner.attention_checked is None:
+        lo, hi = probe[0], min(probe[1], probe[0] + 2)
+        saved, runner.after_attention = runner.after_attention, True
+        try:
+            with torch.inference_mode():
+                clean = runner.logits(lo, hi)
+                full = runner.model(runner.images[lo:hi])
+        finally:
+            runner.after_attention = saved
+        runner.cache.pop((lo, hi), None)  # the probe's entries are not batches of the run
+        runner.drop_attention()
+        runner.used = sum(h.numel() * h.element_size() for h in runner.cache.values())
+        same = clean.shape == full.shape and torch.equal(suffix._bits(clean), suffix._bits(full))
+        runner.attention_checked = "" if same else \
+            f"stubbing the attention of decoder layer {runner.k} does not reproduce the forward pass bit for bit"
+    return runner.attention_checked == ""
 
 
 def _verify(runner: LayerRunner, probe: tuple[int, int]) -> str:

@@ -183,10 +183,15 @@ class NextTokenMetric:
         self.kl = torch.empty(n, dtype=torch.float64, device=dev)
         self.acausal = torch.zeros(n, dtype=torch.bool, device=dev)
 
-    def add(self, lo: int, hi: int, logits: torch.Tensor) -> None:
+    def add(self, lo: int, hi: int, logits: torch.Tensor, head_input: torch.Tensor | None = None) -> None:
         """The outcomes of sequences lo..hi-1 (offsets from start) from their faulty logits. A position
         whose logits equal the golden ones bit for bit gets exactly the golden top-1 and cross-entropy
-        (the same operations on the same values), so its changes are exact zeros."""
+        (the same operations on the same values), so its changes are exact zeros. ``head_input``
+        (neuron faults on the prefix path, batches as in the golden pass: engine._rows_reusable): the
+        faulty input of the output head; rows where it equals the golden one bit for bit have the
+        golden logits (the same head on the same rows in the same shape), so only the others are measured."""
+        if head_input is not None and self.tokens_of_fault is not None:
+            return self._add_changed_rows(lo, hi, logits, head_input)
         a, b = self.start + lo, self.start + hi
         golden = self.golden_logits[lo:hi]
         golden_top = self.bench.golden[a:b]
@@ -211,6 +216,37 @@ class NextTokenMetric:
             kl = torch.zeros(differs.shape, dtype=torch.float64, device=logits.device)
             kl[where] = kl_divergence(golden[where], logits[where])
             self.kl[lo:hi] = kl.mean(dim=1)
+
+    def _add_changed_rows(self, lo: int, hi: int, logits: torch.Tensor, head_input: torch.Tensor) -> None:
+        """``add`` measuring only the rows whose head input differs from the golden one (by their bits):
+        the same values as measuring every row, the golden rows taking their golden top-1, finiteness
+        and cross-entropy (a golden row's cross-entropy difference is golden minus golden, as in ``add``)."""
+        a, b = self.start + lo, self.start + hi
+        bench = self.bench
+        golden_input = bench.golden_head_input[a:b]
+        width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[head_input.element_size()]
+        differs = (head_input.contiguous().view(width) != golden_input.view(width)).any(dim=-1)  # (n, T)
+        where = differs.nonzero(as_tuple=True)
+        rows = logits[where]  # (R, V)
+        golden_top = bench.golden[a:b]
+        changed = torch.zeros_like(differs)
+        changed[where] = rows.argmax(dim=-1) != golden_top[where]
+        t = golden_top.shape[1]
+        order = torch.arange(t, device=logits.device)
+        self.token_changes[lo:hi] = changed.sum(dim=1)
+        self.first_change[lo:hi] = torch.where(changed.any(dim=1), torch.where(changed, order, t).min(dim=1).values, -1)
+        finite_rows = bench.golden_finite_rows[a:b].clone()
+        finite_rows[where] = torch.isfinite(rows.amax(dim=-1)) & torch.isfinite(rows.amin(dim=-1))
+        nonfinite = ~finite_rows.all(dim=1)
+        self.nonfinite[lo:hi] = nonfinite
+        golden_nll = bench.golden_nll[a:b]
+        delta = golden_nll - golden_nll
+        delta[where] = token_nll(rows, bench.labels[a:b][where]) - golden_nll[where]
+        self.log_ppl_ratio[lo:hi] = delta.mean(dim=1)
+        tok = self.tokens_of_fault[lo:hi]
+        seq = torch.arange(hi - lo, device=logits.device)
+        self.kl[lo:hi] = kl_divergence(self.golden_logits[lo:hi][seq, tok], logits[seq, tok])
+        self.acausal[lo:hi] = (changed & (order < tok.unsqueeze(1))).any(dim=1) & ~nonfinite
 
     def check_causal(self) -> None:
         """RuntimeError if a fault with finite logits changed a position before its token."""
