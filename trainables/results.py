@@ -585,12 +585,26 @@ def _part_names(campaign_dir: Path | str, role: str, keys: set[str] | None) -> l
             if keys is None or n[: -len(".parquet")] in keys]
 
 
+def _read_part_file(loc: Path | str, schema: pa.Schema, columns: list[str] | None) -> pa.Table:
+    """One part file as ``schema`` (``columns`` of it only): a local file that has exactly the
+    schema's fields through the single-file reader (about twice as fast, which a million-trial
+    aggregation feels), any other through the dataset reader, which fills the columns an older
+    version did not write."""
+    if not storage.is_uri(loc):
+        handle = pq.ParquetFile(loc)
+        if handle.schema_arrow.equals(schema):
+            return handle.read(columns=columns).replace_schema_metadata(schema.metadata)
+    return storage.read_table(loc, schema=schema, columns=columns)
+
+
 def _read_parts(campaign_dir: Path | str, names: list[str], schema: pa.Schema,
-                read: Mapping[str, bytes | pa.Table]) -> list[pa.Table]:
-    """The part files ``names`` as tables; those in ``read`` were read already."""
+                read: Mapping[str, bytes | pa.Table], columns: list[str] | None = None) -> list[pa.Table]:
+    """The part files ``names`` as tables (``columns`` only, or all); those in ``read`` were read already."""
     def part(name: str) -> pa.Table:
-        return _part_table(name, read[name]) if name in read else storage.read_table(storage.join(campaign_dir, name),
-                                                                                     schema=schema)
+        if name in read:
+            table = _part_table(name, read[name])
+            return table if columns is None else table.select(columns)
+        return _read_part_file(storage.join(campaign_dir, name), schema, columns)
 
     return storage.map_io(part, names, campaign_dir)
 
@@ -608,8 +622,8 @@ def _stream_sorted(campaign_dir: Path | str, names: list[str], schema: pa.Schema
     columns: list[pa.Table] = []  # one compact table per batch of files
     files, rows = [], []  # (file, row) of each row, in listing order
     for start in range(0, len(names), READ_BATCH):
-        tables = _read_parts(campaign_dir, names[start:start + READ_BATCH], schema, read)
-        columns.append(pa.concat_tables([t.select(keep) for t in tables]).combine_chunks())
+        tables = _read_parts(campaign_dir, names[start:start + READ_BATCH], schema, read, columns=keep)
+        columns.append(pa.concat_tables(tables).combine_chunks())
         for index, table in enumerate(tables, start):
             files.append(np.full(table.num_rows, index, dtype=np.int64))
             rows.append(np.arange(table.num_rows, dtype=np.int64))
