@@ -510,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if previous:
+            interrupts.clear()  # the request was this command's
 
 
 def _quiet_shutdown() -> None:

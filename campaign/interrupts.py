@@ -22,6 +22,10 @@ def clear() -> None:
     _REQUESTED.clear()
 
 
+def requested() -> bool:
+    return _REQUESTED.is_set()
+
+
 def check() -> None:
     """Raise KeyboardInterrupt if a stop was requested."""
     if _REQUESTED.is_set():

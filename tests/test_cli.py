@@ -2,7 +2,7 @@
 separate process is checked by tests/test_spec.py)."""
 from pathlib import Path
 
-from campaign import cli
+from campaign import cli, interrupts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +72,4 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
     assert cli.main(["run"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "\ninterrupted: run `python -m campaign resume runs/x` to finish the campaign\n"
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed afterwards
+    assert not interrupts.requested()  # and its stop request with it: a later campaign in this process runs
