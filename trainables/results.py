@@ -573,7 +573,7 @@ def rename_campaign(campaign_dir: str | Path, name: str) -> int:
     return changed
 
 AGGREGATE_ROW_GROUP = 65_536  # rows per row group of trials.parquet and bits.parquet (one group below that)
-READ_BATCH = 1024  # part files read at a time while aggregating
+READ_BATCH = 256  # part files read at a time while aggregating (1024 held 177 MB more, no faster)
 TRIAL_ORDER = [("kind", "ascending"), ("site_index", "ascending"), ("bit", "ascending"), ("seed", "ascending")]
 BIT_ORDER = [("trial_key", "ascending"), ("bit", "ascending")]
 
