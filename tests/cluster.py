@@ -86,15 +86,17 @@ def start_two_nodes() -> dict:
             "processes": [head, second], "temps": temps}
 
 
-def wait_two_nodes(cluster: dict, timeout_s: float = 180) -> dict:
-    """``cluster`` once both nodes are alive, with their ids (head first)."""
+def wait_two_nodes(cluster: dict, timeout_s: float = 180, lost: str | None = None) -> dict:
+    """``cluster`` once both nodes are alive, with their ids (head first); ``lost``: a killed
+    node's id, which the cluster may still list as alive for a while, not counted."""
     deadline = time.monotonic() + timeout_s
     alive = []
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{cluster['dashboard']}/api/v0/nodes", timeout=10) as response:
                 rows = json.load(response)["data"]["result"]["result"]
-            alive = sorted((not n["is_head_node"], n["node_id"], n["node_ip"]) for n in rows if n["state"] == "ALIVE")
+            alive = sorted((not n["is_head_node"], n["node_id"], n["node_ip"]) for n in rows
+                           if n["state"] == "ALIVE" and n["node_id"] != lost)
         except (OSError, ValueError, KeyError):
             pass
         if len(alive) == 2:

@@ -65,7 +65,7 @@ def test_a_worker_node_lost_mid_campaign_its_trial_runs_again_on_the_other_node_
         if driver.poll() is None:
             driver.kill()
         rejoin_second_node(two_nodes)
-        two_nodes.update(wait_two_nodes(two_nodes))  # the fresh second node, for the tests after this one
+        two_nodes.update(wait_two_nodes(two_nodes, lost=second))  # the fresh second node, for the tests after this one
     assert driver.returncode == 0 and "complete=True finished=3 errors=()" in output, output[-3000:]
     assert not [pid for pid in killed if Path(f"/proc/{pid}").exists()]  # the node and its workers are gone
     attempts = sorted(p.read_text() for p in hold.glob(f"held-{lost}-*"))
