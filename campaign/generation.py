@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 
 from campaign.spec import (
     CampaignSpec,
@@ -20,6 +19,7 @@ from campaign.spec import (
     TrialPlan,
     input_digests,
     is_causal_lm,
+    resolve_seeds,
     spec_fault_bits,
 )
 
@@ -142,7 +142,6 @@ def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problem
     from trainables.generation_trial import KV_SITE_TYPE, digest_data
     from trainables.inject import formats, generation
     from trainables.inject.engine import MATH_MODES
-    from trainables.inject.faults import derive_seeds
     from trainables.inject.sites import param_table, site_table
 
     problems = list(problems)
@@ -180,12 +179,7 @@ def resolve_generation(spec: CampaignSpec, dataset: str, prompts, model, problem
         step_dim[kind] = list(steps) if isinstance(steps, list) else [steps]
     if problems:
         raise SpecError("\n".join(dict.fromkeys(problems)))
-    if spec.seeds is not None:
-        seeds = tuple(spec.seeds)
-    else:
-        master = spec.master_seed if spec.master_seed != -1 else time.time_ns() % (2**31 - 1)
-        seeds = tuple(derive_seeds(master, spec.num_seeds))
-        spec = dataclasses.replace(spec, master_seed=master)
+    spec, seeds = resolve_seeds(spec)
     spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds, fault=",".join(f for f, _ in fault_bits),
                                new_tokens=new_tokens,  # steps: null where no kind takes one (a resume reads it back)
                                steps=steps_text(steps) if {"neuron", "kv"} & set(spec.sites) else None)

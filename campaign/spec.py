@@ -522,7 +522,6 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     from campaign import numformats
     from trainables.inject import formats
     from trainables.inject.engine import MATH_MODES
-    from trainables.inject.faults import derive_seeds
     from trainables.inject import qparams
     from trainables.inject.sites import (coverage_lines, float_outputs, param_table, select_campaign_sites, site_table,
                                          survey)
@@ -647,12 +646,7 @@ def resolve(spec: CampaignSpec) -> ResolvedCampaign:
     if problems:
         raise SpecError("\n".join(problems))
     protection = resolve_protection(spec, dataset, model, data, found)
-    if spec.seeds is not None:
-        seeds = tuple(spec.seeds)
-    else:
-        master = spec.master_seed if spec.master_seed != -1 else time.time_ns() % (2**31 - 1)
-        seeds = tuple(derive_seeds(master, spec.num_seeds))
-        spec = dataclasses.replace(spec, master_seed=master)
+    spec, seeds = resolve_seeds(spec)
     spec = dataclasses.replace(spec, dataset=dataset, seeds=seeds, fault=",".join(f for f, _ in fault_bits))  # canonical names
     # site-major: a worker's consecutive trials share a site, and with it the prefix cache
     from campaign.grid import TrialGrid  # kept lazy: index -> TrialPlan (a million trials, no million objects)
@@ -705,6 +699,17 @@ def fault_problem(text: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def resolve_seeds(spec: CampaignSpec) -> tuple[CampaignSpec, tuple[int, ...]]:
+    """The campaign's seeds: the given ones, else num_seeds derived from master_seed (-1: drawn
+    from the clock, and recorded in the returned spec)."""
+    from trainables.inject.faults import derive_seeds
+
+    if spec.seeds is not None:
+        return spec, tuple(spec.seeds)
+    master = spec.master_seed if spec.master_seed != -1 else time.time_ns() % (2**31 - 1)
+    return dataclasses.replace(spec, master_seed=master), tuple(derive_seeds(master, spec.num_seeds))
 
 
 def spec_fault_bits(spec: CampaignSpec, width: int, problems: list[str]) -> list[tuple[str, list[int | str]]]:

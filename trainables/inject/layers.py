@@ -37,6 +37,26 @@ class _Stop(Exception):
     """Ends a prefix run once the cut's hidden states are captured."""
 
 
+def _first_output(module: nn.Module, run, name: str):
+    """``module``'s output in ``run()``, which stops there: an error unless it ran exactly once."""
+    captured = []
+
+    def hook(_m, _inputs, output):
+        captured.append(output)
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"{name} ran {len(captured)} times in a forward pass; expected once")
+    return captured[0]
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The (qualified name, ModuleList) of the model's decoder layers: the ModuleList of blocks of
     one class holding the most parameters (Llama's model.layers, GPT-2's transformer.h), or None."""
@@ -208,24 +228,13 @@ class LayerRunner:
 
     def _capture(self, lo: int, hi: int, below: torch.Tensor | None) -> torch.Tensor:
         """Run the model up to the output of layer k-1 (from layer j's cached input when the ladder has it)."""
-        captured = []
-
-        def hook(_m, _inputs, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
-
-        handle = self.layers[self.k - 1].register_forward_hook(hook)
-        try:
+        def run():
             with _stubbed(self.layers, self.below.k if below is not None else 0, below) if below is not None \
                     else contextlib.nullcontext():
                 self.model(self.images[lo:hi])
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"decoder layer {self.k - 1} ran {len(captured)} times in a forward pass; expected once")
-        return captured[0]
+
+        output = _first_output(self.layers[self.k - 1], run, f"decoder layer {self.k - 1}")
+        return output[0] if isinstance(output, tuple) else output
 
     def _attention(self) -> nn.Module:
         return getattr(self.layers[self.k], attention_child(self.layers[self.k]))
@@ -235,24 +244,11 @@ class LayerRunner:
         output = self.attention_cache.get((lo, hi))
         if output is not None:
             return output
-        captured = []
-
-        def hook(_m, _inputs, out):
-            captured.append(out)
-            raise _Stop
-
-        handle = self._attention().register_forward_hook(hook)
-        try:
+        def run():
             with _stubbed(self.layers, self.k, hidden):
                 self.model(self.images[lo:hi])
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"the attention of decoder layer {self.k} ran {len(captured)} times in a forward pass; "
-                               f"expected once")
-        output = captured[0]
+
+        output = _first_output(self._attention(), run, f"the attention of decoder layer {self.k}")
         size = sum(t.numel() * t.element_size() for t in (output if isinstance(output, tuple) else (output,))
                    if isinstance(t, torch.Tensor))
         held = self.below.used if self.below is not None else 0
