@@ -40,15 +40,19 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def peak_rss(pid: int) -> int:
-    """VmHWM of a live process, in bytes (0 once it is gone)."""
+def status_bytes(pid: int, field: str) -> int:
+    """A memory field of a live process's /proc status (VmHWM: peak RSS, VmRSS: now), in bytes (0 once it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss(pid: int) -> int:
+    return status_bytes(pid, "VmHWM")
 
 
 def run_size(seeds: int, out: Path, wave_size: int | None, extra: list[str]) -> dict:
@@ -63,10 +67,17 @@ def run_size(seeds: int, out: Path, wave_size: int | None, extra: list[str]) -> 
     log = open(out / f"{name}.log", "w")
     driver = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     rss = state = 0
+    trace = open(out / f"{name}-rss.csv", "w")  # the driver's RSS against the trials committed, every 2 s
+    trace.write("seconds,trials_committed,driver_rss_mb\n")
     while driver.poll() is None:
         rss = max(rss, peak_rss(driver.pid))
         state = max(state, folder_bytes(directory / "ray") if (directory / "ray").exists() else 0)
+        done = directory / "parts" / "done"
+        committed = sum(1 for _ in done.iterdir()) if done.exists() else 0
+        trace.write(f"{time.monotonic() - started:.0f},{committed},{status_bytes(driver.pid, 'VmRSS') / 2**20:.0f}\n")
+        trace.flush()
         time.sleep(2.0)
+    trace.close()
     seconds = time.monotonic() - started
     if driver.returncode != 0:
         raise SystemExit(f"size {seeds}: the campaign failed ({driver.returncode}); see {out / name}.log")

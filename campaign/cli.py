@@ -291,9 +291,14 @@ def cmd_resume(args) -> int:
 
 def _finish(outcome) -> int:
     import analysis
+    from analysis import stream
+    from analysis.load import campaign_dirs
 
     print()
-    if outcome.finished:
+    pooled = stream.pooled(campaign_dirs(outcome.directory), {}) if outcome.finished else None
+    if pooled is not None:  # a plain campaign: its table from rows pooled a batch at a time (bounded memory)
+        print("\n".join(analysis.seed_layer_lines(analysis.per_site(pooled.sites))))
+    elif outcome.finished:
         trials = analysis.load(outcome.directory)
         lm = analysis.tokens.teacher_forced(trials)
         gen = analysis.generation.generation(trials)
