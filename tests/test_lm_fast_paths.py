@@ -80,6 +80,39 @@ def test_an_attention_stub_that_differs_is_not_used(lm_dirs, monkeypatch):
     assert_same(want, got, "fallback")
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_layer_cuts_take_their_inputs_and_attention_from_the_golden_pass(lm_dirs, name, monkeypatch):
+    """prepare keeps each decoder layer's golden output and each later layer's attention output per
+    batch; the cuts take them from there (only the checks' two-sequence probes are computed) and the
+    records equal the full pass's. With no room for them, the cuts compute them and nothing changes."""
+    full = bench_for(lm_dirs, name, batch_size=3)
+    fast = bench_for(lm_dirs, name, batch_size=3, prefix=True, prefix_cache_mb=64)
+    tight = bench_for(lm_dirs, name, batch_size=3, prefix=True, prefix_cache_mb=0.001)
+    n, count = fast.num_images, len(layers.decoder_layers(fast.model)[1])
+    batches = [(lo, min(lo + 3, n)) for lo in range(0, n, 3)]
+    kept = fast.golden_layers
+    assert set(kept.outputs) == {(j, lo, hi) for j in range(count) for lo, hi in batches}
+    assert set(kept.attention) == {(j, lo, hi) for j in range(1, count) for lo, hi in batches}
+    assert not tight.golden_layers.outputs and not tight.golden_layers.attention
+    computed = {True: [], False: []}  # sequences of each layer input a runner computed, by bench (kept or not)
+    real = layers.LayerRunner._capture
+
+    def capture(self, lo, hi, below):
+        computed[self.golden is fast.golden_layers].append(hi - lo)
+        return real(self, lo, hi, below)
+
+    monkeypatch.setattr(layers.LayerRunner, "_capture", capture)
+    prefix = layers.decoder_layers(fast.model)[0]
+    chosen = [s for s in fast.sites if not s.container and s.name.startswith((f"{prefix}.1.", f"{prefix}.2."))][::2]
+    for site in chosen:
+        want = engine.run_faults(full, full.site("neuron", site.index), "neuron", bit="random", seed=2, record="all")
+        for bench in (fast, tight):
+            got = engine.run_faults(bench, site, "neuron", bit="random", seed=2, record="all")
+            assert got.path == "prefix"
+            assert_same(want, got, f"{site.name} kept={bench is fast}")
+    assert set(computed[True]) == {2} and 3 in computed[False]  # kept: only the checks' probes were computed
+
+
 @pytest.mark.parametrize("make,batch_size", [(gen_tests.llama, 1), (gen_tests.gpt2, 2)])
 def test_generation_stops_when_the_state_is_golden_again_with_the_regenerated_records(make, batch_size, monkeypatch):
     """Neuron faults in the last layer's MLP, the final norm and the head (their flips are often

@@ -121,6 +121,7 @@ class Workbench:
     golden_head_input: torch.Tensor | None = field(default=None, repr=False)
     golden_finite_rows: torch.Tensor | None = field(default=None, repr=False)
     rows_check: str | None = field(default=None, repr=False)  # '' once the metric on a subset of rows was checked exact
+    golden_layers: layers.GoldenLayers | None = field(default=None, repr=False)  # prefix reuse on an LM: golden layer outputs
 
     def site(self, kind: str, index: int) -> Site | ParamSite | qparams.QParamSite | None:
         """The site of ``kind`` with ``index`` (param and qparam sites are numbered apart), or None."""
@@ -250,8 +251,12 @@ def prepare(
         digest = hashlib.sha256()
         lm_golden = _LMGolden(images, golden_cache_mb) if lm else None
         head = _head_input(model, lm_golden.head_inputs) if lm else contextlib.nullcontext()
-        with torch.inference_mode(), head:
+        # prefix reuse on a decoder LM: each layer's golden output (and its attention's), for the layer cuts
+        golden_layers = layers.GoldenLayers(model, _golden_layers_budget(prefix_cache_mb, device)) if lm and prefix else None
+        with torch.inference_mode(), head, golden_layers.recording() if golden_layers else contextlib.nullcontext():
             for lo in range(0, images.shape[0], batch_size):
+                if golden_layers is not None:
+                    golden_layers.batch = (lo, min(lo + batch_size, images.shape[0]))
                 logits = model(images[lo : lo + batch_size])
                 check_logits(logits, batch=min(batch_size, images.shape[0] - lo),
                              tokens=images.shape[1] if lm else None)
@@ -262,11 +267,18 @@ def prepare(
         digest.update(golden.cpu().numpy().tobytes())
     extra = {} if lm_golden is None else dict(task=token_metrics.TASK, golden_nll=lm_golden.nll, golden_logits=lm_golden.logits,
                                               golden_head_input=lm_golden.hidden, golden_finite_rows=lm_golden.finite)
+    if golden_layers is not None:
+        extra["golden_layers"] = golden_layers
     return Workbench(model, images, labels, golden, golden == labels, sites, mode, batch_size, device,
                      prefix=bool(prefix), prefix_cache_mb=prefix_cache_mb, prefix_state=suffix.PrefixState(prefix_cache_mb),
                      params=param_sites(model)[0], weight_format=weight_format,
                      qsites=qparams.qparam_sites(model, sites) if mode == "int8" else [],
                      golden_digest=digest.hexdigest()[:16], **extra)
+
+
+def _golden_layers_budget(prefix_cache_mb: float | None, device: torch.device) -> float:
+    """Bytes for prepare's golden layer outputs: half the prefix budget (the runners' caches have the other half)."""
+    return (prefix_cache_mb if prefix_cache_mb is not None else suffix.default_budget_mb(device)) * 2**20 / 2
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -674,7 +686,7 @@ def _prefix_runner(bench: Workbench, site: Site, plan: _Plan, start: int, weight
     lo, hi, _ = plan.batches[0]
     if bench.task == token_metrics.TASK:  # decoder LMs: cut at decoder-layer boundaries
         return layers.runner_for(bench.prefix_state, bench.model, bench.images, bench.sites, site, plan.kind, weight,
-                                 (start + lo, start + hi), bench.device)
+                                 (start + lo, start + hi), bench.device, golden=bench.golden_layers)
     with torch.inference_mode():
         return suffix.runner_for(bench.prefix_state, bench.model, bench.images, site, plan.kind, weight,
                                  _flip_elements, (start + lo, start + hi), bench.device)

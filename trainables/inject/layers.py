@@ -14,7 +14,9 @@ Each cut is verified once on its first batch: the clean stubbed run must give th
 pass's logits bit for bit, else the full pass runs (with the reason). The next cut's cache is
 filled from the previous cut's (the ladder: only layers j..k-1 run) when campaigns go up the layers.
 The cache holds (batch, T, hidden) per batch within the prefix budget; batches beyond it are
-recomputed when used.
+recomputed when used. prepare's golden pass keeps every layer's output and attention output per
+batch (GoldenLayers, within half the prefix budget), so that a cut on prepare's batches computes
+neither.
 
 Inside layer k, a site that runs after the layer's attention (Llama's post_attention_layernorm and
 MLP, GPT-2's ln_2 and mlp) also reuses the attention's golden output: the attention module is
@@ -190,6 +192,49 @@ def _returning(module: nn.Module, output) -> Iterator[None]:
             module.forward = saved
 
 
+class GoldenLayers:
+    """The golden output of each decoder layer and of each layer's attention (layer 0's excepted: no
+    cut stubs it), per batch of prepare's golden pass, kept while they fit ``budget`` bytes. A
+    runner takes its cut's input and its attention's output from here instead of computing them
+    again: the same tensors, from the same batches in the same shape."""
+
+    def __init__(self, model: nn.Module, budget: float) -> None:
+        found = decoder_layers(model)
+        self.layers = found[1] if found is not None else None
+        self.budget, self.used = budget, 0
+        self.outputs: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer j, lo, hi): the input of layer j + 1
+        self.attention: dict[tuple[int, int, int], object] = {}  # (layer j, lo, hi): its attention's output
+        self.batch: tuple[int, int] | None = None
+
+    def _keep(self, store: dict, key: tuple, value) -> None:
+        size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,))
+                   if isinstance(t, torch.Tensor))
+        if self.used + size <= self.budget:
+            store[key] = value
+            self.used += size
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep what the forward passes run inside compute (set ``batch`` to each one's (lo, hi) first)."""
+        if self.layers is None:
+            yield
+            return
+        handles = []
+        try:
+            for j, layer in enumerate(self.layers):
+                handles.append(layer.register_forward_hook(
+                    lambda _m, _i, out, j=j: self._keep(self.outputs, (j, *self.batch),
+                                                        out[0] if isinstance(out, tuple) else out)))
+                attention = attention_child(layer)
+                if j > 0 and attention is not None:
+                    handles.append(getattr(layer, attention).register_forward_hook(
+                        lambda _m, _i, out, j=j: self._keep(self.attention, (j, *self.batch), out)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 @dataclass
 class LayerRunner:
     """The golden hidden states at the input of decoder layer ``k``, by batch, and the runs from there."""
@@ -208,10 +253,13 @@ class LayerRunner:
     after_attention: bool = False  # the fault in hand leaves layer k's attention golden: it is stubbed too
     attention_checked: str | None = None  # '' once the attention stub reproduced the full pass; else why not
     attention_cache: dict[tuple[int, int], tuple] = field(default_factory=dict, repr=False)
+    golden: GoldenLayers | None = field(default=None, repr=False)  # prepare's golden layer outputs, where kept
 
     def live(self, lo: int, hi: int) -> torch.Tensor:
         """The golden input of layer k for sequences lo..hi-1 (absolute), cached within budget."""
         hidden = self.cache.get((lo, hi))
+        if hidden is None and self.golden is not None:
+            hidden = self.golden.outputs.get((self.k - 1, lo, hi))
         if hidden is not None:
             self.hits += 1
             return hidden
@@ -242,6 +290,8 @@ class LayerRunner:
     def live_attention(self, lo: int, hi: int, hidden: torch.Tensor):
         """The golden output of layer k's attention for sequences lo..hi-1, cached within budget."""
         output = self.attention_cache.get((lo, hi))
+        if output is None and self.golden is not None:
+            output = self.golden.attention.get((self.k, lo, hi))
         if output is not None:
             return output
         def run():
@@ -295,9 +345,11 @@ class LayerRunner:
 
 
 def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor, sites, site, kind: str,
-               tensor: torch.Tensor | None, probe: tuple[int, int], device: torch.device) -> LayerRunner | None:
+               tensor: torch.Tensor | None, probe: tuple[int, int], device: torch.device,
+               golden: GoldenLayers | None = None) -> LayerRunner | None:
     """The layer-boundary runner of (site, kind), or None where the full pass runs (``state.reasons``
-    says why). One cut's cache per worker; moving up, the next cut fills from it."""
+    says why). One cut's cache per worker; moving up, the next cut fills from it (or takes what
+    ``golden`` kept of prepare's golden pass)."""
     key = (site.index, site.name, site.call, kind)
     if key in state.reasons:
         state.current = key
@@ -319,7 +371,7 @@ def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor
     below = previous if previous is not None and previous.k < k and previous.images is images else None
     if previous is not None and below is None:
         previous.drop()
-    runner = LayerRunner(model, layers, k, images, budget, needs_hook=kind == "neuron", below=below)
+    runner = LayerRunner(model, layers, k, images, budget, needs_hook=kind == "neuron", below=below, golden=golden)
     if below is not None:
         below.below = None  # one step of the ladder at a time: older caches are freed
         below.drop_attention()
