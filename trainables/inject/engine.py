@@ -277,7 +277,7 @@ def prepare(
 
 
 def _golden_layers_budget(prefix_cache_mb: float | None, device: torch.device) -> float:
-    """Bytes for prepare's golden layer outputs: half the prefix budget (the runners' caches have the other half)."""
+    """Bytes for prepare's golden layer outputs: half the prefix budget (the runners' caches have the rest)."""
     return (prefix_cache_mb if prefix_cache_mb is not None else suffix.default_budget_mb(device)) * 2**20 / 2
 
 

@@ -367,6 +367,7 @@ def runner_for(state: suffix.PrefixState, model: nn.Module, images: torch.Tensor
         previous.after_attention = _attention_verified(previous, probe) if stub_attention else False
         return previous
     budget = int((state.budget_mb if state.budget_mb is not None else suffix.default_budget_mb(device)) * 2**20)
+    budget = max(0, budget - (golden.used if golden is not None else 0))  # one budget for both
     layers = decoder_layers(model)[1]
     below = previous if previous is not None and previous.k < k and previous.images is images else None
     if previous is not None and below is None:
