@@ -26,6 +26,7 @@ layers after it run. Verified once per cut like the layer stubs; the plain cut r
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -59,9 +60,19 @@ def _first_output(module: nn.Module, run, name: str):
     return captured[0]
 
 
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The (qualified name, ModuleList) of the model's decoder layers: the ModuleList of blocks of
-    one class holding the most parameters (Llama's model.layers, GPT-2's transformer.h), or None."""
+    one class holding the most parameters (Llama's model.layers, GPT-2's transformer.h), or None.
+    Found once per model (every site of a campaign asks)."""
+    if model not in _FOUND:
+        _FOUND[model] = (_find_decoder_layers(model),)
+    return _FOUND[model][0]
+
+
+def _find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     best, size = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
