@@ -3,6 +3,7 @@ paired trials on identical faults, McNemar, and the analysis of protected campai
 from __future__ import annotations
 
 import json
+import re
 from fractions import Fraction
 from math import comb
 
@@ -376,5 +377,5 @@ def test_cifar_training_split_loads_offline_for_calibration(tmp_path):
     assert ds.images[7, 1, 4, 9].item() == pytest.approx((pixels[7, 1, 4, 9] / 255 - 0.4822) / 0.1994, abs=1e-6)
     assert P.default_calibration("cifar10") == "cifar10-train" and P.default_calibration("synthetic:1x8x8:2") is None
     with pytest.raises(data.DatasetNotFoundError, match=r"CIFAR-100 training split not found: expected .*cifar-100-python/train\. "
-                                                         r"Pass download=True \(CLI: --download\)"):
+                                                         + re.escape(data.FETCH_HINT)):
         load_dataset("cifar100-train", root=str(tmp_path))

@@ -233,6 +233,9 @@ def _torchvision_download(spec: CifarSpec, root: str) -> None:
     getattr(torchvision.datasets, spec.torchvision_class)(root, train=False, download=True)
 
 
+FETCH_HINT = "Pass download=True (CLI: --download)"  # how a missing split is fetched (never at test time)
+
+
 def load_cifar(spec: CifarSpec, root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The test split from ``<root>/<folder>/<test_file>`` (torchvision's layout), normalized
     per channel; ``download=True`` fetches it with torchvision first."""
@@ -242,7 +245,7 @@ def load_cifar(spec: CifarSpec, root: str | None, download: bool) -> tuple[torch
         _torchvision_download(spec, root)
     if not path.is_file():
         raise DatasetNotFoundError(
-            f"{spec.title} test split not found: expected {path}. Pass download=True (CLI: --download) to fetch it "
+            f"{spec.title} test split not found: expected {path}. {FETCH_HINT} to fetch it "
             f"into {root}, or point --data-root at a directory containing {spec.folder}/{spec.test_file}"
         )
     data, labels = _read_cifar_batch(path, spec)
@@ -269,7 +272,7 @@ def load_cifar_train(name: str, root: str | None, download: bool) -> tuple[torch
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DatasetNotFoundError(
-            f"{spec.title} training split not found: expected {missing[0]}. Pass download=True (CLI: --download) to "
+            f"{spec.title} training split not found: expected {missing[0]}. {FETCH_HINT} to "
             f"fetch it into {root}, or point --data-root at a directory containing {spec.folder}/"
         )
     batches = [_read_cifar_batch(p, spec) for p in paths]
