@@ -188,9 +188,9 @@ def _batches(handle: pq.ParquetFile, columns, batch_rows: int):
         yield batch.to_pandas()
 
 
-def _plain(handle: pq.ParquetFile, bits: pq.ParquetFile, batch_rows: int) -> bool:
+def _plain(handle: pq.ParquetFile, bits: pq.ParquetFile, batch_rows: int, per_bit: bool = True) -> bool:
     """What the bounded path covers: trials that agree on the golden outputs, unprotected, not a causal
-    LM's; per-bit rows sorted by trial key (as the campaign writes them)."""
+    LM's; per-bit rows sorted by trial key (as the campaign writes them; checked when ``per_bit``)."""
     digests: set = set()
     for frame in _batches(handle, ("golden_digest", "protect", "trial_kind"), batch_rows):
         for column in ("protect", "trial_kind"):
@@ -201,7 +201,7 @@ def _plain(handle: pq.ParquetFile, bits: pq.ParquetFile, batch_rows: int) -> boo
             if len(digests) > 1:
                 return False
     last = None
-    for frame in _batches(bits, ("trial_key",), batch_rows):
+    for frame in _batches(bits, ("trial_key",), batch_rows) if per_bit else ():
         keys = frame["trial_key"].to_numpy(dtype=object)
         if len(keys) and ((last is not None and keys[0] < last) or bool((keys[1:] < keys[:-1]).any())):
             return False
@@ -209,11 +209,12 @@ def _plain(handle: pq.ParquetFile, bits: pq.ParquetFile, batch_rows: int) -> boo
     return True
 
 
-def pooled(paths: list, keep: dict[str, set[str]], batch_rows: int = BATCH_ROWS) -> Pooled | None:
+def pooled(paths: list, keep: dict[str, set[str]], batch_rows: int = BATCH_ROWS, per_bit: bool = True) -> Pooled | None:
     """The rows of one campaign pooled per group, batch by batch (``keep``: as report's, the trials the
     tables may count in a PARTIAL campaign); None where the report reads the whole frames instead:
     several campaigns (compared), protected or causal-LM campaigns, trials whose golden outputs
-    disagree, files load() refuses, or no trial to count."""
+    disagree, files load() refuses, or no trial to count. ``per_bit=False``: the per-bit rows are
+    not read (``bits`` and ``fields`` empty), for the per-site table alone."""
     if len(paths) != 1:
         return None
     directory = paths[0]
@@ -222,7 +223,7 @@ def pooled(paths: list, keep: dict[str, set[str]], batch_rows: int = BATCH_ROWS)
     bits_file = _open(directory, R.BITS_FILE, REQUIRED_BIT_COLUMNS)
     if trials_file is None or bits_file is None or trials_file.metadata.num_rows == 0:
         return None
-    if not _plain(trials_file, bits_file, batch_rows):
+    if not _plain(trials_file, bits_file, batch_rows, per_bit):
         return None
     allowed = keep.get(str(directory))
     columns = ("campaign", "trial_key", *IDENTITY, *OPTIONAL_IDENTITY, "bit_spec", *SITE_KEYS, "seed", *COUNTS,
@@ -242,8 +243,9 @@ def pooled(paths: list, keep: dict[str, set[str]], batch_rows: int = BATCH_ROWS)
         for column, default in OPTIONAL_IDENTITY.items():
             frame[column] = frame[column].fillna(default) if column in frame else default
         code = profiles.code(frame)
-        codes.append(code)
-        keys.append(frame["trial_key"].to_numpy(dtype=object).astype("S"))
+        if per_bit:
+            codes.append(code)
+            keys.append(frame["trial_key"].to_numpy(dtype=object).astype("S"))
         if allowed is not None:
             chosen = frame["trial_key"].isin(allowed).to_numpy()
             frame, code = frame[chosen], code[chosen]
@@ -260,6 +262,8 @@ def pooled(paths: list, keep: dict[str, set[str]], batch_rows: int = BATCH_ROWS)
     pools = frames["layout"][SAMPLING].astype(str).eq("pool").any()
     frames["layout"][SAMPLING] = pd.Categorical(frames["layout"][SAMPLING].astype(str),
                                                 categories=["random", "fixed", *(["pool"] if pools else [])])
+    if not per_bit:
+        return Pooled(frames["sites"], frames["seeds"], frames["layout"], pd.DataFrame(), pd.DataFrame())
     key_index = np.concatenate(keys)
     order = np.argsort(key_index, kind="stable")
     key_index, codes = key_index[order], np.concatenate(codes)[order]

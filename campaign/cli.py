@@ -295,7 +295,7 @@ def _finish(outcome) -> int:
     from analysis.load import campaign_dirs
 
     print()
-    pooled = stream.pooled(campaign_dirs(outcome.directory), {}) if outcome.finished else None
+    pooled = stream.pooled(campaign_dirs(outcome.directory), {}, per_bit=False) if outcome.finished else None
     if pooled is not None:  # a plain campaign: its table from rows pooled a batch at a time (bounded memory)
         print("\n".join(analysis.seed_layer_lines(analysis.per_site(pooled.sites))))
     elif outcome.finished:
