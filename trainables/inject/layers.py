@@ -203,6 +203,12 @@ def _returning(module: nn.Module, output) -> Iterator[None]:
             module.forward = saved
 
 
+def nbytes(output) -> int:
+    """Bytes held by a module's output: a tensor, or the tensors of a tuple."""
+    return sum(t.numel() * t.element_size() for t in (output if isinstance(output, tuple) else (output,))
+               if isinstance(t, torch.Tensor))
+
+
 class GoldenLayers:
     """The golden output of each decoder layer and of each layer's attention (layer 0's excepted: no
     cut stubs it), per batch of prepare's golden pass, kept while they fit ``budget`` bytes. A
@@ -218,8 +224,7 @@ class GoldenLayers:
         self.batch: tuple[int, int] | None = None
 
     def _keep(self, store: dict, key: tuple, value) -> None:
-        size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,))
-                   if isinstance(t, torch.Tensor))
+        size = nbytes(value)
         if self.used + size <= self.budget:
             store[key] = value
             self.used += size
@@ -310,8 +315,7 @@ class LayerRunner:
                 self.model(self.images[lo:hi])
 
         output = _first_output(self._attention(), run, f"the attention of decoder layer {self.k}")
-        size = sum(t.numel() * t.element_size() for t in (output if isinstance(output, tuple) else (output,))
-                   if isinstance(t, torch.Tensor))
+        size = nbytes(output)
         held = self.below.used if self.below is not None else 0
         if self.used + held + size <= self.budget:
             self.attention_cache[(lo, hi)] = output
@@ -345,8 +349,7 @@ class LayerRunner:
 
     def drop_attention(self) -> None:
         for output in self.attention_cache.values():
-            self.used -= sum(t.numel() * t.element_size() for t in (output if isinstance(output, tuple) else (output,))
-                             if isinstance(t, torch.Tensor))
+            self.used -= nbytes(output)
         self.attention_cache.clear()
 
     def drop(self) -> None:
